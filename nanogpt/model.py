@@ -1,0 +1,236 @@
+"""The GPT language model (GPT-2 architecture), with nanoGPT's API.
+
+Hot ops (attention, layer_norm, the MLP's bias+GELU) go through the backend
+chosen by `GPTConfig.kernels` (see nanogpt.ops); parameter names match nanoGPT
+and Hugging Face's GPT-2 so checkpoints and pretrained weights load as they are.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from nanogpt import ops
+from nanogpt.mfu import peak_flops
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+    gelu: str = "none"  # "none" (exact erf) or "tanh"; GPT-2's weights were trained with "tanh"
+    kernels: str = "auto"  # backend selector, see nanogpt.ops
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias, fn):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, fn):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.fn = fn
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = self.fn(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config, fn):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.approximate = config.gelu
+        self.fn = fn
+
+    def forward(self, x):
+        if self.fn is ops.bias_gelu:  # plain PyTorch: let addmm take the bias
+            h = F.gelu(self.c_fc(x), approximate=self.approximate)
+        else:
+            h = self.fn(F.linear(x, self.c_fc.weight), self.c_fc.bias, self.approximate)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config, fns):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, fns["layer_norm"])
+        self.attn = CausalSelfAttention(config, fns["attention"])
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, fns["layer_norm"])
+        self.mlp = MLP(config, fns["gelu"])
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config, device_type=None):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        if config.gelu not in ("none", "tanh"):
+            raise ValueError(f"gelu must be 'none' or 'tanh', got {config.gelu!r}")
+        self.config = config
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.backends = ops.resolve(config.kernels, device_type)
+        fns = {
+            "attention": ops.get(self.backends["attention"]).attention,
+            "layer_norm": ops.get(self.backends["layer_norm"]).layer_norm,
+            "gelu": ops.get(self.backends["gelu"]).bias_gelu,
+        }
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, fns) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config.bias, fns["layer_norm"]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2 paper: residual projections scaled by 1/sqrt(2 * n_layer)
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; position embeddings excluded by default (token ones are tied to lm_head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        b, t = idx.size()
+        if t > self.config.block_size:
+            raise ValueError(f"sequence of length {t} exceeds block_size {self.config.block_size}; "
+                             "crop the input or raise block_size")
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:  # inference: only the last position's logits are needed
+            logits = self.lm_head(x[:, [-1], :])
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context (e.g. load GPT-2's 1024 then train at 256)."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"block_size {block_size} is larger than the model's {self.config.block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        """GPT-2 weights from Hugging Face: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local directory."""
+        from transformers import GPT2LMHeadModel
+
+        override_args = dict(override_args or {})
+        allowed = {"dropout", "kernels", "block_size"}
+        if set(override_args) - allowed:
+            raise ValueError(f"from_pretrained can override only {sorted(allowed)}, got {sorted(override_args)}")
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        c = hf.config
+        act = getattr(c, "activation_function", "gelu_new")
+        config = GPTConfig(
+            n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions,
+            vocab_size=c.vocab_size, bias=True, dropout=override_args.get("dropout", 0.0),
+            gelu="none" if act == "gelu" else "tanh", kernels=override_args.get("kernels", "auto"),
+        )
+        if getattr(c, "layer_norm_epsilon", 1e-5) != 1e-5:
+            raise ValueError(f"{name_or_path}: layer_norm_epsilon {c.layer_norm_epsilon} is not 1e-5")
+        model = cls(config)
+        sd = model.state_dict()
+        sd_hf = {k: v for k, v in hf.state_dict().items()
+                 if not k.endswith((".attn.masked_bias", ".attn.bias"))}
+        # OpenAI's checkpoints use Conv1D, i.e. transposed Linear weights
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        missing = [k for k in sd if k not in sd_hf]
+        if missing:
+            raise ValueError(f"{name_or_path}: keys missing from the pretrained model: {missing[:5]}")
+        with torch.no_grad():
+            for k in sd:
+                src = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                if src.shape != sd[k].shape:
+                    raise ValueError(f"{name_or_path}: {k} has shape {tuple(src.shape)}, expected {tuple(sd[k].shape)}")
+                sd[k].copy_(src)
+        if "block_size" in override_args:
+            model.crop_block_size(override_args["block_size"])
+        return model
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8, grad_clip=0.0):
+        """AdamW from the optimizer backend: weight decay on 2-D tensors (matmuls, embeddings) only."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        backend = ops.resolve(self.config.kernels, device_type)["optimizer"]
+        return ops.get(backend).FusedAdamW(groups, lr=learning_rate, betas=betas, eps=eps,
+                                           weight_decay=weight_decay, max_grad_norm=grad_clip)
+
+    def flops_per_token(self):
+        """Forward+backward FLOPs per token (PaLM appendix B): 6N + 12 L H Q T."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return 6 * self.get_num_params() + 12 * L * H * Q * T
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, dtype="bfloat16"):
+        """Model FLOPs utilization: achieved FLOP/s over the current GPU's peak for `dtype`."""
+        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops(dtype)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens tokens after the (b, t) prompt idx."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("Inf")
+            probs = F.softmax(logits, dim=-1)
+            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
+        return idx

@@ -1,0 +1,125 @@
+"""Op dispatch: which backend runs each of the GPT's hot ops.
+
+A backend is a module exposing the same functions under the same names:
+
+    layer_norm(x, weight, bias=None, eps=1e-5) -> Tensor
+    bias_gelu(x, bias=None, approximate="none") -> Tensor       # gelu(x + bias)
+    attention(q, k, v, causal=True, scale=None, dropout_p=0.0)  # (B, H, T, D)
+    FusedAdamW(params, lr, betas, eps, weight_decay, max_grad_norm=0.0)
+    unavailable(device_type) -> str | None                      # why it can't run here
+
+Every optimizer's `step()` returns the total gradient norm (0-d tensor) taken
+before clipping, clips to `max_grad_norm` when it is > 0, and leaves parameters
+and state untouched when that norm is not finite, so the trainer can count a
+skipped step.
+
+The selector string (`GPTConfig.kernels`, `--kernels=...`) is either one
+backend name for every op (`torch`, `triton`, `ext`, `auto`) or a per-op list
+such as `attention:triton,layer_norm:torch`; ops not named take `auto`.
+"""
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+OPS = ("attention", "layer_norm", "gelu", "optimizer")
+BACKENDS = ("torch", "triton", "ext")
+_MODULES = {"torch": "nanogpt.ops", "triton": "kernels", "ext": "nanogpt.ext"}
+# what `auto` tries, per device type and op, best measured first; the first that can run wins
+_AUTO_ORDER = {
+    "cuda": dict.fromkeys(OPS, ("triton", "ext", "torch")),
+    "cpu": dict.fromkeys(OPS, ("ext", "torch")),
+}
+
+
+class KernelError(ValueError):
+    """A backend was asked for that does not exist or cannot run here."""
+
+
+# ---------------------------------------------------------------- torch backend
+
+def layer_norm(x, weight, bias=None, eps=1e-5):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def bias_gelu(x, bias=None, approximate="none"):
+    return F.gelu(x if bias is None else x + bias, approximate=approximate)
+
+
+def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+
+
+class FusedAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW (fused on CUDA) with the backend contract: clip inside step, return the norm."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, max_grad_norm=0.0):
+        params = list(params)
+        on_cuda = all(p.is_cuda for g in params for p in (g["params"] if isinstance(g, dict) else [g]))
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=on_cuda or None)
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(norm):
+            return norm
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+        super().step(closure)
+        return norm
+
+
+def unavailable(device_type):
+    return None
+
+
+# ---------------------------------------------------------------- selection
+
+def _backend(name, device_type):
+    """The backend module, or the reason it cannot run on device_type."""
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except ImportError as e:
+        return None, f"cannot import {_MODULES[name]!r} ({e})"
+    reason = mod.unavailable(device_type)
+    return (None, reason) if reason else (mod, None)
+
+
+def resolve(spec, device_type):
+    """Map every op to a backend name; raise KernelError naming the problem and the fix."""
+    spec = (spec or "auto").strip()
+    if ":" in spec:
+        choice = dict.fromkeys(OPS, "auto")
+        for item in spec.split(","):
+            op, _, name = item.partition(":")
+            op, name = op.strip(), name.strip()
+            if op not in OPS:
+                raise KernelError(f"kernels: unknown op {op!r} in {spec!r}; ops are {', '.join(OPS)}")
+            choice[op] = name
+    else:
+        choice = dict.fromkeys(OPS, spec)
+    out = {}
+    for op, name in choice.items():
+        if name == "auto":
+            order = _AUTO_ORDER.get(device_type, {}).get(op, ("torch",))
+            out[op] = next(b for b in order if _backend(b, device_type)[0] is not None)
+            continue
+        if name not in BACKENDS:
+            raise KernelError(f"kernels: unknown backend {name!r} for {op}; use one of auto, {', '.join(BACKENDS)}")
+        mod, reason = _backend(name, device_type)
+        if mod is None:
+            raise KernelError(f"kernels: backend {name!r} cannot run {op} on {device_type}: {reason}; "
+                              f"pick another with --kernels=torch (or {op}:torch)")
+        out[op] = name
+    return out
+
+
+def get(backend):
+    """The module implementing `backend` (already checked by resolve)."""
+    return importlib.import_module(_MODULES[backend])
+
+
+def describe(choice):
+    return ", ".join(f"{op}={name}" for op, name in choice.items())
