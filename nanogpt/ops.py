@@ -22,6 +22,8 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from nanogpt.errors import UserError
+
 OPS = ("attention", "layer_norm", "gelu", "optimizer")
 BACKENDS = ("torch", "triton", "ext")
 _MODULES = {"torch": "nanogpt.ops", "triton": "kernels", "ext": "nanogpt.ext"}
@@ -32,7 +34,7 @@ _AUTO_ORDER = {
 }
 
 
-class KernelError(ValueError):
+class KernelError(UserError, ValueError):
     """A backend was asked for that does not exist or cannot run here."""
 
 
@@ -121,5 +123,9 @@ def get(backend):
     return importlib.import_module(_MODULES[backend])
 
 
-def describe(choice):
-    return ", ".join(f"{op}={name}" for op, name in choice.items())
+def describe(choice, device_type):
+    """One line naming each op's backend, plus why faster backends were passed over."""
+    line = ", ".join(f"{op}={name}" for op, name in choice.items())
+    skipped = {b: _backend(b, device_type)[1] for b in BACKENDS if b not in choice.values()}
+    notes = [f"{b} unavailable: {why}" for b, why in skipped.items() if why]
+    return line + "".join(f"\n  ({n})" for n in notes)

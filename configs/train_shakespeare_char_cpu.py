@@ -1,0 +1,18 @@
+# The CPU quick start: a smaller char-level GPT that trains in minutes on a laptop CPU.
+# nanogpt-prepare shakespeare_char && nanogpt-train configs/train_shakespeare_char_cpu.py
+
+exec(open(__file__.replace("_cpu.py", ".py")).read())  # start from the GPU settings
+
+device = "cpu"
+dtype = "float32"
+compile = False
+eval_iters = 20
+log_interval = 50
+block_size = 64
+batch_size = 12
+n_layer = 4
+n_head = 4
+n_embd = 128
+max_iters = 2000
+lr_decay_iters = 2000
+dropout = 0.0

@@ -1,0 +1,87 @@
+"""Training batches from a prepared dataset (train.bin / val.bin of uint16 token ids).
+
+Two samplers:
+- "random" (nanoGPT's): each row starts at a uniformly random offset, with replacement.
+- "epoch": the data is cut into block_size windows, shuffled once per epoch and
+  dealt out without replacement; DDP ranks take disjoint slices.
+Both draw from their own seeded generator, the same on every rank, whose state
+is checkpointed, so a resumed run sees exactly the batches the uninterrupted
+run would have, and N ranks with batch B see the rows one process with batch
+N*B would.
+"""
+import os
+
+import numpy as np
+import torch
+
+from nanogpt.errors import UserError
+
+
+class DataError(UserError, ValueError):
+    pass
+
+
+class Batcher:
+    def __init__(self, data_dir, dataset, block_size, batch_size, vocab_size, device, sampler="random",
+                 seed=1337, rank=0, world_size=1):
+        from nanogpt.prepare import check_prepared
+        try:
+            check_prepared(data_dir, dataset)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(str(e)) from None
+        if sampler not in ("random", "epoch"):
+            raise DataError(f"sampler must be 'random' or 'epoch', got {sampler!r}")
+        self.paths = {split: os.path.join(data_dir, f"{split}.bin") for split in ("train", "val")}
+        for split, path in self.paths.items():
+            n = os.path.getsize(path) // 2
+            if n < block_size + 1:
+                raise DataError(f"{path} holds {n} tokens, fewer than block_size+1 = {block_size + 1}; "
+                                "lower block_size or prepare more data")
+        self.block_size, self.batch_size, self.vocab_size = block_size, batch_size, vocab_size
+        self.device = torch.device(device)
+        self.sampler, self.rank, self.world_size, self.seed = sampler, rank, world_size, seed
+        self.gen = torch.Generator().manual_seed(seed)
+        self.epoch, self.pos, self.order = 0, 0, None
+
+    def _tokens(self, split):
+        # a fresh memmap per batch: nanoGPT's fix for memmap's memory growth
+        return np.memmap(self.paths[split], dtype=np.uint16, mode="r")
+
+    def _starts(self, split, n_tokens, gen):
+        if self.sampler == "random" or split != "train" or gen is not self.gen:
+            # all ranks draw the global batch alike and keep their rows: DDP sees what one process would
+            ix = torch.randint(n_tokens - self.block_size, (self.batch_size * self.world_size,), generator=gen)
+            return ix[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        starts = []
+        while len(starts) < self.batch_size:
+            if self.order is None:  # every rank shuffles the epoch alike, then keeps its own slice
+                n_windows = (n_tokens - 1) // self.block_size
+                perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
+                self.order = perm[self.rank::self.world_size] * self.block_size
+            take = self.order[self.pos:self.pos + self.batch_size - len(starts)]
+            starts.extend(take.tolist())
+            self.pos += len(take)
+            if self.pos >= len(self.order):
+                self.epoch, self.pos, self.order = self.epoch + 1, 0, None
+        return torch.tensor(starts)
+
+    def get_batch(self, split, gen=None):
+        """(x, y) on the device; `gen` lets evaluation draw without touching the training stream."""
+        data = self._tokens(split)
+        ix = self._starts(split, len(data), gen or self.gen)
+        x = torch.from_numpy(np.stack([data[i:i + self.block_size] for i in ix.tolist()]).astype(np.int64))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + self.block_size] for i in ix.tolist()]).astype(np.int64))
+        top = int(max(x.max(), y.max()))
+        if top >= self.vocab_size:
+            raise DataError(f"{self.paths[split]} holds token id {top} >= vocab_size {self.vocab_size}; "
+                            "raise vocab_size or re-prepare the data with the model's tokenizer")
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self):
+        return {"gen": self.gen.get_state(), "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.gen.set_state(state["gen"])
+        self.epoch, self.pos, self.order = state["epoch"], state["pos"], None  # order is rebuilt from epoch

@@ -1,0 +1,15 @@
+"""Errors that the command-line tools print as one line (no traceback) and exit 2 on."""
+import sys
+
+
+class UserError(Exception):
+    """Bad input the user can fix; the message names the problem and the fix."""
+
+
+def run_cli(main, argv=None):
+    """Run `main(argv)`, turning a UserError into `error: ...` on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

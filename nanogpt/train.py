@@ -1,0 +1,365 @@
+"""Train a GPT: single process, or DDP under torchrun.
+
+    nanogpt-train configs/train_shakespeare_char.py --batch_size=32
+    torchrun --standalone --nproc_per_node=8 -m nanogpt.train configs/train_gpt2.py
+    torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=IP --master_port=1234 \\
+        -m nanogpt.train configs/train_gpt2.py
+
+The defaults below train GPT-2 124M on OpenWebText; config files and
+--key=value override them (nanogpt.configurator).
+"""
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nanogpt import checkpoint, ops
+from nanogpt.configurator import configure
+from nanogpt.data import Batcher
+from nanogpt.errors import UserError, run_cli
+from nanogpt.model import GPT, GPTConfig
+
+DEFAULTS = dict(
+    # I/O
+    out_dir="out",
+    eval_interval=2000,
+    log_interval=1,
+    eval_iters=200,
+    eval_only=False,  # evaluate once, then exit
+    always_save_checkpoint=True,  # save at every eval, not only when val loss improves
+    init_from="scratch",  # scratch | resume | auto (resume if out_dir has a checkpoint) | gpt2* | HF directory
+    # wandb (imported only when enabled)
+    wandb_log=False,
+    wandb_project="owt",
+    wandb_run_name="gpt2",
+    # data
+    dataset="openwebtext",
+    data_dir="",  # default: data/<dataset>
+    sampler="random",  # random (with replacement, nanoGPT) | epoch (without replacement, disjoint ranks)
+    gradient_accumulation_steps=5 * 8,  # global micro-steps per update (divided among DDP ranks)
+    batch_size=12,  # micro-batch size per rank
+    block_size=1024,
+    # model
+    n_layer=12,
+    n_head=12,
+    n_embd=768,
+    dropout=0.0,
+    bias=False,
+    gelu="none",
+    kernels="auto",  # see nanogpt.ops: auto | torch | triton | ext | per-op "attention:triton,..."
+    # AdamW
+    learning_rate=6e-4,
+    max_iters=600000,
+    weight_decay=1e-1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,  # 0 disables clipping
+    # learning rate: linear warmup, cosine decay to min_lr
+    decay_lr=True,
+    warmup_iters=2000,
+    lr_decay_iters=600000,
+    min_lr=6e-5,
+    # system
+    backend="nccl",  # DDP on CUDA; CPU always uses gloo
+    device="cuda",  # cpu | cuda | cuda:N | mps
+    # float32 | bfloat16 | float16 (float16 uses a GradScaler)
+    dtype="float32" if not torch.cuda.is_available() else "bfloat16" if torch.cuda.is_bf16_supported() else "float16",
+    compile=True,
+    seed=1337,
+    deterministic=False,  # torch.use_deterministic_algorithms, for bitwise-reproducible runs
+    max_skips=20,  # stop after this many consecutive non-finite steps
+)
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "gelu")
+
+
+class TrainingError(UserError, RuntimeError):
+    pass
+
+
+def get_lr(it, c):
+    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if it < c["warmup_iters"]:
+        return c["learning_rate"] * (it + 1) / (c["warmup_iters"] + 1)
+    if it > c["lr_decay_iters"]:
+        return c["min_lr"]
+    ratio = (it - c["warmup_iters"]) / (c["lr_decay_iters"] - c["warmup_iters"])
+    return c["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c["learning_rate"] - c["min_lr"])
+
+
+def check_config(c):
+    if c["init_from"] not in ("scratch", "resume", "auto", *PRETRAINED) and not os.path.isdir(c["init_from"]):
+        raise UserError(f"unknown init_from {c['init_from']!r}; use scratch, resume, auto, "
+                        f"{', '.join(PRETRAINED)} or a Hugging Face model directory")
+    if c["dtype"] not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"unknown dtype {c['dtype']!r}; use float32, bfloat16 or float16")
+    if c["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={c['device']} but CUDA is not available; pass --device=cpu")
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval"):
+        if c[key] < 1:
+            raise UserError(f"{key} must be >= 1, got {c[key]}")
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def train(c):
+    check_config(c)
+    # ------------------------------------------------------------ distributed setup
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if c["device"].startswith("cuda"):
+            c["device"] = f"cuda:{local_rank}"
+            torch.cuda.set_device(c["device"])
+        dist.init_process_group(backend=c["backend"] if c["device"].startswith("cuda") else "gloo")
+        if c["gradient_accumulation_steps"] % world:
+            raise UserError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} is not divisible by "
+                            f"the world size {world}; make it a multiple of {world}")
+        c["gradient_accumulation_steps"] //= world
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    device_type = "cuda" if "cuda" in c["device"] else c["device"]
+    gas, B, T = c["gradient_accumulation_steps"], c["batch_size"], c["block_size"]
+    tokens_per_iter = gas * world * B * T
+    if master:
+        os.makedirs(c["out_dir"], exist_ok=True)
+        print(f"tokens per iteration: {tokens_per_iter:,} ({world} ranks x {gas} micro-steps x {B} x {T})")
+    random.seed(c["seed"] + rank)
+    np.random.seed(c["seed"] + rank)
+    torch.manual_seed(c["seed"] + rank)
+    if c["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    ptdtype = getattr(torch, c["dtype"])
+    ctx = nullcontext() if c["dtype"] == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+    # ------------------------------------------------------------ model
+    data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
+    init_from = c["init_from"]
+    if init_from == "auto":
+        init_from = "resume" if checkpoint.exists(c["out_dir"]) else "scratch"
+    state = None
+    if init_from == "scratch":
+        meta = os.path.join(data_dir, "meta.pkl")
+        vocab_size = 50304
+        if os.path.exists(meta):
+            import pickle
+            with open(meta, "rb") as f:
+                vocab_size = pickle.load(f)["vocab_size"]
+        margs = {k: c[k] for k in MODEL_KEYS if k != "vocab_size"} | {"vocab_size": vocab_size}
+        model = GPT(GPTConfig(**margs, kernels=c["kernels"]), device_type)
+    elif init_from == "resume":
+        mp, state = checkpoint.load(c["out_dir"])
+        margs = mp["model_args"]
+        for k in MODEL_KEYS:
+            if k != "vocab_size" and k != "dropout" and margs[k] != c[k]:
+                raise UserError(f"the checkpoint in {c['out_dir']} has {k}={margs[k]!r} but the config says "
+                                f"{c[k]!r}; pass --{k}={margs[k]!r} (the run's config) or use a new out_dir")
+        model = GPT(GPTConfig(**margs, kernels=c["kernels"]), device_type)
+        checkpoint.load_model_state(model, mp["model"], c["out_dir"])
+    else:
+        model = GPT.from_pretrained(init_from, dict(dropout=c["dropout"], kernels=c["kernels"]))
+        if T > model.config.block_size:
+            raise UserError(f"block_size={T} is larger than {init_from}'s {model.config.block_size}; "
+                            f"use --block_size={model.config.block_size} or less")
+        model.crop_block_size(T)
+    margs = {k: getattr(model.config, k) for k in MODEL_KEYS}
+    if master:
+        print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {margs}")
+        print(f"kernels ({device_type}): {ops.describe(model.backends, device_type)}")
+    model.to(c["device"])
+    batcher = Batcher(data_dir, c["dataset"], T, B, margs["vocab_size"], c["device"], c["sampler"],
+                      c["seed"], rank, world)
+
+    scaler = torch.amp.GradScaler(device_type, enabled=(c["dtype"] == "float16"))
+    optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
+                                           device_type, grad_clip=c["grad_clip"])
+    iter_num, best_val_loss = 0, 1e9
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+        if len(state["ranks"]) != world:
+            raise UserError(f"the checkpoint was written by {len(state['ranks'])} ranks, this run has {world}; "
+                            "resume with the same number of ranks")
+        set_rng_state(state["ranks"][rank]["rng"])
+        batcher.load_state_dict(state["ranks"][rank]["batcher"])
+        if master:
+            print(f"resuming from iter {iter_num} (best val loss {best_val_loss:.4f})")
+    raw_model = model
+    if c["compile"]:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over eval_iters batches per split, the same batches at every eval, averaged over ranks."""
+        out = {}
+        model.eval()
+        for split in ("train", "val"):
+            gen = torch.Generator().manual_seed(c["seed"] + 1)
+            losses = torch.zeros(c["eval_iters"], device=c["device"])
+            for k in range(c["eval_iters"]):
+                X, Y = batcher.get_batch(split, gen)
+                with ctx:
+                    losses[k] = model(X, Y)[1]
+            mean = losses.mean()
+            if ddp:
+                dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+            out[split] = mean.item()
+        model.train()
+        return out
+
+    def save(best):
+        ranks = [{"rng": rng_state(), "batcher": batch_state}]
+        if ddp:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, ranks[0])
+            ranks = gathered
+        if master:
+            model_payload = {"model": raw_model.state_dict(), "model_args": margs, "iter_num": iter_num, "config": c}
+            state_payload = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
+                             "iter_num": iter_num, "best_val_loss": best_val_loss, "ranks": ranks}
+            checkpoint.save(c["out_dir"], iter_num, model_payload, state_payload, best=best)
+            print(f"saved checkpoint at iter {iter_num} to {c['out_dir']}{' (best)' if best else ''}")
+        if ddp:
+            dist.barrier()
+
+    # SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, save, exit 0
+    stop = {"signal": None}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+
+    if c["wandb_log"] and master:
+        import wandb
+        wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c)
+    metrics = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a") if master else None
+
+    def log(record):
+        if master:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if c["wandb_log"]:
+                wandb.log(record)
+
+    # ------------------------------------------------------------ training loop
+    batch_state = batcher.state_dict()  # the sampler as it was before fetching the batch in hand
+    X, Y = batcher.get_batch("train")
+    t0 = time.time()
+    local_iter, running_mfu, skipped, consecutive = 0, -1.0, 0, 0
+    while True:
+        lr = get_lr(iter_num, c) if c["decay_lr"] else c["learning_rate"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        stopping = stop["signal"] is not None
+        if ddp:  # every rank stops at the same step
+            flag = torch.tensor([float(stopping)], device=c["device"])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = bool(flag.item())
+        if stopping:
+            save(best=False)
+            if master:
+                print(f"stopped by signal at iter {iter_num}; rerun with --init_from=resume to continue")
+            break
+
+        if iter_num % c["eval_interval"] == 0:
+            losses = estimate_loss()
+            if master:
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+            improved = losses["val"] < best_val_loss
+            if improved:
+                best_val_loss = losses["val"]
+            if (improved or c["always_save_checkpoint"]) and iter_num > 0 and not c["eval_only"]:
+                save(best=improved)
+        if c["eval_only"]:
+            break
+
+        try:
+            for micro_step in range(gas):
+                if ddp:  # sync gradients on the last micro-step only
+                    model.require_backward_grad_sync = micro_step == gas - 1
+                with ctx:
+                    _, loss = model(X, Y)
+                    loss = loss / gas
+                batch_state = batcher.state_dict()
+                X, Y = batcher.get_batch("train")  # prefetch while the GPU works
+                scaler.scale(loss).backward()
+            grad_norm = scaler.step(optimizer)  # unscales, clips inside, skips non-finite steps
+            scaler.update()
+        except torch.OutOfMemoryError:
+            raise UserError(f"out of memory with batch_size={B}, block_size={T}: lower batch_size (and raise "
+                            "gradient_accumulation_steps to keep tokens per step) or block_size") from None
+        optimizer.zero_grad(set_to_none=True)
+        if grad_norm is None or not torch.isfinite(grad_norm):
+            skipped += 1
+            consecutive += 1
+            if consecutive >= c["max_skips"]:
+                raise TrainingError(f"{consecutive} consecutive steps had a non-finite loss or gradient (at iter "
+                                    f"{iter_num}); lower learning_rate or use bfloat16. The last good checkpoint "
+                                    f"in {c['out_dir']} is intact")
+        else:
+            consecutive = 0
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        if iter_num % c["log_interval"] == 0 and master:
+            lossf = loss.item() * gas  # a sync point; the scaled-down micro-step loss, scaled back
+            record = {"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt,
+                      "grad_norm": None if grad_norm is None else grad_norm.item(), "skipped": skipped, "mfu": None}
+            line = f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s"
+            if device_type == "cuda" and local_iter >= 5:  # let the loop settle before measuring MFU
+                mfu = raw_model.estimate_mfu(B * gas, dt, c["dtype"])  # per GPU
+                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+                record["mfu"] = running_mfu
+                line += f", mfu {running_mfu * 100:.2f}%"
+            if skipped:
+                line += f", {skipped} skipped steps"
+            print(line)
+            log(record)
+        iter_num += 1
+        local_iter += 1
+        if iter_num > c["max_iters"]:
+            break
+
+    if metrics:
+        metrics.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+def _main(argv):
+    c = configure(DEFAULTS, sys.argv[1:] if argv is None else argv)
+    train(c)
+
+
+def main(argv=None):
+    run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    main()
