@@ -1,0 +1,221 @@
+"""Fused bias + GELU: y = gelu(x + bias), exact (erf) or tanh form, in one pass.
+
+Forward and backward tile the (rows, N) matrix in BLOCK_M x BLOCK_N tiles. The backward
+recomputes h = x + bias, writes dx = dy * gelu'(h) and keeps fp32 column sums of dx for
+dbias in registers per program; the per-program partials are then summed in a fixed
+order (deterministic, no atomics).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import PTR_SIG, emu_bf16, rne_bf16, ensure_mode, mark_mode, nan_like, next_pow2, sms_for
+
+_SQRT1_2 = 0.7071067811865476
+_SQRT2_PI = 0.7978845608028654  # sqrt(2 / pi)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = sign(u) * (1 - e) / (1 + e), e = exp(-2|u|): no overflow for any u
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _gelu_fwd(h, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        y = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+    else:
+        y = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    return y
+
+
+@triton.jit
+def _gelu_grad(h, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
+        g = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+    else:
+        g = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+    return g
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(X, B, Y, M, N, HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EMU_BF16: tl.constexpr = False):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    mask = (rows[:, None] < M) & cmask[None, :]
+    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        h += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    y = _gelu_fwd(h, APPROX_TANH)
+    tl.store(Y + offs, rne_bf16(y, EMU_BF16).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(DY, X, B, DX, DB, M, N, rows_per_prog,
+                          HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EMU_BF16: tl.constexpr = False):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    if HAS_BIAS:
+        b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid_m * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    for r in range(row_start, row_end, BLOCK_M):
+        rows = r + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < row_end) & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+        h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            h += b[None, :]
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        dx = dy * _gelu_grad(h, APPROX_TANH)
+        tl.store(DX + offs, rne_bf16(dx, EMU_BF16).to(DX.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            db += tl.sum(tl.where(mask, dx, 0.0), axis=0)
+    if HAS_BIAS:
+        tl.store(DB + pid_m * N + cols, db, mask=cmask)
+
+
+mark_mode(globals())
+
+BLOCK_M_FWD = 16
+BLOCK_M_BWD = 16
+
+
+def _block_n(N):
+    return min(256, max(16, next_pow2(N)))
+
+
+def _check(approximate):
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+def _fwd(x, bias, approximate):
+    _check(approximate)
+    ensure_mode(globals())
+    N = x.shape[-1]
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias_gelu: bias has shape {tuple(bias.shape)}, expected ({N},)")
+    x2 = x.reshape(-1, N).contiguous()
+    M = x2.shape[0]
+    y = nan_like((M, N), x.dtype, x.device)
+    if M > 0 and N > 0:
+        BN = _block_n(N)
+        grid = (triton.cdiv(M, BLOCK_M_FWD), triton.cdiv(N, BN))
+        _bias_gelu_fwd_kernel[grid](x2, bias.contiguous() if bias is not None else x2, y, M, N,
+                                    HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
+                                    BLOCK_M=BLOCK_M_FWD, BLOCK_N=BN, EMU_BF16=emu_bf16(x.dtype), num_warps=4)
+    return y.view(x.shape)
+
+
+def _bwd(dy, x, bias, approximate):
+    ensure_mode(globals())
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N).contiguous()
+    dy2 = dy.reshape(-1, N).contiguous()
+    M = x2.shape[0]
+    dx = nan_like((M, N), x.dtype, x.device)
+    has_bias = bias is not None
+    BN = _block_n(N)
+    n_col = triton.cdiv(N, BN)
+    # enough row groups to fill the GPU (about 4 programs per SM), each a multiple of BLOCK_M rows
+    target = max(1, (4 * sms_for(x)) // n_col) if x.is_cuda else 4
+    rows_per_prog = BLOCK_M_BWD * triton.cdiv(triton.cdiv(max(M, 1), BLOCK_M_BWD), target)
+    n_row = triton.cdiv(max(M, 1), rows_per_prog)
+    db_part = nan_like((n_row, N), torch.float32, x.device) if has_bias else dx
+    if M > 0 and N > 0:
+        _bias_gelu_bwd_kernel[(n_row, n_col)](dy2, x2, bias.contiguous() if has_bias else x2, dx, db_part,
+                                              M, N, rows_per_prog, HAS_BIAS=has_bias,
+                                              APPROX_TANH=approximate == "tanh",
+                                              BLOCK_M=BLOCK_M_BWD, BLOCK_N=BN, EMU_BF16=emu_bf16(x.dtype),
+                                              num_warps=4)
+    elif has_bias:
+        db_part.zero_()
+    db = db_part.sum(0).to(bias.dtype) if has_bias else x.new_zeros((N,))
+    return dx.view(x.shape), db
+
+
+@torch.library.custom_op("nanogpt_triton::bias_gelu_fwd", mutates_args=())
+def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
+    return _fwd(x, bias, approximate)
+
+
+@bias_gelu_fwd.register_fake
+def _(x, bias, approximate):
+    _check(approximate)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("nanogpt_triton::bias_gelu_bwd", mutates_args=())
+def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
+                  approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _bwd(dy, x, bias, approximate)
+
+
+@bias_gelu_bwd.register_fake
+def _(dy, x, bias, approximate):
+    N = x.shape[-1]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((N,), dtype=bias.dtype if bias is not None else x.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.approximate = approximate
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, bias)
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, db = bias_gelu_bwd(dy, x, bias if ctx.has_bias else None, ctx.approximate)
+    return dx, (db if ctx.has_bias else None), None
+
+
+bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bias_gelu(x, bias=None, approximate="none"):
+    """gelu(x + bias) over the last dimension in one pass; approximate is "none" (erf) or "tanh".
+
+    Computes in fp32, returns x's dtype; differentiable in x and bias (deterministic dbias).
+    """
+    return bias_gelu_fwd(x, bias, approximate)
+
+
+def _compile_configs():
+    out = []
+    for BN in (16, 32, 64, 128, 256):
+        for sig in PTR_SIG.values():
+            for has_bias in (True, False):
+                for tanh in (False, True):
+                    tag = f"{sig[1:]},BN={BN},bias={int(has_bias)},{'tanh' if tanh else 'erf'}"
+                    ce = {"HAS_BIAS": has_bias, "APPROX_TANH": tanh, "BLOCK_N": BN}
+                    out.append(dict(name=f"bias_gelu_fwd[{tag}]", fn=_bias_gelu_fwd_kernel, num_warps=4, num_stages=1,
+                                    signature={"X": sig, "B": sig, "Y": sig, "M": "i32", "N": "i32",
+                                               "HAS_BIAS": "constexpr", "APPROX_TANH": "constexpr",
+                                               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                                    constexprs=dict(ce, BLOCK_M=BLOCK_M_FWD), key=(BN, sig)))
+                    out.append(dict(name=f"bias_gelu_bwd[{tag}]", fn=_bias_gelu_bwd_kernel, num_warps=4, num_stages=1,
+                                    signature={"DY": sig, "X": sig, "B": sig, "DX": sig, "DB": "*fp32",
+                                               "M": "i32", "N": "i32", "rows_per_prog": "i32",
+                                               "HAS_BIAS": "constexpr", "APPROX_TANH": "constexpr",
+                                               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                                    constexprs=dict(ce, BLOCK_M=BLOCK_M_BWD), key=(BN, sig)))
+    return out

@@ -1,0 +1,210 @@
+"""Fused LayerNorm: Triton forward/backward kernels, launchers and the autograd custom op.
+
+Forward: one program per row, fp32 mean / rstd saved for backward.
+Backward: each program owns a contiguous range of rows, writes dx for them and keeps fp32
+partial sums of dweight / dbias in registers; the partials (one row per program) are then
+summed in a fixed order, so the result is deterministic (no atomics, no spin-locks).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import PTR_SIG, emu_bf16, rne_bf16, ensure_mode, mark_mode, nan_like, next_pow2, sms_for
+
+MAX_N = 65536
+
+
+@triton.jit
+def _ln_fwd_kernel(X, Y, W, B, Mean, Rstd, stride_x, stride_y, N, eps,
+                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, EMU_BF16: tl.constexpr = False):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, rne_bf16(y, EMU_BF16).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _ln_bwd_kernel(DY, X, W, Mean, Rstd, DX, DW, DB, stride_dy, stride_x, stride_dx, M, N, rows_per_prog,
+                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, EMU_BF16: tl.constexpr = False):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    r0 = row_start.to(tl.int64)
+    x_ptr = X + r0 * stride_x
+    dy_ptr = DY + r0 * stride_dy
+    dx_ptr = DX + r0 * stride_dx
+    for row in range(row_start, row_end):
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + row)
+        rstd = tl.load(Rstd + row)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        wdy = w * dy
+        c1 = tl.sum(xhat * wdy, axis=0) / N
+        c2 = tl.sum(wdy, axis=0) / N
+        dx = (wdy - (xhat * c1 + c2)) * rstd
+        tl.store(dx_ptr + cols, rne_bf16(dx, EMU_BF16).to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        x_ptr += stride_x
+        dy_ptr += stride_dy
+        dx_ptr += stride_dx
+        if HAS_BIAS:
+            db += dy
+    tl.store(DW + pid * N + cols, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB + pid * N + cols, db, mask=mask)
+
+
+mark_mode(globals())
+
+
+def _config(N):
+    """(BLOCK_N, num_warps) for a row of N elements; the same table feeds compile_check."""
+    if N > MAX_N:
+        raise ValueError(f"layer_norm: last dimension {N} is larger than the supported {MAX_N}")
+    block = max(16, next_pow2(N))
+    warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return block, warps
+
+
+def _fwd(x, weight, bias, eps):
+    N = x.shape[-1]
+    if weight.shape != (N,):
+        raise ValueError(f"layer_norm: weight has shape {tuple(weight.shape)}, expected ({N},)")
+    ensure_mode(globals())
+    x2 = x.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = nan_like((M, N), x.dtype, x.device)
+    mean = nan_like((M,), torch.float32, x.device)
+    rstd = nan_like((M,), torch.float32, x.device)
+    if M > 0:
+        BLOCK_N, warps = _config(N)
+        _ln_fwd_kernel[(M,)](x2, y, weight.contiguous(), bias.contiguous() if bias is not None else weight,
+                             mean, rstd, x2.stride(0), y.stride(0), N, eps,
+                             HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, EMU_BF16=emu_bf16(x.dtype), num_warps=warps)
+    return y.view(x.shape), mean, rstd
+
+
+def _bwd(dy, x, weight, mean, rstd, has_bias):
+    N = x.shape[-1]
+    ensure_mode(globals())
+    x2 = x.reshape(-1, N)
+    dy2 = dy.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if dy2.stride(-1) != 1:
+        dy2 = dy2.contiguous()
+    M = x2.shape[0]
+    dx = nan_like((M, N), x.dtype, x.device)
+    BLOCK_N, warps = _config(N)
+    progs = max(1, min(M, 2 * sms_for(x) if x.is_cuda else 4))
+    rows_per_prog = triton.cdiv(max(M, 1), progs)
+    progs = triton.cdiv(max(M, 1), rows_per_prog)
+    dw_part = nan_like((progs, N), torch.float32, x.device)
+    db_part = nan_like((progs, N), torch.float32, x.device) if has_bias else dw_part
+    if M > 0:
+        _ln_bwd_kernel[(progs,)](dy2, x2, weight.contiguous(), mean, rstd, dx, dw_part, db_part,
+                                 dy2.stride(0), x2.stride(0), dx.stride(0), M, N, rows_per_prog,
+                                 HAS_BIAS=has_bias, BLOCK_N=BLOCK_N, EMU_BF16=emu_bf16(x.dtype), num_warps=warps)
+    else:
+        dw_part.zero_()
+        db_part.zero_()
+    # second, fixed-order reduction of the per-program partials: deterministic
+    dw = dw_part.sum(0).to(weight.dtype)
+    db = db_part.sum(0).to(weight.dtype) if has_bias else torch.zeros_like(weight)
+    return dx.view(x.shape), dw, db
+
+
+# ---------------------------------------------------------------- custom ops + autograd
+
+@torch.library.custom_op("nanogpt_triton::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd(x, weight, bias, eps)
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
+
+
+@torch.library.custom_op("nanogpt_triton::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                   rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(dy, x, weight, mean, rstd, has_bias)
+
+
+@layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, has_bias):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd, ctx.has_bias)
+    return dx, dw, (db if ctx.has_bias else None), None
+
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer_norm(x, weight, bias=None, eps=1e-5):
+    """LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias.
+
+    Statistics are computed in fp32 whatever the input dtype; the output has x's dtype.
+    Differentiable in x, weight and bias (deterministic dweight / dbias reduction).
+    """
+    return layer_norm_fwd(x, weight, bias, float(eps))[0]
+
+
+def _compile_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launchers above can produce."""
+    out = []
+    for N in [2 ** i for i in range(4, 17)]:
+        block, warps = _config(N)
+        for dt, sig in PTR_SIG.items():
+            for has_bias in (True, False):
+                fsig = {"X": sig, "Y": sig, "W": sig, "B": sig, "Mean": "*fp32", "Rstd": "*fp32",
+                        "stride_x": "i32", "stride_y": "i32", "N": "i32", "eps": "fp32",
+                        "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr"}
+                out.append(dict(name=f"ln_fwd[{sig[1:]},N={block},bias={int(has_bias)}]", fn=_ln_fwd_kernel,
+                                signature=fsig, constexprs={"HAS_BIAS": has_bias, "BLOCK_N": block},
+                                num_warps=warps, num_stages=1, key=(block, sig)))
+                bsig = {"DY": sig, "X": sig, "W": sig, "Mean": "*fp32", "Rstd": "*fp32", "DX": sig,
+                        "DW": "*fp32", "DB": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32",
+                        "M": "i32", "N": "i32", "rows_per_prog": "i32",
+                        "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr"}
+                out.append(dict(name=f"ln_bwd[{sig[1:]},N={block},bias={int(has_bias)}]", fn=_ln_bwd_kernel,
+                                signature=bsig, constexprs={"HAS_BIAS": has_bias, "BLOCK_N": block},
+                                num_warps=warps, num_stages=1, key=(block, sig)))
+    return out
