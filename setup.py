@@ -1,5 +1,114 @@
-"""Installs the `nanogpt` and `kernels` packages (and, in a later step, the C++/CUDA extension)."""
+"""Installs the `nanogpt` and `kernels` packages and builds the C++/CUDA extension `nanogpt._C`.
+
+The extension build imports torch, so install into an environment that already has torch,
+without build isolation (otherwise pip would build in a fresh environment without torch):
+
+    pip install --no-build-isolation -e .        # or: pip install --no-build-isolation .
+
+Environment variables (1/0; unset = auto):
+    NANOGPT_BUILD_EXT   build the C++ extension (auto: when torch and a C++ compiler are there;
+                        a failed auto build prints a warning and installs the pure-Python package)
+    NANOGPT_BUILD_CUDA  compile the CUDA kernels in (auto: when torch has CUDA and nvcc is found)
+    NANOGPT_CUDA_ARCHS  nvcc SASS targets, default "80;90a" (PTX for the last one is added too)
+    MAX_JOBS            parallel compile jobs for torch's ninja builder
+"""
+import os
+import shutil
+import subprocess
+import sys
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name):
+    v = os.environ.get(name, "").strip().lower()
+    if v in ("", "auto"):
+        return None
+    return v not in ("0", "false", "no", "off")
+
+
+def _warn(msg):
+    bar = "=" * 78
+    print(f"\n{bar}\nWARNING (nanogpt): {msg}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def _extension():
+    """(ext_modules, cmdclass) for nanogpt._C, or ([], {}) when it is skipped."""
+    want = _env_flag("NANOGPT_BUILD_EXT")
+    if want is False:
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension as ce
+    except ImportError as e:
+        msg = (f"torch is not importable at build time ({e}); the C++ extension nanogpt._C is not built. "
+               "Install torch first, then `pip install --no-build-isolation -e .`")
+        if want:
+            raise RuntimeError("NANOGPT_BUILD_EXT=1: " + msg)
+        _warn(msg)
+        return [], {}
+
+    want_cuda = _env_flag("NANOGPT_BUILD_CUDA")
+    nvcc = os.path.join(ce.CUDA_HOME, "bin", "nvcc") if ce.CUDA_HOME else None
+    can_cuda = torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
+    if want_cuda and not can_cuda:
+        raise RuntimeError(f"NANOGPT_BUILD_CUDA=1 but torch has no CUDA (torch.version.cuda={torch.version.cuda}) "
+                           f"or nvcc was not found (CUDA_HOME={ce.CUDA_HOME})")
+    with_cuda = can_cuda if want_cuda is None else want_cuda
+
+    msvc = sys.platform == "win32"
+    cxx = ["/O2", "/std:c++17"] if msvc else ["-O3", "-fopenmp-simd", "-Wno-unknown-pragmas"]
+    sources = ["csrc/ext.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/bias_gelu.cpp", "csrc/cpu/adamw.cpp"]
+    if with_cuda:
+        ext = ce.CUDAExtension("nanogpt._C", sources + ["csrc/cuda/binding.cpp"],
+                               extra_compile_args={"cxx": cxx + ["-DNANOGPT_WITH_CUDA"]})
+        # the torch-free .cu files are compiled by nvcc directly (see BuildExt) and linked in
+        ext.nanogpt_cu = ["csrc/cuda/layer_norm.cu", "csrc/cuda/bias_gelu.cu", "csrc/cuda/adamw.cu"]
+        ext.nanogpt_nvcc = nvcc
+    else:
+        ext = ce.CppExtension("nanogpt._C", sources, extra_compile_args={"cxx": cxx})
+        ext.nanogpt_cu = []
+
+    class BuildExt(ce.BuildExtension):
+        def build_extension(self, ext):
+            try:
+                if ext.nanogpt_cu:
+                    ext.extra_objects = list(ext.extra_objects or []) + self._nvcc(ext)
+                super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001 - any build failure: install without the extension
+                if want:
+                    raise
+                _warn(f"building the C++ extension {ext.name} failed ({type(e).__name__}: {e}). nanogpt installs "
+                      "without it and the 'ext' kernels backend reports itself unavailable. Set "
+                      "NANOGPT_BUILD_EXT=1 to make this an error, NANOGPT_BUILD_EXT=0 to skip the build.")
+
+        def _nvcc(self, ext):
+            archs = [a.strip() for a in os.environ.get("NANOGPT_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
+                     if a.strip()]
+            flags = []
+            for a in archs:
+                flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
+            flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+            out_dir = os.path.join(os.path.abspath(self.build_temp), "nvcc")
+            os.makedirs(out_dir, exist_ok=True)
+            objs = []
+            for src in ext.nanogpt_cu:
+                obj = os.path.join(out_dir, os.path.basename(src) + (".obj" if msvc else ".o"))
+                cmd = [ext.nanogpt_nvcc, "-c", os.path.join(HERE, src), "-o", obj, "-O3", "-std=c++17",
+                       "-lineinfo", *flags]
+                if not msvc:
+                    cmd += ["-Xcompiler", "-fPIC"]
+                print(" ".join(cmd), flush=True)
+                subprocess.check_call(cmd)
+                objs.append(obj)
+            return objs
+
+    return [ext], {"build_ext": BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = _extension()
 
 setup(
     name="nanogpt",
@@ -21,4 +130,6 @@ setup(
         "nanogpt-train=nanogpt.train:main",
         "nanogpt-sample=nanogpt.sample:main",
     ]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -1,0 +1,142 @@
+// Shared helpers for the CPU kernels: bf16 <-> fp32, vectorizable exp/erf/tanh, GELU, ISA clones.
+//
+// Vectorization strategy: the hot loops take raw pointers and are plain C++ loops marked
+// `#pragma omp simd` (compiled with -fopenmp-simd, no OpenMP runtime involved), so the
+// compiler emits SIMD code for whatever ISA the function is compiled for. On x86-64 Linux
+// with GCC each leaf kernel is built three times through `target_clones` (x86-64-v4 =
+// AVX-512, x86-64-v3 = AVX2+FMA, and the baseline), and the dynamic loader picks the best
+// one for the running CPU once (ifunc). Nothing else in the extension is compiled for a
+// higher ISA than the baseline, so the .so runs on any x86-64 machine. Elsewhere (Clang,
+// macOS, aarch64, MSVC) the kernels are compiled once for the compiler's default target.
+// Multi-threading is done by the callers with at::parallel_for over rows or blocks whose
+// boundaries depend only on the problem size, so results do not depend on the thread count.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(NANOGPT_NO_CLONES)
+#define NG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define NG_CLONES_ENABLED 1
+#else
+#define NG_CLONES
+#define NG_CLONES_ENABLED 0
+#endif
+
+#if defined(_MSC_VER)
+#define NG_INLINE __forceinline
+#define NG_SIMD
+#define NG_SIMD_SUM(...)
+#else
+#define NG_INLINE inline __attribute__((always_inline))
+#define NG_PRAGMA(x) _Pragma(#x)
+#define NG_SIMD NG_PRAGMA(omp simd)
+#define NG_SIMD_SUM(...) NG_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#endif
+
+namespace nanogpt_cpu {
+
+using bf16_t = uint16_t;  // storage of at::BFloat16
+
+NG_INLINE float ld(const float* p, int64_t i) { return p[i]; }
+NG_INLINE float ld(const bf16_t* p, int64_t i) {
+  uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+NG_INLINE void st(float* p, int64_t i, float v) { p[i] = v; }
+NG_INLINE void st(bf16_t* p, int64_t i, float v) {
+  // round to nearest even, NaN stays NaN (same as c10::BFloat16's conversion)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  uint32_t r = u + 0x7fffu + ((u >> 16) & 1u);
+  r = (v != v) ? 0x7fc00000u : r;
+  p[i] = static_cast<bf16_t>(r >> 16);
+}
+
+NG_INLINE float as_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+
+// exp(x) for float, Cephes-style range reduction + degree-6 polynomial, ~1 ulp, branch-free.
+NG_INLINE float vexp(float x) {
+  x = x < -87.3365f ? -87.3365f : x;
+  x = x > 88.7228f ? 88.7228f : x;
+  // round to nearest with the 1.5*2^23 trick (vectorizes on every ISA, |x*log2e| < 2^22)
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n split in two factors so n = 128 (x near 88.7) does not overflow the exponent field
+  int32_t ni = static_cast<int32_t>(n);
+  int32_t h = ni >> 1;
+  return p * as_float((h + 127) << 23) * as_float((ni - h + 127) << 23);
+}
+
+// 1 + erf(x) without cancellation for negative x (this is erfc(-x)). Uses erfc(|x|) =
+// t*P(t)*exp(-x^2), t = 1/(1+|x|/2) (Numerical Recipes' erfcc, relative error < 1.2e-7).
+NG_INLINE float one_plus_erf(float x) {
+  float z = std::fabs(x);
+  float t = 1.0f / (1.0f + 0.5f * z);
+  float p = 0.17087277f;
+  p = p * t + -0.82215223f;
+  p = p * t + 1.48851587f;
+  p = p * t + -1.13520398f;
+  p = p * t + 0.27886807f;
+  p = p * t + -0.18628806f;
+  p = p * t + 0.09678418f;
+  p = p * t + 0.37409196f;
+  p = p * t + 1.00002368f;
+  p = p * t + -1.26551223f;
+  float erfc_z = t * vexp(-z * z + p);
+  return x >= 0.0f ? 2.0f - erfc_z : erfc_z;
+}
+
+constexpr float kSqrt1_2 = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1/sqrt(2*pi)
+constexpr float kSqrt2_Pi = 0.79788456080286536f;    // sqrt(2/pi)
+constexpr float kTanhC = 0.044715f;
+
+// gelu(u) and gelu'(u); exact (erf) form
+NG_INLINE float gelu_erf(float u) { return 0.5f * u * one_plus_erf(u * kSqrt1_2); }
+NG_INLINE float gelu_erf_grad(float u) {
+  return 0.5f * one_plus_erf(u * kSqrt1_2) + u * kInvSqrt2Pi * vexp(-0.5f * u * u);
+}
+
+// tanh form: with E = exp(-2|z|), 1+tanh(z) and 1-tanh(z)^2 are computed without cancellation
+NG_INLINE void tanh_parts(float z, float& one_plus_t, float& one_minus_t2) {
+  float e = vexp(-2.0f * std::fabs(z));
+  float inv = 1.0f / (1.0f + e);
+  one_plus_t = z >= 0.0f ? 2.0f * inv : 2.0f * e * inv;
+  one_minus_t2 = 4.0f * e * inv * inv;
+}
+NG_INLINE float gelu_tanh(float u) {
+  float opt, omt2;
+  tanh_parts(kSqrt2_Pi * (u + kTanhC * u * u * u), opt, omt2);
+  return 0.5f * u * opt;
+}
+NG_INLINE float gelu_tanh_grad(float u) {
+  float opt, omt2;
+  tanh_parts(kSqrt2_Pi * (u + kTanhC * u * u * u), opt, omt2);
+  return 0.5f * opt + 0.5f * u * omt2 * kSqrt2_Pi * (1.0f + 3.0f * kTanhC * u * u);
+}
+
+// Row-chunking for deterministic column reductions (dweight/dbias): chunk boundaries depend
+// only on the number of rows, never on the number of threads.
+inline int64_t reduce_chunk_rows(int64_t rows) {
+  int64_t c = (rows + 1023) / 1024;  // at most ~1024 partial rows
+  return c < 16 ? 16 : c;
+}
+
+}  // namespace nanogpt_cpu

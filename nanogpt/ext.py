@@ -1,0 +1,211 @@
+"""The "ext" kernels backend: nanogpt's C++/CUDA extension `nanogpt._C`.
+
+The extension registers torch custom ops in the `nanogpt_ext` namespace
+(torch.ops.nanogpt_ext.*) with CPU kernels (vectorized, multi-threaded C++) and, when built
+with CUDA, CUDA kernels. This module adds their autograd formulas and fake (meta) kernels so
+they work under torch.compile(fullgraph=True), and exposes the backend contract of
+nanogpt.ops: layer_norm, bias_gelu, attention, FusedAdamW, unavailable.
+
+Build: `pip install --no-build-isolation -e .` with torch installed (see setup.py).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+_C = None
+_IMPORT_ERROR = None
+
+
+def _load():
+    global _C, _IMPORT_ERROR
+    if _C is None and _IMPORT_ERROR is None:
+        try:
+            from nanogpt import _C as mod
+        except ImportError as e:  # not built, or built against another torch
+            _IMPORT_ERROR = e
+        else:
+            _C = mod
+            _register()
+    return _C
+
+
+def unavailable(device_type):
+    """None when the extension has kernels for device_type, else why not."""
+    C = _load()
+    if C is None:
+        if isinstance(_IMPORT_ERROR, ModuleNotFoundError):
+            return ("the C++ extension nanogpt._C is not built (pip install --no-build-isolation -e . "
+                    "with a C++ compiler; see README)")
+        return (f"the C++ extension nanogpt._C does not load ({_IMPORT_ERROR}); rebuild it against this torch "
+                "with pip install --no-build-isolation -e .")
+    if device_type == "cpu":
+        return None
+    if device_type == "cuda":
+        return None if C.has_cuda() else ("nanogpt._C was built without CUDA (rebuild with a CUDA torch and nvcc, "
+                                          "or NANOGPT_BUILD_CUDA=1 to make that an error)")
+    return f"nanogpt._C has no kernels for device type {device_type!r}"
+
+
+# ------------------------------------------------------------ op registration (fake + autograd)
+
+def _register():
+    ops = torch.ops.nanogpt_ext
+
+    @torch.library.register_fake("nanogpt_ext::layer_norm_fwd")
+    def _(x, weight, bias, eps):
+        m = x.numel() // x.shape[-1]
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32))
+
+    @torch.library.register_fake("nanogpt_ext::layer_norm_bwd")
+    def _(dy, x, weight, mean, rstd, has_bias):
+        n = x.shape[-1]
+        return (torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty((n,)),
+                weight.new_empty((n if has_bias else 0,)))
+
+    @torch.library.register_fake("nanogpt_ext::bias_gelu_fwd")
+    def _(x, bias, tanh):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("nanogpt_ext::bias_gelu_bwd")
+    def _(dy, x, bias, tanh):
+        db = bias.new_empty((x.shape[-1],)) if bias is not None else x.new_empty((0,))
+        return torch.empty_like(x, memory_format=torch.contiguous_format), db
+
+    @torch.library.register_fake("nanogpt_ext::grad_norm")
+    def _(grads):
+        return grads[0].new_empty((), dtype=torch.float32)
+
+    def ln_setup(ctx, inputs, output):
+        x, weight, bias, _eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def ln_backward(ctx, dy, _dmean, _drstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = ops.layer_norm_bwd(dy, x, weight, mean, rstd, ctx.has_bias)
+        return dx, dw, (db if ctx.has_bias else None), None
+
+    torch.library.register_autograd("nanogpt_ext::layer_norm_fwd", ln_backward, setup_context=ln_setup)
+
+    def bg_setup(ctx, inputs, output):
+        x, bias, tanh = inputs
+        ctx.save_for_backward(x, bias)
+        ctx.tanh = tanh
+
+    def bg_backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        dx, db = ops.bias_gelu_bwd(dy, x, bias, ctx.tanh)
+        return dx, (db if bias is not None else None), None
+
+    torch.library.register_autograd("nanogpt_ext::bias_gelu_fwd", bg_backward, setup_context=bg_setup)
+
+
+# ------------------------------------------------------------ the backend contract
+
+def layer_norm(x, weight, bias=None, eps=1e-5):
+    """LayerNorm over the last dim: fused kernel, fp32 statistics (x fp32/bf16, + fp16 on CUDA)."""
+    if weight is None:
+        weight = x.new_ones(x.shape[-1])
+    if weight.dtype not in (x.dtype, torch.float32):
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != weight.dtype:
+        bias = bias.to(weight.dtype)
+    return torch.ops.nanogpt_ext.layer_norm_fwd(x, weight, bias, float(eps))[0]
+
+
+def bias_gelu(x, bias=None, approximate="none"):
+    """gelu(x + bias) in one pass, exact erf ("none") or "tanh" form."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+        bias = bias.to(x.dtype)
+    return torch.ops.nanogpt_ext.bias_gelu_fwd(x, bias, approximate == "tanh")
+
+
+def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
+    """Causal attention on (B, H, T, D): this backend calls torch's scaled_dot_product_attention
+    (flash / memory-efficient kernels on CUDA, a fused kernel on CPU); it has no kernel of its own."""
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    """AdamW as one multi-tensor kernel per param group, with the gradient clip fused in.
+
+    step(): one fused reduction gives the total gradient norm over every param with a grad
+    (returned, pre-clip, as a 0-d float32 tensor on the grads' device); each group is then
+    updated by one call of nanogpt_ext::adamw_ over lists of params/grads/state, which scales
+    the grads by min(1, max_grad_norm / (norm + 1e-6)) when max_grad_norm > 0, applies
+    decoupled weight decay and bias-corrected Adam, and does nothing at all when the norm is
+    not finite (on CUDA that is decided on the device: no host sync). p.grad is not modified.
+    State per param (self.state[p]): exp_avg, exp_avg_sq (float32, whatever the param dtype)
+    and step (0-d float32 tensor on the param's device), as torch.optim.AdamW keeps it.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, max_grad_norm=0.0):
+        if not 0.0 <= lr:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas {betas}")
+        if not 0.0 <= eps:
+            raise ValueError(f"invalid eps {eps}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.max_grad_norm = float(max_grad_norm or 0.0)
+        if _load() is None:
+            raise RuntimeError(unavailable("cpu"))
+
+    def _init_state(self, p):
+        st = self.state[p]
+        if "exp_avg" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return st
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.float32)
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("FusedAdamW does not support sparse gradients")
+        norm = torch.ops.nanogpt_ext.grad_norm(grads)
+        if norm.device.type == "cpu" and not math.isfinite(norm.item()):
+            return norm  # skipped step (the CUDA kernel checks the norm on the device instead)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self._init_state(p) for p in params]
+            beta1, beta2 = group["betas"]
+            lr = torch.full((), float(group["lr"]), dtype=torch.float64, device=params[0].device)
+            torch.ops.nanogpt_ext.adamw_(
+                params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states], lr, norm, float(beta1), float(beta2), float(group["eps"]),
+                float(group["weight_decay"]), self.max_grad_norm)
+        return norm
+
+    def load_state_dict(self, state_dict):
+        # Optimizer.load_state_dict casts floating state to each param's dtype; keep it float32
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, current):
+            saved = state_dict["state"].get(i)
+            if not saved:
+                continue
+            st = self.state[p]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved:
+                    st[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+            if "step" in saved:
+                st["step"] = torch.as_tensor(saved["step"]).to(device=p.device, dtype=torch.float32).reshape(()).clone()
+
+
+_load()
