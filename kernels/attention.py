@@ -1,0 +1,444 @@
+"""FlashAttention-2 style attention in Triton: forward, backward, autograd custom op.
+
+Forward: one program per (BLOCK_M queries, batch*head); K/V streamed in BLOCK_N tiles with an
+online softmax in the exp2 domain; the T x T score matrix never exists in memory. Saves the
+log-sum-exp (base 2) per query row for the backward.
+Backward: preprocess delta = rowsum(dO * O); one kernel accumulates dK/dV per key block
+(looping over query blocks), another accumulates dQ per query block (looping over key blocks):
+no atomics, deterministic. Causal masking skips fully masked blocks and applies the mask only
+on the diagonal blocks.
+
+Inputs are (B, H, T, D) with any strides as long as the last dimension is contiguous (the
+model's q/k/v are transposed views of the c_attn output and are read in place). Outputs and
+gradients are laid out as (B, T, H, D) and returned transposed, so `y.transpose(1, 2)` back
+to (B, T, C) is free.
+"""
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._utils import PTR_SIG, emu_bf16, ensure_mode, interpreting, mark_mode, nan_like, rne_bf16
+
+HEAD_DIMS = (32, 64, 128)
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: the CPU interpreter multiplies bf16 as raw integers; fp32 products of bf16 are exact
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, qk_scale,
+               MASK_CAUSAL: tl.constexpr, MASK_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IEEE: tl.constexpr, EMU: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        kmask = offs_n < T
+        kT = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
+        qk = _dot(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, EMU) * qk_scale
+        if MASK_CAUSAL:
+            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
+        if MASK_BOUND:
+            qk = tl.where(kmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        acc = _dot(rne_bf16(p, EMU).to(v.dtype), v, acc, IEEE, EMU)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, sm_scale,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                     H, T,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr = False):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    o_base = O + b * stride_ob + h * stride_oh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qmask = offs_m < T
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qmask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    if CAUSAL:
+        # keys strictly before this query block: never masked
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                                   0, start_m, T, qk_scale, False, False, BLOCK_M, BLOCK_N, IEEE, EMU)
+        # the diagonal block(s)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                                   start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, True, True,
+                                   BLOCK_M, BLOCK_N, IEEE, EMU)
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                                   0, T, T, qk_scale, False, True, BLOCK_M, BLOCK_N, IEEE, EMU)
+    lse = m_i + tl.math.log2(l_i)
+    acc = acc / l_i[:, None]
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
+             rne_bf16(acc, EMU).to(O.dtype.element_ty), mask=qmask[:, None])
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=qmask)
+
+
+@triton.jit
+def _attn_bwd_pre_kernel(O, DO, Delta, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
+                         H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = offs_m < T
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=mask[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=mask[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, axis=1), mask=mask)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
+                lo, hi, T, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                IEEE: tl.constexpr, EMU: tl.constexpr):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + offs_m0
+        mmask = offs_m < T
+        # rows past T load as zeros (lse = delta = 0): they add exactly nothing to dk / dv
+        qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=mmask[None, :], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=mmask, other=0.0)
+        qkT = _dot(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE, EMU)
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if MASK:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mmask[:, None], other=0.0)
+        dv = _dot(rne_bf16(pT, EMU).to(do.dtype), do, dv, IEEE, EMU)
+        delta = tl.load(delta_base + offs_m, mask=mmask, other=0.0)
+        dpT = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE, EMU)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(rne_bf16(dsT, EMU).to(qT.dtype), tl.trans(qT), dk, IEEE, EMU)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, sm_scale,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                          H, T,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CAUSAL: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr = False):
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    nmask = offs_n < T
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=nmask[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=nmask[:, None], other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + bh.to(tl.int64) * T
+    delta_base = Delta + bh.to(tl.int64) * T
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    if CAUSAL:
+        # query blocks on the diagonal (masked), then the ones below it (unmasked)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
+                             start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, True, BLOCK_M, BLOCK_N, IEEE, EMU)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
+                             start_n + BLOCK_N, T, T, qk_scale, False, BLOCK_M, BLOCK_N, IEEE, EMU)
+    else:
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
+                             0, T, T, qk_scale, False, BLOCK_M, BLOCK_N, IEEE, EMU)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             rne_bf16(dk, EMU).to(DK.dtype.element_ty), mask=nmask[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             rne_bf16(dv, EMU).to(DV.dtype.element_ty), mask=nmask[:, None])
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, qk_scale,
+              MASK_CAUSAL: tl.constexpr, MASK_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              IEEE: tl.constexpr, EMU: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        kmask = offs_n < T
+        kT = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
+        vT = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=kmask[None, :], other=0.0)
+        qk = _dot(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, EMU)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASK_CAUSAL:
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        if MASK_BOUND:
+            p = tl.where(kmask[None, :], p, 0.0)
+        dp = _dot(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, EMU)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(rne_bf16(ds, EMU).to(kT.dtype), tl.trans(kT), dq, IEEE, EMU)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, sm_scale,
+                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                        stride_dqb, stride_dqh, stride_dqt,
+                        H, T,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr = False):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mmask = offs_m < T
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=mmask[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=mmask[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=mmask, other=0.0)
+    delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=mmask, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    if CAUSAL:
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                       0, start_m, T, qk_scale, False, False, BLOCK_M, BLOCK_N, IEEE, EMU)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                       start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, True, True, BLOCK_M, BLOCK_N, IEEE, EMU)
+    else:
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                       0, T, T, qk_scale, False, True, BLOCK_M, BLOCK_N, IEEE, EMU)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             rne_bf16(dq, EMU).to(DQ.dtype.element_ty), mask=mmask[:, None])
+
+
+mark_mode(globals())
+
+
+# ---------------------------------------------------------------- configs and launchers
+
+def _configs(D, dtype):
+    """Fixed launch configs by head dim and dtype: {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)}.
+
+    Constraints used by the causal block skipping: fwd and dq need BLOCK_M % BLOCK_N == 0,
+    dkdv needs BLOCK_N % BLOCK_M == 0.
+    """
+    if dtype == torch.float32:  # twice the bytes per tile and IEEE fp32 dots: smaller tiles
+        if D == 128:
+            return {"fwd": (64, 32, 4, 2), "dkdv": (16, 64, 4, 2), "dq": (64, 16, 4, 2), "pre": (64, 4)}
+        return {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2), "pre": (64, 4)}
+    if D == 128:
+        return {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (128, 32, 8, 2), "pre": (64, 4)}
+    return {"fwd": (128, 64, 4, 3), "dkdv": (32, 128, 4, 3), "dq": (128, 32, 4, 3), "pre": (128, 4)}
+
+
+def _bthd_like(x):
+    """A (B, H, T, D) tensor stored as (B, T, H, D): `out.transpose(1, 2)` is contiguous."""
+    B, H, T, D = x.shape
+    return nan_like((B, T, H, D), x.dtype, x.device).transpose(1, 2)
+
+
+def _lastdim_contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check(q, k, v):
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"attention: q, k, v must all be (B, H, T, D) with equal shapes, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"attention: head dim {q.shape[-1]} is not supported by the Triton kernels "
+                         f"(supported: {', '.join(map(str, HEAD_DIMS))}); use kernels='attention:torch'")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"attention: q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _fwd(q, k, v, causal, scale):
+    ensure_mode(globals())
+    q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
+    B, H, T, D = q.shape
+    o = _bthd_like(q)
+    lse = nan_like((B, H, T), torch.float32, q.device)
+    if B * H * T == 0:
+        return o, lse
+    BM, BN, warps, stages = _configs(D, q.dtype)["fwd"]
+    grid = (triton.cdiv(T, BM), B * H)
+    _attn_fwd_kernel[grid](q, k, v, o, lse, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                           H, T, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, IEEE=q.dtype == torch.float32,
+                           EMU=emu_bf16(q.dtype), num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def _bwd(do, q, k, v, o, lse, causal, scale):
+    ensure_mode(globals())
+    q, k, v, o, do = (_lastdim_contig(t) for t in (q, k, v, o, do))
+    B, H, T, D = q.shape
+    dq, dk, dv = _bthd_like(q), _bthd_like(k), _bthd_like(v)
+    if B * H * T == 0:
+        return dq, dk, dv
+    cfg = _configs(D, q.dtype)
+    ieee, emu = q.dtype == torch.float32, emu_bf16(q.dtype)
+    delta = nan_like((B, H, T), torch.float32, q.device)
+    BM, warps = cfg["pre"]
+    _attn_bwd_pre_kernel[(triton.cdiv(T, BM), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T,
+                                                       HEAD_DIM=D, BLOCK_M=BM, num_warps=warps)
+    BM, BN, warps, stages = cfg["dkdv"]
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * H)](
+        q, k, v, do, dk, dv, lse, delta, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3], H, T, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, IEEE=ieee,
+        EMU=emu, num_warps=warps, num_stages=stages)
+    BM, BN, warps, stages = cfg["dq"]
+    _attn_bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](
+        q, k, v, do, dq, lse, delta, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dq.stride()[:3], H, T, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, IEEE=ieee,
+        EMU=emu, num_warps=warps, num_stages=stages)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("nanogpt_triton::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, causal, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, causal, scale):
+    B, H, T, D = q.shape
+    o = q.new_empty((B, T, H, D)).transpose(1, 2)
+    return o, q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("nanogpt_triton::attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(do, q, k, v, o, lse, causal, scale)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, o, lse, causal, scale):
+    B, H, T, D = q.shape
+    return tuple(t.new_empty((B, T, H, D)).transpose(1, 2) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    o, lse = output
+    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+_warned_dropout = False
+
+
+def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
+    """Scaled dot-product attention softmax(q k^T * scale [+ causal mask]) v for (B, H, T, D) inputs.
+
+    FlashAttention-2 style Triton kernels (never materialize T x T), fp32/fp16/bf16, head dims
+    32/64/128 (others raise ValueError), any T. scale defaults to 1/sqrt(D). dropout_p > 0 is not
+    implemented in the kernels: it falls back to torch SDPA, with a one-time warning.
+    """
+    _check(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if dropout_p > 0.0:
+        global _warned_dropout
+        if not _warned_dropout:
+            _warned_dropout = True
+            warnings.warn("kernels.attention: dropout_p > 0 is not implemented in the Triton kernels; "
+                          "falling back to torch scaled_dot_product_attention", stacklevel=2)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+    return attention_fwd(q, k, v, bool(causal), float(scale))[0]
+
+
+def _compile_configs():
+    out = []
+    for D in HEAD_DIMS:
+        for dt, sig in PTR_SIG.items():
+            cfg = _configs(D, dt)
+            ieee = dt == torch.float32
+            for causal in (True, False):
+                tag = f"{sig[1:]},D={D},causal={int(causal)}"
+                BM, BN, w, s = cfg["fwd"]
+                names = ["Q", "K", "V", "O", "LSE", "sm_scale"] + [f"stride_{t}{a}" for t in "qkvo" for a in "bht"]
+                sigd = {n: sig for n in names[:4]}
+                sigd.update({"LSE": "*fp32", "sm_scale": "fp32"})
+                sigd.update({n: "i32" for n in names[6:]})
+                sigd.update({"H": "i32", "T": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr",
+                             "BLOCK_N": "constexpr", "CAUSAL": "constexpr", "IEEE": "constexpr", "EMU": "constexpr"})
+                ce = {"HEAD_DIM": D, "BLOCK_M": BM, "BLOCK_N": BN, "CAUSAL": causal, "IEEE": ieee, "EMU": False}
+                out.append(dict(name=f"attn_fwd[{tag},BM={BM},BN={BN}]", fn=_attn_fwd_kernel, signature=sigd,
+                                constexprs=ce, num_warps=w, num_stages=s, key=(D, sig)))
+                BM, BN, w, s = cfg["dkdv"]
+                sigd = {n: sig for n in ("Q", "K", "V", "DO", "DK", "DV")}
+                sigd.update({"LSE": "*fp32", "Delta": "*fp32", "sm_scale": "fp32"})
+                sigd.update({f"stride_{t}{a}": "i32" for t in ("q", "k", "v", "do", "dk", "dv") for a in "bht"})
+                sigd.update({"H": "i32", "T": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr",
+                             "BLOCK_N": "constexpr", "CAUSAL": "constexpr", "IEEE": "constexpr", "EMU": "constexpr"})
+                out.append(dict(name=f"attn_bwd_dkdv[{tag},BM={BM},BN={BN}]", fn=_attn_bwd_dkdv_kernel,
+                                signature=sigd, constexprs=dict(ce, BLOCK_M=BM, BLOCK_N=BN),
+                                num_warps=w, num_stages=s, key=(D, sig)))
+                BM, BN, w, s = cfg["dq"]
+                sigd = {n: sig for n in ("Q", "K", "V", "DO", "DQ")}
+                sigd.update({"LSE": "*fp32", "Delta": "*fp32", "sm_scale": "fp32"})
+                sigd.update({f"stride_{t}{a}": "i32" for t in ("q", "k", "v", "do", "dq") for a in "bht"})
+                sigd.update({"H": "i32", "T": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr",
+                             "BLOCK_N": "constexpr", "CAUSAL": "constexpr", "IEEE": "constexpr", "EMU": "constexpr"})
+                out.append(dict(name=f"attn_bwd_dq[{tag},BM={BM},BN={BN}]", fn=_attn_bwd_dq_kernel,
+                                signature=sigd, constexprs=dict(ce, BLOCK_M=BM, BLOCK_N=BN),
+                                num_warps=w, num_stages=s, key=(D, sig)))
+            BM, w = cfg["pre"]
+            sigd = {"O": sig, "DO": sig, "Delta": "*fp32"}
+            sigd.update({f"stride_{t}{a}": "i32" for t in ("o", "do") for a in "bht"})
+            sigd.update({"H": "i32", "T": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"})
+            out.append(dict(name=f"attn_bwd_pre[{sig[1:]},D={D},BM={BM}]", fn=_attn_bwd_pre_kernel, signature=sigd,
+                            constexprs={"HEAD_DIM": D, "BLOCK_M": BM}, num_warps=w, num_stages=1, key=(D, sig)))
+    return out
