@@ -1,0 +1,584 @@
+"""Training-step benchmark: PyTorch eager / torch.compile vs our kernels, interleaved.
+
+    python benchmarks/bench.py [config.py] [--key=value ...]
+
+Times one full training step (forward, backward, clip + AdamW step from
+`configure_optimizers(..., grad_clip=1.0)`, under autocast for bf16/fp16) for
+each mode in `--modes`, round-robin (`per_round` steps per mode per round, the
+mode order rotated every round) so machine drift hits every mode alike.
+
+A mode is `<kernels>[+compile]`:
+  torch            every op on the PyTorch backend, eager
+  torch+compile    the same under torch.compile: the baseline the ratios use
+  auto / ours      `--kernels` (default "auto": the best backend per op on this device)
+  triton, ext      one backend for every op (skipped, with the reason, when it cannot run here)
+A per-op mix goes through --kernels (e.g. --kernels=attention:triton,layer_norm:torch)
+and is then run as the "auto"/"ours" mode.
+
+Before timing, every mode takes its first step from the same weights (one
+state_dict, loaded into all) on the same batch; their losses must agree within
+the dtype's tolerance (fp32 1e-4 relative, bf16/fp16 2e-2) or the run fails
+with exit code 1.
+
+Peak memory, per mode:
+  cuda  (params + optimizer state) + (max_memory_allocated during one step -
+        memory_allocated before it), so other modes' resident models don't count.
+  cpu   each mode in a fresh subprocess: peak RSS (ru_maxrss) after
+        `mem_steps` steps minus the RSS just before the model was built
+        (weights, grads, optimizer state, activations, compiled code and
+        allocator slack; includes compilation's own peak for +compile modes).
+        --memory=False skips it.
+
+--json=PATH writes everything printed; --profile=MODE writes torch.profiler
+traces (Chrome trace JSON + TensorBoard plugin files) to profile_dir and prints
+the top ops by self time.
+"""
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from nanogpt import ops
+from nanogpt.configurator import configure
+from nanogpt.errors import UserError
+from nanogpt.mfu import peak_flops
+from nanogpt.model import GPT, GPTConfig
+
+DEFAULT_MODES = "torch,torch+compile,auto,auto+compile"
+BASELINE = "torch+compile"
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
+SHAPES = {  # per device type: CPU quick-start shape, GPT-2 124M on CUDA
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),
+    "cuda": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=12, vocab_size=50304),
+}
+
+
+class LossMismatch(RuntimeError):
+    """Modes disagree on the first step's loss: some backend computes something else."""
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def defaults(device):
+    dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_available() \
+        and torch.cuda.is_bf16_supported() else "float32"
+    return dict(
+        **SHAPES["cuda" if device.startswith("cuda") else "cpu"],
+        dropout=0.0, bias=True, gelu="none",
+        device=device, dtype=dtype,
+        data="synthetic",          # or a prepared dataset dir holding train.bin (uint16 token ids)
+        warmup=5 if device == "cpu" else 10,   # untimed steps per mode after the first (compiling) one
+        iters=30,                  # timed steps per mode
+        per_round=1,               # steps per mode per round
+        modes=DEFAULT_MODES,
+        kernels="auto",            # what "auto"/"ours" modes run
+        json="",                   # write the results here too
+        profile="",                # mode to profile after timing
+        profile_dir="benchmarks/profiles",
+        profile_steps=5,
+        memory=True,               # measure peak memory per mode (cpu: one subprocess per mode)
+        mem_steps=3,
+        learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95,
+        seed=1337,
+        probe="",                  # internal: run only the CPU memory probe of this mode
+    )
+
+
+def load_config(argv):
+    cfg = configure(defaults(default_device()), argv)
+    if cfg["device"] != default_device():  # device-dependent defaults, then the same overrides again
+        cfg = configure(defaults(cfg["device"]), argv)
+    if cfg["dtype"] not in TOLERANCE:
+        raise UserError(f"dtype must be one of {', '.join(TOLERANCE)}, got {cfg['dtype']!r}")
+    if cfg["iters"] < 1 or cfg["warmup"] < 0 or cfg["per_round"] < 1:
+        raise UserError("iters and per_round must be >= 1, warmup >= 0")
+    return cfg
+
+
+# ---------------------------------------------------------------- modes
+
+def parse_modes(spec, kernels):
+    """[(name, kernel selector, compile?)] from 'torch,torch+compile,auto,...'."""
+    out = []
+    for name in (m.strip() for m in spec.split(",")):
+        if not name:
+            continue
+        base, plus, rest = name.partition("+")
+        if plus and rest != "compile":
+            raise UserError(f"mode {name!r}: expected <kernels>[+compile], e.g. torch+compile")
+        if base in ("auto", "ours"):
+            sel = kernels
+        elif base in ops.BACKENDS:
+            sel = base
+        else:
+            raise UserError(f"mode {name!r}: kernels part must be torch, auto, ours, "
+                            f"{', '.join(b for b in ops.BACKENDS if b != 'torch')}; "
+                            "per-op mixes go through --kernels=... and the auto mode")
+        out.append((name, sel, bool(plus)))
+    if not out:
+        raise UserError("--modes is empty")
+    return out
+
+
+def describe(choice):
+    return ", ".join(f"{op}={name}" for op, name in choice.items())
+
+
+def backend_status(device_type):
+    """{backend: None if it can run here else the reason}."""
+    return {name: ops._backend(name, device_type)[1] for name in ops.BACKENDS}
+
+
+# ---------------------------------------------------------------- data
+
+def make_batches(cfg, device, n=8):
+    """n fixed (x, y) batches, the same for every mode: synthetic or sampled from data/train.bin."""
+    g = torch.Generator().manual_seed(cfg["seed"])
+    B, T, V = cfg["batch_size"], cfg["block_size"], cfg["vocab_size"]
+    if cfg["data"] == "synthetic":
+        xs = [torch.randint(V, (B, T + 1), generator=g) for _ in range(n)]
+    else:
+        path = os.path.join(cfg["data"], "train.bin")
+        if not os.path.exists(path):
+            raise UserError(f"data={cfg['data']!r}: no train.bin there; use --data=synthetic or prepare the dataset")
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+        if len(data) < T + 2:
+            raise UserError(f"{path} holds {len(data)} tokens, fewer than block_size+2")
+        xs = []
+        for _ in range(n):
+            ix = torch.randint(len(data) - T - 1, (B,), generator=g).tolist()
+            xs.append(torch.from_numpy(np.stack([data[i:i + T + 1] for i in ix]).astype(np.int64)))
+        top = max(int(x.max()) for x in xs)
+        if top >= V:
+            raise UserError(f"{path} holds token id {top} >= vocab_size {V}; pass --vocab_size")
+    return [(x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)) for x in xs]
+
+
+# ---------------------------------------------------------------- one mode
+
+class Runner:
+    """One mode: its model, optimizer and (maybe compiled) forward."""
+
+    def __init__(self, name, kernels, compiled, cfg, state_dict, batches, init_seed=None):
+        self.name, self.kernels, self.compiled = name, kernels, compiled
+        self.device = torch.device(cfg["device"])
+        mconf = GPTConfig(**{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size",
+                                                 "dropout", "bias", "gelu")}, kernels=kernels)
+        torch.manual_seed(cfg["seed"] if init_seed is None else init_seed)
+        self.model = GPT(mconf, device_type=self.device.type)
+        if init_seed is None:
+            self.model.load_state_dict(state_dict)
+        self.model.to(self.device)
+        self.backends = dict(self.model.backends)
+        self.opt = self.model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
+                                                   (cfg["beta1"], cfg["beta2"]), self.device.type, grad_clip=1.0)
+        self.fwd = torch.compile(self.model) if compiled else self.model
+        dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg["dtype"])
+        self.ctx = (lambda: torch.autocast(self.device.type, dtype=dt)) if dt else contextlib.nullcontext
+        self.batches, self.i = batches, 0
+        self.times = []
+
+    def step(self):
+        x, y = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        with self.ctx():
+            _, loss = self.fwd(x, y)
+        loss.backward()
+        norm = self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss, norm
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def timed_step(self):
+        self.sync()
+        t0 = time.perf_counter()
+        self.step()
+        self.sync()
+        self.times.append((time.perf_counter() - t0) * 1e3)
+
+    def persistent_bytes(self):
+        n = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        for st in self.opt.state.values():
+            n += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+        return n
+
+    def cuda_peak_mb(self):
+        """(params + optimizer state) + the step's transient peak."""
+        self.sync()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.step()
+        self.sync()
+        transient = torch.cuda.max_memory_allocated(self.device) - before
+        return (self.persistent_bytes() + transient) / 2**20
+
+
+def _proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss():
+    """Reset the peak-RSS mark (Linux: /proc/self/clear_refs 5); returns the RSS now (MiB) and the method."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_kb("VmRSS") / 2**10, "VmHWM"
+    except OSError:
+        return peak_rss_mb("ru_maxrss"), "ru_maxrss"
+
+
+def peak_rss_mb(method):
+    if method == "VmHWM":
+        return _proc_status_kb("VmHWM") / 2**10
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return r / 2**20 if sys.platform == "darwin" else r / 2**10
+
+
+def probe_memory_cpu(cfg, argv, name):
+    """Run this mode alone in a fresh process; its peak-RSS growth in MiB (None + reason on failure)."""
+    args = [a for a in argv if not a.startswith(("--probe=", "--json=", "--profile="))]
+    cmd = [sys.executable, os.path.abspath(__file__), *args, f"--probe={name}", "--json=", "--profile="]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return None, "memory probe timed out"
+    for line in out.stdout.splitlines():
+        if line.startswith("PROBE "):
+            return json.loads(line[6:])["peak_rss_delta_mb"], None
+    return None, f"memory probe failed (rc {out.returncode}): {(out.stderr or out.stdout).strip()[-300:]}"
+
+
+def run_probe(cfg):
+    name, sel, comp = parse_modes(cfg["probe"], cfg["kernels"])[0]
+    batches = make_batches(cfg, cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    base, method = reset_peak_rss()
+    r = Runner(name, sel, comp, cfg, None, batches, init_seed=cfg["seed"])
+    for _ in range(max(1, cfg["mem_steps"])):
+        r.step()
+    peak = peak_rss_mb(method)
+    print("PROBE " + json.dumps({"mode": name, "peak_rss_delta_mb": peak - base, "peak_rss_mb": peak,
+                                 "baseline_rss_mb": base, "method": method}))
+
+
+# ---------------------------------------------------------------- profiling
+
+def profile_mode(runner, cfg):
+    from torch.profiler import ProfilerActivity, profile, schedule
+    os.makedirs(cfg["profile_dir"], exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    tag = runner.name.replace("+", "_")
+    chrome = os.path.join(cfg["profile_dir"], f"{tag}.chrome_trace.json")
+    tb_dir = os.path.join(cfg["profile_dir"], "tensorboard", tag)
+    handlers = []
+    try:
+        from torch.profiler import tensorboard_trace_handler
+        handlers.append(tensorboard_trace_handler(tb_dir, worker_name=tag))
+    except Exception as e:  # noqa: BLE001 - optional output
+        print(f"profile: no TensorBoard handler ({e})")
+        tb_dir = None
+
+    def on_ready(prof):
+        prof.export_chrome_trace(chrome)
+        for h in handlers:
+            h(prof)
+
+    steps = max(1, cfg["profile_steps"])
+    with profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
+                 on_trace_ready=on_ready, record_shapes=True, profile_memory=True) as prof:
+        for _ in range(steps + 1):
+            runner.step()
+            runner.sync()
+            prof.step()
+    key = "self_cuda_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
+    avgs = prof.key_averages()
+    print(f"\nprofile of {runner.name}: top ops by self time over {steps} steps "
+          f"(chrome trace {chrome}" + (f", tensorboard {tb_dir}" if tb_dir else "") + ")")
+    print(avgs.table(sort_by=key, row_limit=25))
+    attr = "self_device_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(avgs, key=lambda e: getattr(e, attr, getattr(e, key, 0)), reverse=True)[:25]
+    total = sum(getattr(e, attr, 0) for e in avgs) or 1
+    top = [{"op": e.key, "calls": e.count, "self_ms_per_step": getattr(e, attr, 0) / 1e3 / steps,
+            "self_frac": getattr(e, attr, 0) / total} for e in rows]
+    return {"mode": runner.name, "chrome_trace": chrome, "tensorboard_dir": tb_dir, "steps": steps,
+            "sorted_by": attr, "top_ops": top}
+
+
+# ---------------------------------------------------------------- main
+
+def pct(xs, q):
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(cfg, argv=(), perturb=None, log=print):
+    """Benchmark; returns the result dict. `perturb` ({mode: seed}) is a test hook: that mode's
+    model is initialised from its own seed instead of the shared state_dict."""
+    perturb = perturb or {}
+    device = torch.device(cfg["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but CUDA is not available; use --device=cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    status = backend_status(device.type)
+    modes = parse_modes(cfg["modes"], cfg["kernels"])
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/bench.py", *argv]),
+        "device": device.type, "device_name": device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
+        "config": {k: v for k, v in cfg.items() if k != "probe"},
+        "backend_status": {k: (v or "available") for k, v in status.items()},
+        "tokens_per_iter": cfg["batch_size"] * cfg["block_size"],
+        "baseline": None, "modes": [], "check": None,
+        "memory_method": None, "profile": None,
+    }
+    log(f"bench: {result['device_name']} ({device.type}), torch {torch.__version__}, triton {result['triton']}, "
+        f"dtype {cfg['dtype']}")
+    log(f"model: n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} "
+        f"block_size={cfg['block_size']} batch_size={cfg['batch_size']} vocab_size={cfg['vocab_size']}")
+    for name, why in status.items():
+        if why:
+            log(f"backend {name}: unavailable on {device.type}: {why}")
+
+    batches = make_batches(cfg, device)
+    torch.manual_seed(cfg["seed"])
+    ref = GPT(GPTConfig(**{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size",
+                                               "dropout", "bias", "gelu")}, kernels="torch"), device_type="cpu")
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    n_params = ref.get_num_params()
+    flops_per_iter = ref.flops_per_token() * cfg["block_size"] * cfg["batch_size"]
+    del ref
+    result["n_params"] = n_params
+
+    runners, entries = [], {}
+    for name, sel, comp in modes:
+        entry = {"mode": name, "kernels": sel, "compile": comp, "status": "ok", "reason": None}
+        entries[name] = entry
+        result["modes"].append(entry)
+        try:
+            choice = ops.resolve(sel, device.type)
+        except UserError as e:
+            entry.update(status="skipped", reason=str(e))
+            log(f"mode {name}: skipped: {e}")
+            continue
+        entry["backends"] = choice
+        try:
+            runners.append(Runner(name, sel, comp, cfg, state, batches, init_seed=perturb.get(name)))
+        except Exception as e:  # noqa: BLE001 - a broken backend must not stop the others
+            entry.update(status="skipped", reason=f"setup failed: {type(e).__name__}: {e}")
+            log(f"mode {name}: skipped: setup failed: {type(e).__name__}: {e}")
+    if not runners:
+        raise UserError("no mode can run here: " + "; ".join(f"{e['mode']}: {e['reason']}" for e in entries.values()))
+
+    # ---- first step from identical weights: the losses must agree
+    tol = TOLERANCE[cfg["dtype"]]
+    losses, norms = {}, {}
+    for r in list(runners):
+        t0 = time.perf_counter()
+        try:
+            if cfg["dropout"] > 0:
+                torch.manual_seed(cfg["seed"] + 1)
+            loss, norm = r.step()
+            r.sync()
+        except Exception as e:  # noqa: BLE001
+            entries[r.name].update(status="failed", reason=f"first step failed: {type(e).__name__}: {e}")
+            log(f"mode {r.name}: FAILED on its first step: {type(e).__name__}: {e}")
+            runners.remove(r)
+            continue
+        losses[r.name], norms[r.name] = loss.item(), norm.item()
+        entries[r.name].update(first_loss=losses[r.name], first_grad_norm=norms[r.name],
+                               first_step_s=time.perf_counter() - t0)
+        log(f"mode {r.name}: backends {describe(r.backends)}; first step {time.perf_counter() - t0:.2f}s "
+            f"(compile included), loss {losses[r.name]:.6f}, grad norm {norms[r.name]:.6f}")
+    ref_name = "torch" if "torch" in losses else next(iter(losses), None)
+    bad = {m: l for m, l in losses.items()
+           if not (math.isfinite(l) and abs(l - losses[ref_name]) <= tol * abs(losses[ref_name]))}
+    bad_norm = {m: n for m, n in norms.items()
+                if not (math.isfinite(n) and abs(n - norms[ref_name]) <= 10 * tol * abs(norms[ref_name]) + 1e-6)}
+    result["check"] = {"ok": not bad and len(losses) == len(runners) and bool(losses), "reference": ref_name,
+                       "rel_tolerance": tol, "losses": losses, "grad_norms": norms,
+                       "mismatched": sorted(bad), "grad_norm_warnings": sorted(bad_norm),
+                       "dropout_note": "dropout > 0: losses of compiled modes may differ by RNG"
+                       if cfg["dropout"] > 0 else None}
+    if bad_norm:
+        log(f"warning: first-step grad norms differ by more than {10 * tol:g} relative: "
+            + ", ".join(f"{m}={norms[m]:.6g}" for m in sorted(bad_norm)) + f" (reference {ref_name}={norms[ref_name]:.6g})")
+    if bad:
+        msg = (f"first-step losses disagree beyond {tol:g} relative ({cfg['dtype']}) from identical weights: "
+               + ", ".join(f"{m}={l:.6g}" for m, l in losses.items()) + f"; mismatched vs {ref_name}: {sorted(bad)}")
+        log("ERROR: " + msg)
+        _write_json(cfg, result, log)
+        raise LossMismatch(msg)
+    log(f"check: first-step losses agree within {tol:g} relative ({len(losses)} modes)")
+
+    # ---- warm-up then timing, interleaved: every round runs each mode per_round steps, order rotated
+    k = cfg["per_round"]
+    for phase, total in (("warmup", cfg["warmup"]), ("timed", cfg["iters"])):
+        done = 0
+        rnd = 0
+        t_phase = time.perf_counter()
+        while done < total:
+            n = min(k, total - done)
+            order = runners[rnd % len(runners):] + runners[:rnd % len(runners)]
+            for r in order:
+                for _ in range(n):
+                    if phase == "timed":
+                        r.timed_step()
+                    else:
+                        r.step()
+            done += n
+            rnd += 1
+        for r in runners:
+            r.sync()
+        log(f"{phase}: {total} steps per mode in {time.perf_counter() - t_phase:.1f}s")
+
+    # ---- memory
+    if cfg["memory"]:
+        if device.type == "cuda":
+            result["memory_method"] = ("cuda: params + optimizer state + (max_memory_allocated during one step "
+                                       "- memory_allocated before it), per mode")
+            for r in runners:
+                entries[r.name]["peak_mem_mb"] = r.cuda_peak_mb()
+        else:
+            result["memory_method"] = (f"cpu: fresh subprocess per mode, peak RSS (VmHWM, reset just before building "
+                                       f"the model) after {cfg['mem_steps']} steps minus the RSS at that reset; "
+                                       "includes compilation for +compile modes")
+            for r in runners:
+                mb, why = probe_memory_cpu(cfg, list(argv), r.name)
+                entries[r.name]["peak_mem_mb"] = mb
+                if why:
+                    entries[r.name]["peak_mem_note"] = why
+                    log(f"mode {r.name}: {why}")
+
+    # ---- stats
+    peak = peak_flops(cfg["dtype"])
+    result["peak_flops"] = peak
+    result["peak_flops_note"] = ("peak of " + result["device_name"] if device.type == "cuda" else
+                                 "no CPU entry in nanogpt.mfu: MFU is against nanoGPT's A100 bf16 reference (312 TFLOP/s)")
+    for r in runners:
+        e = entries[r.name]
+        med = statistics.median(r.times)
+        e.update(n=len(r.times), ms_median=med, ms_p10=pct(r.times, 0.1), ms_p90=pct(r.times, 0.9),
+                 ms_mean=statistics.fmean(r.times), ms_min=min(r.times),
+                 tokens_per_s=result["tokens_per_iter"] / (med / 1e3),
+                 mfu=r.model.estimate_mfu(cfg["batch_size"], med / 1e3, cfg["dtype"]),
+                 flops_per_iter=flops_per_iter)
+        e.setdefault("peak_mem_mb", None)
+    timed = [e for e in result["modes"] if "ms_median" in e]
+    base = BASELINE if any(e["mode"] == BASELINE for e in timed) else (timed[0]["mode"] if timed else None)
+    result["baseline"] = base
+    for e in timed:
+        e["ratio_to_baseline"] = e["ms_median"] / entries[base]["ms_median"]
+
+    log("")
+    log(format_table(result))
+
+    # ---- profile
+    if cfg["profile"]:
+        target = next((r for r in runners if r.name == cfg["profile"]), None)
+        if target is None:
+            log(f"profile: mode {cfg['profile']!r} is not among the modes that ran "
+                f"({', '.join(r.name for r in runners)}); add it to --modes")
+        else:
+            result["profile"] = profile_mode(target, cfg)
+    _write_json(cfg, result, log)
+    return result
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _write_json(cfg, result, log):
+    if cfg["json"]:
+        d = os.path.dirname(os.path.abspath(cfg["json"]))
+        os.makedirs(d, exist_ok=True)
+        with open(cfg["json"], "w") as f:
+            json.dump(result, f, indent=2)
+        log(f"wrote {cfg['json']}")
+
+
+def format_table(result):
+    short = {"attention": "attn", "layer_norm": "ln", "gelu": "gelu", "optimizer": "opt"}
+    head = ["mode", "backends", "median ms", "p10 ms", "p90 ms", "tokens/s", "MFU", "peak MiB",
+            f"vs {result['baseline']}"]
+    rows = []
+    for e in result["modes"]:
+        if "ms_median" not in e:
+            rows.append([e["mode"], e["status"] + ": " + (e["reason"] or "")[:70], "", "", "", "", "", "", ""])
+            continue
+        be = " ".join(f"{short.get(k, k)}={v}" for k, v in e["backends"].items())
+        mem = "-" if e.get("peak_mem_mb") is None else f"{e['peak_mem_mb']:.0f}"
+        rows.append([e["mode"], be, f"{e['ms_median']:.2f}", f"{e['ms_p10']:.2f}", f"{e['ms_p90']:.2f}",
+                     f"{e['tokens_per_s']:,.0f}", f"{100 * e['mfu']:.3g}%", mem, f"{e['ratio_to_baseline']:.2f}x"])
+    w = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
+    out = [line(head), line(["-" * n for n in w])] + [line(r) for r in rows]
+    if result.get("memory_method"):
+        out.append(f"peak memory: {result['memory_method']}")
+    out.append(f"MFU: {result.get('peak_flops_note')}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(argv)
+    if cfg["probe"]:
+        run_probe(cfg)
+        return None
+    return run(cfg, argv)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except LossMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
