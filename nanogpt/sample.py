@@ -51,7 +51,7 @@ def sample(c):
     model.eval().to(c["device"])
     if c["compile"]:
         model = torch.compile(model)
-    encode, decode = load_codec(data_dir if data_dir and os.path.exists(os.path.join(data_dir, "meta.pkl")) else None)
+    encode, decode = load_codec(data_dir)
     start = c["start"]
     if start.startswith("FILE:"):
         try:
@@ -61,8 +61,8 @@ def sample(c):
             raise UserError(f"cannot read prompt file {start[5:]!r}: {e.strerror}") from None
     try:
         ids = encode(start)
-    except KeyError as e:
-        raise UserError(f"the prompt has character {e.args[0]!r}, which is not in the model's vocabulary") from None
+    except ValueError as e:
+        raise UserError(f"--start: {e}") from None
     if not ids:
         raise UserError("the prompt encodes to no tokens; pass --start with some text")
     x = torch.tensor(ids, dtype=torch.long, device=c["device"])[None, ...]

@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# tiktoken's GPT-2 files, shipped beside the checkout (../shared): tests run offline
+_cache = ROOT.parent / "shared" / "data" / "tiktoken_cache"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
+
+# NANOGPT_TEST_DEVICE=cuda runs the device-aware tests on a GPU (the GPU suite sets it)
+DEVICE = os.environ.get("NANOGPT_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture
+def device():
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail("NANOGPT_TEST_DEVICE asks for CUDA but torch sees no GPU")
+    return DEVICE
