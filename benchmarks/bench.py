@@ -92,6 +92,7 @@ def defaults(device):
         mem_steps=3,
         learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95,
         seed=1337,
+        threads=0,                 # torch.set_num_threads when > 0 (CPU); 0 keeps torch's default
         probe="",                  # internal: run only the CPU memory probe of this mode
     )
 
@@ -268,6 +269,8 @@ def probe_memory_cpu(cfg, argv, name):
 
 
 def run_probe(cfg):
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
     name, sel, comp = parse_modes(cfg["probe"], cfg["kernels"])[0]
     batches = make_batches(cfg, cfg["device"])
     torch.manual_seed(cfg["seed"])
@@ -358,13 +361,16 @@ def run(cfg, argv=(), perturb=None, log=print):
         raise UserError("device=cuda but CUDA is not available; use --device=cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
     status = backend_status(device.type)
     modes = parse_modes(cfg["modes"], cfg["kernels"])
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/bench.py", *argv]),
         "device": device.type, "device_name": device_name(device) if device.type == "cuda" else cpu_model(),
-        "cpu_threads": torch.get_num_threads(),
+        "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "loadavg_before": _loadavg(),
         "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
         "config": {k: v for k, v in cfg.items() if k != "probe"},
         "backend_status": {k: (v or "available") for k, v in status.items()},
@@ -373,7 +379,7 @@ def run(cfg, argv=(), perturb=None, log=print):
         "memory_method": None, "profile": None,
     }
     log(f"bench: {result['device_name']} ({device.type}), torch {torch.__version__}, triton {result['triton']}, "
-        f"dtype {cfg['dtype']}")
+        f"dtype {cfg['dtype']}, {torch.get_num_threads()} threads, load average {result['loadavg_before']}")
     log(f"model: n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} "
         f"block_size={cfg['block_size']} batch_size={cfg['batch_size']} vocab_size={cfg['vocab_size']}")
     for name, why in status.items():
@@ -510,6 +516,7 @@ def run(cfg, argv=(), perturb=None, log=print):
     for e in timed:
         e["ratio_to_baseline"] = e["ms_median"] / entries[base]["ms_median"]
 
+    result["loadavg_after"] = _loadavg()
     log("")
     log(format_table(result))
 
@@ -523,6 +530,13 @@ def run(cfg, argv=(), perturb=None, log=print):
             result["profile"] = profile_mode(target, cfg)
     _write_json(cfg, result, log)
     return result
+
+
+def _loadavg():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
 
 
 def _triton_version():
