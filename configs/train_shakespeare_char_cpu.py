@@ -1,7 +1,7 @@
 # The CPU quick start: a smaller char-level GPT that trains in minutes on a laptop CPU.
 # nanogpt-prepare shakespeare_char && nanogpt-train configs/train_shakespeare_char_cpu.py
 
-exec(open(__file__.replace("_cpu.py", ".py")).read())  # start from the GPU settings
+exec(open(__file__.replace("_cpu.py", ".py")).read())  # start from the GPU settings, then shrink
 
 device = "cpu"
 dtype = "float32"
