@@ -10,10 +10,16 @@ Layout of an out_dir:
 Every file is written to a temporary name in the same directory, fsynced and
 renamed into place; the pointer files (latest.json, best.json) are replaced
 last. A crash or kill -9 at any moment leaves the previous pointers and the
-files they name intact. Files no pointer names are deleted after a save.
+files they name intact. Files no pointer names (and temp files a killed
+process left behind) are deleted after a save.
+
+Also here: the trainer's other run-state helpers (metrics log trimming on
+resume, stop-on-signal) and its test hooks (NANOGPT_TEST_* environment
+variables, inert unless set).
 """
 import json
 import os
+import signal
 import time
 
 import torch
@@ -88,9 +94,13 @@ def _collect_garbage(out_dir):
         if entry:
             keep.update(os.path.basename(entry[k]) for k in ("model", "state"))
     ckpt_dir = os.path.join(out_dir, "checkpoints")
+    mine = f".tmp{os.getpid()}"
     for name in os.listdir(ckpt_dir):
-        if name not in keep and ".tmp" not in name:
-            os.remove(os.path.join(ckpt_dir, name))
+        if name not in keep and not name.endswith(mine):  # another pid's temp file: a killed save
+            try:
+                os.remove(os.path.join(ckpt_dir, name))
+            except FileNotFoundError:
+                pass
 
 
 def exists(out_dir):
@@ -103,8 +113,9 @@ def _load_file(path):
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing; restore it or start with init_from=scratch") from None
     except Exception as e:  # truncated zip, bad pickle, ...
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({type(e).__name__}); "
-                              "resume from best.json instead (copy it over latest.json) or init_from=scratch") from None
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else ''}); restore it, point latest.json at "
+                              "another checkpoint (e.g. copy best.json over it), or start over in a new out_dir") from None
 
 
 def load(out_dir, which="latest", with_state=True):
@@ -113,9 +124,41 @@ def load(out_dir, which="latest", with_state=True):
     if entry is None:
         raise CheckpointError(f"no checkpoint in {out_dir} ({which}.json not found); "
                               "train first, or check --out_dir")
+    if not isinstance(entry, dict) or not {"model", "state"} <= set(entry):
+        raise CheckpointError(f"{os.path.join(out_dir, which + '.json')} is corrupt (no model/state entries); "
+                              f"delete it to start over, or point it at a file in {out_dir}/checkpoints")
     model_payload = _load_file(os.path.join(out_dir, entry["model"]))
     state_payload = _load_file(os.path.join(out_dir, entry["state"])) if with_state else None
+    for path, payload, keys in ((entry["model"], model_payload, ("model", "model_args")),
+                                (entry["state"], state_payload, ("optimizer", "iter_num", "ranks"))):
+        if payload is not None and not (isinstance(payload, dict) and set(keys) <= set(payload)):
+            raise CheckpointError(f"checkpoint file {os.path.join(out_dir, path)} is not a nanogpt checkpoint "
+                                  "(missing keys); restore it or start over in a new out_dir")
     return model_payload, state_payload
+
+
+def load_pretrained(name_or_path, block_size, override_args):
+    """GPT.from_pretrained cropped to block_size; a one-line error when it can't be loaded or is too short."""
+    from nanogpt.model import GPT
+    try:
+        from transformers import GPT2Config
+        n_positions = GPT2Config.from_pretrained(name_or_path).n_positions  # the config only: no weights yet
+    except ImportError:
+        raise CheckpointError(f"init_from={name_or_path} needs the transformers package: pip install transformers") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the pretrained model {name_or_path!r} "
+                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); check the name "
+                              "or directory, and the network or the Hugging Face cache") from None
+    if block_size > n_positions:
+        raise CheckpointError(f"block_size={block_size} is larger than {name_or_path}'s {n_positions}; "
+                              f"use --block_size={n_positions} or less")
+    try:
+        model = GPT.from_pretrained(name_or_path, override_args)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the pretrained model {name_or_path!r} ({str(e).strip().splitlines()[0]}); "
+                              "check the name or directory, and the network or the Hugging Face cache") from None
+    model.crop_block_size(block_size)
+    return model
 
 
 def clean_state_dict(state_dict):
@@ -138,3 +181,80 @@ def load_model_state(model, state_dict, source):
     if extra:
         raise CheckpointError(f"{source}: unexpected key {extra[0]!r}; the checkpoint is from a different model")
     model.load_state_dict(state_dict)
+
+
+# ---------------------------------------------------------------- run state
+
+def trim_log(path, iter_num):
+    """Drop the records of iterations >= iter_num from a JSON-lines log (atomically), so that after a
+    resume from iter_num the log reads as if the run had never stopped."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["iter"] < iter_num:
+                keep.append(line if line.endswith(b"\n") else line + b"\n")
+        except (ValueError, KeyError, TypeError):  # a line torn by a crash: drop it
+            pass
+    if len(keep) != len(lines):
+        _atomic_write(path, lambda f: f.write(b"".join(keep)))
+
+
+class StopOnSignal:
+    """SIGTERM/SIGINT (preemption, Ctrl-C) set `.signal` instead of killing the process, so the trainer
+    can save at the next step boundary and exit 0. A second one of the same signal kills as usual."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame):
+        if self.signal == signum:  # asked twice: stop now (checkpoints are atomic, nothing is torn)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signal = signum
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step",
+              flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------- test hooks (inert unless set)
+
+def _iters(spec):
+    """'5' -> {5}; '5:8' -> 5..7; '5:' -> 5 onwards."""
+    lo, colon, hi = spec.partition(":")
+    if not colon:
+        return lambda it: it == int(lo)
+    return lambda it: it >= int(lo) and (not hi or it < int(hi))
+
+
+def inject_faults(iter_num, rank):
+    """Fault injection for the reliability tests, called once per training step; returns True when this
+    step's loss should be made NaN.
+
+    NANOGPT_TEST_NAN_AT=A[:B]   the loss of iterations A..B-1 (A onwards if B is empty) is NaN
+    NANOGPT_TEST_OOM_AT=I       iteration I raises torch.OutOfMemoryError
+    NANOGPT_TEST_DIE_AT=I[@R]   rank R (default 1, or 0 when single-process) calls os._exit(1) at iteration I,
+                                only on torchrun's first attempt (TORCHELASTIC_RESTART_COUNT unset or 0)
+    (NANOGPT_TEST_PAUSE_IN_SAVE=I, in save(): pause inside the save of iteration I's checkpoint.)
+    """
+    env = os.environ
+    die = env.get("NANOGPT_TEST_DIE_AT")
+    if die and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        at, _, who = die.partition("@")
+        who = int(who) if who else min(1, int(env.get("WORLD_SIZE", 1)) - 1)
+        if int(at) == iter_num and who == rank:
+            print(f"NANOGPT_TEST_DIE_AT: rank {rank} dies at iter {iter_num}", flush=True)
+            os._exit(1)
+    oom = env.get("NANOGPT_TEST_OOM_AT")
+    if oom and int(oom) == iter_num:
+        raise torch.OutOfMemoryError("NANOGPT_TEST_OOM_AT: simulated out of memory")
+    nan = env.get("NANOGPT_TEST_NAN_AT")
+    return bool(nan) and _iters(nan)(iter_num)

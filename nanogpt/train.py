@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -96,7 +95,8 @@ def get_lr(it, c):
     return c["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c["learning_rate"] - c["min_lr"])
 
 
-def check_config(c):
+def check_config(c, world):
+    """Refuse bad settings before anything is loaded or written."""
     if c["init_from"] not in ("scratch", "resume", "auto", *PRETRAINED) and not os.path.isdir(c["init_from"]):
         raise UserError(f"unknown init_from {c['init_from']!r}; use scratch, resume, auto, "
                         f"{', '.join(PRETRAINED)} or a Hugging Face model directory")
@@ -104,9 +104,19 @@ def check_config(c):
         raise UserError(f"unknown dtype {c['dtype']!r}; use float32, bfloat16 or float16")
     if c["device"].startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={c['device']} but CUDA is not available; pass --device=cpu")
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval"):
+    if c["sampler"] not in ("random", "epoch"):
+        raise UserError(f"unknown sampler {c['sampler']!r}; use random or epoch")
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval",
+                "log_interval", "max_skips"):
         if c[key] < 1:
             raise UserError(f"{key} must be >= 1, got {c[key]}")
+    if c["gradient_accumulation_steps"] % world:
+        raise UserError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} is not divisible by "
+                        f"the world size {world}; make it a multiple of {world}")
+    ops.resolve(c["kernels"], "cuda" if "cuda" in c["device"] else c["device"])  # unknown or unusable kernels
+    if c["init_from"] == "scratch" and not c["eval_only"] and checkpoint.exists(c["out_dir"]):
+        raise UserError(f"{c['out_dir']} already holds a checkpoint; pass --init_from=resume (or auto) to continue "
+                        "it, or a new --out_dir to start over")
 
 
 def rng_state():
@@ -123,32 +133,27 @@ def set_rng_state(s):
 
 
 def train(c):
-    check_config(c)
     # ------------------------------------------------------------ distributed setup
     ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    check_config(c, world)
+    device = c["device"]
     if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if c["device"].startswith("cuda"):
-            c["device"] = f"cuda:{local_rank}"
-            torch.cuda.set_device(c["device"])
-        dist.init_process_group(backend=c["backend"] if c["device"].startswith("cuda") else "gloo")
-        if c["gradient_accumulation_steps"] % world:
-            raise UserError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} is not divisible by "
-                            f"the world size {world}; make it a multiple of {world}")
-        c["gradient_accumulation_steps"] //= world
-    else:
-        rank, world = 0, 1
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=c["backend"] if device.startswith("cuda") else "gloo")
     master = rank == 0
-    device_type = "cuda" if "cuda" in c["device"] else c["device"]
-    gas, B, T = c["gradient_accumulation_steps"], c["batch_size"], c["block_size"]
+    device_type = "cuda" if "cuda" in device else device
+    gas, B, T = c["gradient_accumulation_steps"] // world, c["batch_size"], c["block_size"]
     tokens_per_iter = gas * world * B * T
     if master:
-        os.makedirs(c["out_dir"], exist_ok=True)
         print(f"tokens per iteration: {tokens_per_iter:,} ({world} ranks x {gas} micro-steps x {B} x {T})")
     random.seed(c["seed"] + rank)
     np.random.seed(c["seed"] + rank)
     torch.manual_seed(c["seed"] + rank)
     if c["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -174,36 +179,31 @@ def train(c):
         mp, state = checkpoint.load(c["out_dir"])
         margs = mp["model_args"]
         for k in MODEL_KEYS:
-            if k != "vocab_size" and k != "dropout" and margs[k] != c[k]:
+            if k not in ("vocab_size", "dropout") and k in margs and margs[k] != c[k]:
                 raise UserError(f"the checkpoint in {c['out_dir']} has {k}={margs[k]!r} but the config says "
                                 f"{c[k]!r}; pass --{k}={margs[k]!r} (the run's config) or use a new out_dir")
         model = GPT(GPTConfig(**margs, kernels=c["kernels"]), device_type)
         checkpoint.load_model_state(model, mp["model"], c["out_dir"])
     else:
-        model = GPT.from_pretrained(init_from, dict(dropout=c["dropout"], kernels=c["kernels"]))
-        if T > model.config.block_size:
-            raise UserError(f"block_size={T} is larger than {init_from}'s {model.config.block_size}; "
-                            f"use --block_size={model.config.block_size} or less")
-        model.crop_block_size(T)
+        model = checkpoint.load_pretrained(init_from, T, dict(dropout=c["dropout"], kernels=c["kernels"]))
     margs = {k: getattr(model.config, k) for k in MODEL_KEYS}
     if master:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {margs}")
         print(f"kernels ({device_type}): {ops.describe(model.backends, device_type)}")
-    model.to(c["device"])
-    batcher = Batcher(data_dir, c["dataset"], T, B, margs["vocab_size"], c["device"], c["sampler"],
-                      c["seed"], rank, world)
+    model.to(device)
+    batcher = Batcher(data_dir, c["dataset"], T, B, margs["vocab_size"], device, c["sampler"], c["seed"], rank, world)
 
     scaler = torch.amp.GradScaler(device_type, enabled=(c["dtype"] == "float16"))
     optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
                                            device_type, grad_clip=c["grad_clip"])
-    iter_num, best_val_loss = 0, 1e9
+    iter_num, best_val_loss, skipped = 0, 1e9, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
         if len(state["ranks"]) != world:
             raise UserError(f"the checkpoint was written by {len(state['ranks'])} ranks, this run has {world}; "
                             "resume with the same number of ranks")
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        iter_num, best_val_loss, skipped = state["iter_num"], state["best_val_loss"], state.get("skipped", 0)
         set_rng_state(state["ranks"][rank]["rng"])
         batcher.load_state_dict(state["ranks"][rank]["batcher"])
         if master:
@@ -221,7 +221,7 @@ def train(c):
         model.eval()
         for split in ("train", "val"):
             gen = torch.Generator().manual_seed(c["seed"] + 1)
-            losses = torch.zeros(c["eval_iters"], device=c["device"])
+            losses = torch.zeros(c["eval_iters"], device=device)
             for k in range(c["eval_iters"]):
                 X, Y = batcher.get_batch(split, gen)
                 with ctx:
@@ -242,21 +242,21 @@ def train(c):
         if master:
             model_payload = {"model": raw_model.state_dict(), "model_args": margs, "iter_num": iter_num, "config": c}
             state_payload = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
-                             "iter_num": iter_num, "best_val_loss": best_val_loss, "ranks": ranks}
+                             "iter_num": iter_num, "best_val_loss": best_val_loss, "skipped": skipped, "ranks": ranks}
             checkpoint.save(c["out_dir"], iter_num, model_payload, state_payload, best=best)
             print(f"saved checkpoint at iter {iter_num} to {c['out_dir']}{' (best)' if best else ''}")
         if ddp:
             dist.barrier()
 
-    # SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, save, exit 0
-    stop = {"signal": None}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
-
     if c["wandb_log"] and master:
         import wandb
         wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c)
-    metrics = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a") if master else None
+    metrics = None
+    if master:  # everything is checked: from here on the run writes to out_dir
+        os.makedirs(c["out_dir"], exist_ok=True)
+        if state is not None and not c["eval_only"]:  # the log continues where the checkpoint left off
+            checkpoint.trim_log(os.path.join(c["out_dir"], "metrics.jsonl"), iter_num)
+        metrics = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a")
 
     def log(record):
         if master:
@@ -269,15 +269,16 @@ def train(c):
     batch_state = batcher.state_dict()  # the sampler as it was before fetching the batch in hand
     X, Y = batcher.get_batch("train")
     t0 = time.time()
-    local_iter, running_mfu, skipped, consecutive = 0, -1.0, 0, 0
+    local_iter, running_mfu, consecutive = 0, -1.0, 0
+    stop = checkpoint.StopOnSignal()  # SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, save, exit 0
     while True:
         lr = get_lr(iter_num, c) if c["decay_lr"] else c["learning_rate"]
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        stopping = stop["signal"] is not None
+        stopping = stop.signal is not None
         if ddp:  # every rank stops at the same step
-            flag = torch.tensor([float(stopping)], device=c["device"])
+            flag = torch.tensor([float(stopping)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stopping = bool(flag.item())
         if stopping:
@@ -299,36 +300,44 @@ def train(c):
         if c["eval_only"]:
             break
 
-        try:
-            for micro_step in range(gas):
-                if ddp:  # sync gradients on the last micro-step only
-                    model.require_backward_grad_sync = micro_step == gas - 1
-                with ctx:
-                    _, loss = model(X, Y)
-                    loss = loss / gas
-                batch_state = batcher.state_dict()
-                X, Y = batcher.get_batch("train")  # prefetch while the GPU works
-                scaler.scale(loss).backward()
-            grad_norm = scaler.step(optimizer)  # unscales, clips inside, skips non-finite steps
+        poison = checkpoint.inject_faults(iter_num, rank)  # test hooks, inert unless NANOGPT_TEST_* is set
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(gas):
+            if ddp:  # sync gradients on the last micro-step only
+                model.require_backward_grad_sync = micro_step == gas - 1
+            with ctx:
+                _, loss = model(X, Y)
+                loss = loss / gas
+                if poison:
+                    loss = loss * float("nan")
+            loss_sum += loss.detach()
+            batch_state = batcher.state_dict()
+            X, Y = batcher.get_batch("train")  # prefetch while the GPU works
+            scaler.scale(loss).backward()
+        # a non-finite loss or gradient norm skips the update (the optimizer and GradScaler skip
+        # non-finite gradients themselves); all ranks decide alike
+        finite = torch.isfinite(loss_sum).float()
+        if ddp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        grad_norm = None
+        if finite.item():
+            grad_norm = scaler.step(optimizer)  # unscales, clips inside; None or non-finite: skipped
             scaler.update()
-        except torch.OutOfMemoryError:
-            raise UserError(f"out of memory with batch_size={B}, block_size={T}: lower batch_size (and raise "
-                            "gradient_accumulation_steps to keep tokens per step) or block_size") from None
         optimizer.zero_grad(set_to_none=True)
         if grad_norm is None or not torch.isfinite(grad_norm):
             skipped += 1
             consecutive += 1
             if consecutive >= c["max_skips"]:
                 raise TrainingError(f"{consecutive} consecutive steps had a non-finite loss or gradient (at iter "
-                                    f"{iter_num}); lower learning_rate or use bfloat16. The last good checkpoint "
-                                    f"in {c['out_dir']} is intact")
+                                    f"{iter_num}); lower learning_rate, raise warmup_iters or use bfloat16. The "
+                                    f"last good checkpoint in {c['out_dir']} is intact")
         else:
             consecutive = 0
 
         t1 = time.time()
         dt, t0 = t1 - t0, t1
         if iter_num % c["log_interval"] == 0 and master:
-            lossf = loss.item() * gas  # a sync point; the scaled-down micro-step loss, scaled back
+            lossf = loss_sum.item()  # a sync point: the mean loss over the micro-steps
             record = {"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt,
                       "grad_norm": None if grad_norm is None else grad_norm.item(), "skipped": skipped, "mfu": None}
             line = f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s"
@@ -346,6 +355,7 @@ def train(c):
         if iter_num > c["max_iters"]:
             break
 
+    stop.restore()
     if metrics:
         metrics.close()
     if ddp:
@@ -354,7 +364,12 @@ def train(c):
 
 def _main(argv):
     c = configure(DEFAULTS, sys.argv[1:] if argv is None else argv)
-    train(c)
+    try:
+        train(c)
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of memory with batch_size={c['batch_size']} x block_size={c['block_size']} per "
+                        "micro-step: lower batch_size (and raise gradient_accumulation_steps to keep the tokens per "
+                        "iteration) or block_size; nothing was saved after the last checkpoint") from None
 
 
 def main(argv=None):
