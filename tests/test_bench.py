@@ -1,0 +1,119 @@
+"""The benchmark tools in benchmarks/ (CPU, tiny shapes): bench.py, plot.py, kernel_roofline.py."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+        "--vocab_size=65", "--warmup=1", "--iters=3"]
+MODE_FIELDS = {"mode", "kernels", "compile", "status", "backends", "first_loss", "first_grad_norm", "n", "ms_median",
+               "ms_p10", "ms_p90", "tokens_per_s", "mfu", "peak_mem_mb", "ratio_to_baseline"}
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("bench")
+
+
+@pytest.fixture(scope="module")
+def tiny_result(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "result.json"
+    argv = TINY + ["--modes=torch,torch+compile,auto", "--memory=False", f"--json={out}"]
+    bench.main(argv)
+    return json.loads(out.read_text()), out
+
+
+def test_bench_writes_json_and_losses_agree(tiny_result):
+    res, _ = tiny_result
+    assert res["check"]["ok"] and res["check"]["mismatched"] == []
+    assert res["baseline"] == "torch+compile"
+    assert [m["mode"] for m in res["modes"]] == ["torch", "torch+compile", "auto"]
+    for m in res["modes"]:
+        assert MODE_FIELDS <= set(m), MODE_FIELDS - set(m)
+        assert m["status"] == "ok" and m["n"] == 3
+        assert m["ms_p10"] <= m["ms_median"] <= m["ms_p90"]
+        assert m["tokens_per_s"] > 0 and m["mfu"] > 0 and math.isfinite(m["first_loss"])
+        assert set(m["backends"]) == {"attention", "layer_norm", "gelu", "optimizer"}
+    by = {m["mode"]: m for m in res["modes"]}
+    assert by["torch+compile"]["ratio_to_baseline"] == 1.0
+    assert set(by["torch"]["backends"].values()) == {"torch"}
+    losses = res["check"]["losses"]
+    assert abs(losses["torch"] - losses["auto"]) <= 1e-4 * losses["torch"]
+    for key in ("device", "device_name", "torch", "config", "date", "tokens_per_iter", "backend_status"):
+        assert key in res
+
+
+def test_bench_fails_loudly_when_modes_disagree(bench, tmp_path):
+    out = tmp_path / "bad.json"
+    cfg = bench.load_config(TINY + ["--modes=torch,auto", "--memory=False", f"--json={out}"])
+    with pytest.raises(bench.LossMismatch, match="disagree"):
+        bench.run(cfg, perturb={"auto": 4242}, log=lambda *a: None)
+    res = json.loads(out.read_text())
+    assert res["check"]["ok"] is False and res["check"]["mismatched"] == ["auto"]
+
+
+def test_bench_skips_unavailable_backend_and_measures_memory(bench, monkeypatch):
+    real = bench.ops._backend
+    monkeypatch.setattr(bench.ops, "_backend",
+                        lambda name, dev: (None, "not built in this test") if name == "ext" else real(name, dev))
+    cfg = bench.load_config(TINY + ["--modes=torch,ext,auto", "--iters=2", "--threads=1"])
+    lines = []
+    res = bench.run(cfg, argv=TINY + ["--modes=torch", "--threads=1"], log=lines.append)
+    by = {m["mode"]: m for m in res["modes"]}
+    assert by["ext"]["status"] == "skipped" and "not built in this test" in by["ext"]["reason"]
+    assert any("mode ext: skipped" in line for line in lines)
+    assert by["auto"]["status"] == "ok" and "ext" not in by["auto"]["backends"].values()
+    assert res["baseline"] == "torch"  # no torch+compile mode: the first timed mode
+    # CPU memory: one fresh subprocess per mode, peak-RSS growth in MiB
+    assert by["torch"]["peak_mem_mb"] is not None and by["torch"]["peak_mem_mb"] >= 0, by["torch"]
+    assert "subprocess" in res["memory_method"]
+
+
+def test_bench_rejects_bad_mode(bench):
+    with pytest.raises(bench.UserError, match="mode"):
+        bench.parse_modes("torch+fast", "auto")
+
+
+def test_plot_bench_and_loss(tiny_result, tmp_path):
+    plot = _load("plot")
+    _, result_json = tiny_result
+    png = tmp_path / "modes.png"
+    plot.main(["bench", str(result_json), "-o", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    with metrics.open("w") as f:
+        for i in range(50):
+            f.write(json.dumps({"iter": i, "loss": 4.0 * math.exp(-i / 20) + 1, "lr": 1e-3, "ms": 10.0,
+                                "tokens_per_s": 1e4, "mfu": 0.01}) + "\n")
+            if i % 10 == 0:
+                f.write(json.dumps({"iter": i, "train_loss": 4.0 * math.exp(-i / 20) + 1,
+                                    "val_loss": 4.1 * math.exp(-i / 20) + 1.1}) + "\n")
+    png2 = tmp_path / "loss.png"
+    plot.main(["loss", str(metrics), "-o", str(png2)])
+    assert png2.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kernel_roofline_cpu(tmp_path):
+    roof = _load("kernel_roofline")
+    out = tmp_path / "roof.json"
+    res = roof.main(["--device=cpu", "--preset=tiny", "--rep_ms=2", "--compile_ref=False", f"--json={out}"])
+    assert json.loads(out.read_text())["ceilings"]["copy_GBps"] > 0
+    assert res["ceilings"]["matmul_TFLOPs"] > 0
+    rows = [r for r in res["rows"] if r["backend"] == "torch"]
+    assert {(r["op"], r["pass"]) for r in rows} == {
+        (op, p) for op in ("layer_norm", "bias_gelu", "attention") for p in ("fwd", "bwd", "full")} | {("adamw", "step")}
+    for r in res["rows"]:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["frac_of_ceiling"] > 0 and r["speedup_vs_torch"] > 0
