@@ -132,6 +132,20 @@ def set_rng_state(s):
         torch.cuda.set_rng_state(s["cuda"])
 
 
+def init_process_group(backend, rank, world):
+    """dist.init_process_group, but with a fresh key space in the rendezvous store for every torchrun attempt.
+    torchrun (2.4+) reuses its agent's TCPStore across --max-restarts restarts, so a restarted rank could read
+    the dead attempt's addresses (gloo: "Connection refused"; NCCL: a stale unique id) and fail again."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return dist.init_process_group(backend=backend)
+    from datetime import timedelta
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=30))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"nanogpt/attempt_{attempt}", store),
+                            rank=rank, world_size=world)
+
+
 def train(c):
     # ------------------------------------------------------------ distributed setup
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -142,7 +156,7 @@ def train(c):
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=c["backend"] if device.startswith("cuda") else "gloo")
+        init_process_group(c["backend"] if device.startswith("cuda") else "gloo", rank, world)
     master = rank == 0
     device_type = "cuda" if "cuda" in device else device
     gas, B, T = c["gradient_accumulation_steps"] // world, c["batch_size"], c["block_size"]
