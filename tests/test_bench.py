@@ -117,3 +117,26 @@ def test_kernel_roofline_cpu(tmp_path):
     for r in res["rows"]:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["frac_of_ceiling"] > 0 and r["speedup_vs_torch"] > 0
+
+
+def test_suite_report_from_partial_run(tiny_result, tmp_path):
+    rep = _load("suite_report")
+    run = tmp_path / "logs"
+    run.mkdir()
+    (run / "stages.jsonl").write_text(
+        json.dumps({"stage": "bench", "cmd": "python benchmarks/bench.py", "rc": 0, "status": "ok", "seconds": 1.0,
+                    "log": "bench.log"}) + "\n"
+        + json.dumps({"stage": "tests", "cmd": "pytest tests", "rc": 1, "status": "failed", "seconds": 2.0,
+                      "log": "tests.log"}) + "\n")
+    (run / "tests.log").write_text("E   boom\n1 failed, 3 passed\n")
+    (run / "bench.json").write_text(tiny_result[1].read_text())
+    (run / "pytest.xml").write_text(
+        '<testsuites><testsuite tests="4" failures="1" errors="0" skipped="0" time="2.5">'
+        '<testcase classname="tests.test_x" name="test_a"><failure message="boom"/></testcase>'
+        '</testsuite></testsuites>')
+    rep.main(["report", f"--run={run}", f"--out={tmp_path / 'res'}", "--gpu=TestGPU", "--total_s=3"])
+    md = (tmp_path / "res.md").read_text()
+    assert "3 passed, 1 failed" in md and "tests.test_x::test_a" in md and "torch+compile" in md
+    assert "no result (see the roofline stage log)" in md and "E   boom" in md
+    data = json.loads((tmp_path / "res.json").read_text())
+    assert data["tests"]["passed"] == 3 and data["bench"]["check"]["ok"]

@@ -1,0 +1,235 @@
+"""Helpers of benchmarks/gpu_suite.sh: environment and backend probes, and the final report.
+
+    python benchmarks/suite_report.py env --run=DIR        # DIR/env.json: versions, device
+    python benchmarks/suite_report.py backends --run=DIR   # DIR/backends.json: which backends run on cuda
+    python benchmarks/suite_report.py report --run=DIR --out=benchmarks/results/NAME [--gpu=...] [--total_s=...]
+        # NAME.json and NAME.md from DIR/{stages.jsonl,env.json,backends.json,pytest.xml,roofline.json,
+        #                                   bench.json,kernels.json} (whatever the stages left)
+
+Works on any partial run: a missing stage output is reported as missing, never fatal.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import xml.etree.ElementTree as ET
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def cmd_env(run):
+    import torch
+    cuda = torch.cuda.is_available()
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(0) if cuda else None,
+            "capability": list(torch.cuda.get_device_capability(0)) if cuda else None,
+            "sm_count": torch.cuda.get_device_properties(0).multi_processor_count if cuda else None,
+            "memory_GiB": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
+            "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        info["triton"] = None
+    print(json.dumps(info, indent=1))
+    with open(os.path.join(run, "env.json"), "w") as f:
+        json.dump(info, f, indent=1)
+
+
+def cmd_backends(run):
+    from nanogpt import ops
+    status = {b: (ops._backend(b, "cuda")[1] or "available") for b in ops.BACKENDS}
+    try:
+        auto = ops.resolve("auto", "cuda")
+    except Exception as e:  # noqa: BLE001
+        auto = f"{type(e).__name__}: {e}"
+    out = {"status": status, "auto": auto}
+    print(json.dumps(out, indent=1))
+    with open(os.path.join(run, "backends.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def parse_junit(path):
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    out = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "time_s": 0.0, "failed": []}
+    for s in suites:
+        for k in ("tests", "failures", "errors", "skipped"):
+            out[k] += int(s.get(k, 0))
+        out["time_s"] += float(s.get("time", 0.0))
+        for case in s.iter("testcase"):
+            bad = case.find("failure")
+            if bad is None:
+                bad = case.find("error")
+            if bad is not None:
+                out["failed"].append({"test": f"{case.get('classname')}::{case.get('name')}",
+                                      "message": (bad.get("message") or "")[:300]})
+    out["passed"] = out["tests"] - out["failures"] - out["errors"] - out["skipped"]
+    return out
+
+
+def _tail(path, n=15):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _f(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
+
+def build_report(run, gpu=None, total_s=None):
+    stages = []
+    try:
+        with open(os.path.join(run, "stages.jsonl")) as f:
+            stages = [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        pass
+    return {
+        "name": os.path.basename(os.path.normpath(run)),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": gpu, "total_s": total_s, "command": "bash benchmarks/gpu_suite.sh",
+        "env": _read_json(os.path.join(run, "env.json")),
+        "stages": stages,
+        "backends": _read_json(os.path.join(run, "backends.json")),
+        "tests": parse_junit(os.path.join(run, "pytest.xml")),
+        "roofline": _read_json(os.path.join(run, "roofline.json")),
+        "bench": _read_json(os.path.join(run, "bench.json")),
+        "kernels_regression": _read_json(os.path.join(run, "kernels.json")),
+        "logs": run,
+    }
+
+
+def markdown(rep, run):
+    env = rep["env"] or {}
+    L = [f"# GPU suite: {rep['gpu'] or env.get('device')}, {rep['date'][:10]}", ""]
+    L += [f"- device: {env.get('device')} (sm {env.get('capability')}, {env.get('sm_count')} SMs, "
+          f"{env.get('memory_GiB')} GiB)",
+          f"- torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}, "
+          f"python {env.get('python')}",
+          f"- date (UTC): {rep['date']}; suite time {rep['total_s']} s; command `{rep['command']}`",
+          f"- stage logs: `{run}`", ""]
+    L += ["## Stages", "", "| stage | status | rc | seconds | command |", "|---|---|---|---|---|"]
+    for s in rep["stages"]:
+        L.append(f"| {s['stage']} | {s['status']} | {s.get('rc')} | {s.get('seconds')} | `{s['cmd'][:160]}` |")
+    L.append("")
+    t = rep["tests"]
+    L += ["## Tests (`NANOGPT_TEST_DEVICE=cuda pytest tests -x -q`)", ""]
+    if t:
+        L.append(f"{t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped "
+                 f"({t['tests']} collected before `-x` stopped, {t['time_s']:.0f} s)")
+        for f in t["failed"][:20]:
+            L.append(f"- FAILED `{f['test']}`: {f['message']}")
+    else:
+        L.append("no JUnit XML: the tests stage did not finish (see its log)")
+    L.append("")
+    b = rep["backends"]
+    if b:
+        L += ["## Backends on cuda", ""]
+        L += [f"- {k}: {v}" for k, v in b["status"].items()]
+        L += [f"- auto resolves to: {b['auto']}", ""]
+    r = rep["roofline"]
+    L += ["## Kernels (`benchmarks/kernel_roofline.py --device=cuda`)", ""]
+    if r:
+        c = r["ceilings"]
+        L += [f"Ceilings: copy {c['copy_GBps']:.0f} GB/s ({c['copy_bytes'] / 2**30:.0f} GiB device-to-device, "
+              f"read + write), matmul {c['matmul_TFLOPs']:.1f} TFLOP/s ({c['matmul_dtype']} {c['matmul_n']}^3). "
+              f"Shapes: {r.get('shapes')}", "",
+              "| op | pass | backend | ms | achieved | % of ceiling | vs torch |", "|---|---|---|---|---|---|---|"]
+        for row in r["rows"]:
+            if "error" in row:
+                L.append(f"| {row['op']} | {row['pass']} | {row['backend']} | FAILED: {row['error'][:120]} | | | |")
+                continue
+            ach = f"{row['GBps']:.0f} GB/s" if "GBps" in row else f"{row['TFLOPs']:.1f} TFLOP/s"
+            L.append(f"| {row['op']} | {row['pass']} | {row['backend']} | {row['ms']:.3f} | {ach} | "
+                     f"{100 * row['frac_of_ceiling']:.0f}% of {row['ceiling']} | "
+                     f"{_f(row.get('speedup_vs_torch'), '.2f')}x |")
+        for k, v in (r.get("backends") or {}).items():
+            if v != "available":
+                L.append(f"\n{k}: not run: {v}")
+    else:
+        L.append("no result (see the roofline stage log)")
+    L.append("")
+    bench = rep["bench"]
+    L += ["## Training step (`benchmarks/bench.py`, GPT-2 124M, batch 12, block 1024, bf16)", ""]
+    if bench:
+        chk = bench.get("check") or {}
+        L.append(f"First-step loss check: {'ok' if chk.get('ok') else 'FAILED'} "
+                 f"(tolerance {chk.get('rel_tolerance')}, losses {chk.get('losses')})")
+        L += ["", f"| mode | backends | median ms | p10 | p90 | tokens/s | MFU | peak MiB | vs {bench.get('baseline')} |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for e in bench["modes"]:
+            if "ms_median" not in e:
+                L.append(f"| {e['mode']} | {e['status']}: {(e.get('reason') or '')[:150]} | | | | | | | |")
+                continue
+            be = ", ".join(f"{k}={v}" for k, v in e["backends"].items())
+            L.append(f"| {e['mode']} | {be} | {e['ms_median']:.1f} | {e['ms_p10']:.1f} | {e['ms_p90']:.1f} | "
+                     f"{e['tokens_per_s']:,.0f} | {100 * e['mfu']:.1f}% | {_f(e.get('peak_mem_mb'), '.0f')} | "
+                     f"{e['ratio_to_baseline']:.2f}x |")
+        L.append(f"\nPeak memory: {bench.get('memory_method')}. MFU against {bench.get('peak_flops', 0) / 1e12:.0f} "
+                 f"TFLOP/s (nanogpt.mfu).")
+    else:
+        L.append("no result (see the bench stage log)")
+    L.append("")
+    kr = rep["kernels_regression"]
+    if kr:
+        L += ["## Kernel regression (pytest-benchmark)", "", "| test | median ms |", "|---|---|"]
+        for bm in kr.get("benchmarks", []):
+            L.append(f"| {bm['name']} | {bm['stats']['median'] * 1e3:.3f} |")
+        L.append("")
+    bad = [s for s in rep["stages"] if s["status"] not in ("ok",)]
+    if bad:
+        L += ["## Stages that did not succeed", ""]
+        for s in bad:
+            if s["status"] == "skipped":
+                L += [f"### {s['stage']}: skipped ({s.get('reason')})", ""]
+                continue
+            L += [f"### {s['stage']}: {s['status']} (rc {s.get('rc')})", "", "```",
+                  _tail(os.path.join(run, s.get("log") or f"{s['stage']}.log")).rstrip(), "```", ""]
+    return "\n".join(L) + "\n"
+
+
+def cmd_report(run, out, gpu, total_s):
+    rep = build_report(run, gpu, total_s)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(rep, f, indent=2)
+    with open(out + ".md", "w") as f:
+        f.write(markdown(rep, run))
+    print(f"wrote {out}.json and {out}.md")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("env", "backends", "report"))
+    ap.add_argument("--run", required=True, help="the suite's stage-output directory")
+    ap.add_argument("--out", help="report path without extension")
+    ap.add_argument("--gpu")
+    ap.add_argument("--total_s", type=int)
+    a = ap.parse_args(argv)
+    os.makedirs(a.run, exist_ok=True)
+    if a.what == "env":
+        cmd_env(a.run)
+    elif a.what == "backends":
+        cmd_backends(a.run)
+    else:
+        if not a.out:
+            sys.exit("error: report needs --out=PATH (without extension)")
+        cmd_report(a.run, a.out, a.gpu, a.total_s)
+
+
+if __name__ == "__main__":
+    main()
