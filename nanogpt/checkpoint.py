@@ -107,6 +107,12 @@ def exists(out_dir):
     return os.path.exists(os.path.join(out_dir, "latest.json"))
 
 
+def latest_iter(out_dir):
+    """The iteration of out_dir's latest checkpoint (None if there is none)."""
+    entry = _read_pointer(out_dir, "latest")
+    return entry.get("iter") if isinstance(entry, dict) else None
+
+
 def _load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)

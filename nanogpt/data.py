@@ -35,11 +35,11 @@ class Batcher:
         if sampler not in ("random", "epoch"):
             raise DataError(f"sampler must be 'random' or 'epoch', got {sampler!r}")
         self.paths = {split: os.path.join(data_dir, f"{split}.bin") for split in ("train", "val")}
-        for split, path in self.paths.items():
-            n = os.path.getsize(path) // 2
-            if n < block_size + 1:
-                raise DataError(f"{path} holds {n} tokens, fewer than block_size+1 = {block_size + 1}; "
-                                f"use --block_size={max(1, n - 1)} or less, or prepare more data")
+        sizes = {split: os.path.getsize(path) // 2 for split, path in self.paths.items()}
+        short = min(sizes, key=sizes.get)
+        if sizes[short] < block_size + 1:
+            raise DataError(f"{self.paths[short]} holds {sizes[short]} tokens, fewer than block_size+1 = "
+                            f"{block_size + 1}; use --block_size={max(1, sizes[short] - 1)} or less, or prepare more data")
         data_vocab = manifest.get("vocab_size") if isinstance(manifest, dict) else None
         if isinstance(data_vocab, int) and data_vocab > vocab_size:
             raise DataError(f"{data_dir} was prepared with vocab_size {data_vocab} but the model has {vocab_size}; "

@@ -268,7 +268,7 @@ def train(c):
     metrics = None
     if master:  # everything is checked: from here on the run writes to out_dir
         os.makedirs(c["out_dir"], exist_ok=True)
-        if state is not None and not c["eval_only"]:  # the log continues where the checkpoint left off
+        if not c["eval_only"]:  # the log goes on from the checkpoint (a new run: from scratch)
             checkpoint.trim_log(os.path.join(c["out_dir"], "metrics.jsonl"), iter_num)
         metrics = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a")
 
@@ -342,9 +342,11 @@ def train(c):
             skipped += 1
             consecutive += 1
             if consecutive >= c["max_skips"]:
-                raise TrainingError(f"{consecutive} consecutive steps had a non-finite loss or gradient (at iter "
-                                    f"{iter_num}); lower learning_rate, raise warmup_iters or use bfloat16. The "
-                                    f"last good checkpoint in {c['out_dir']} is intact")
+                kept = (f"the last good checkpoint (iter {checkpoint.latest_iter(c['out_dir'])}) in {c['out_dir']} is "
+                        "intact" if checkpoint.exists(c["out_dir"]) else "no checkpoint was written")
+                raise TrainingError(f"{consecutive} consecutive steps had a non-finite loss or gradient (iters "
+                                    f"{iter_num - consecutive + 1}-{iter_num}): lower learning_rate or raise "
+                                    f"warmup_iters{' (or use bfloat16)' if c['dtype'] == 'float16' else ''}; {kept}")
         else:
             consecutive = 0
 

@@ -1,0 +1,460 @@
+"""Reliability of the trainer end to end (CPU, tiny model, subprocesses):
+
+- kill -9 in the middle of a checkpoint write leaves the previous checkpoint loadable, and resume works;
+- 40 iterations straight == 20 + resume + 20, bitwise (losses in metrics.jsonl and parameters);
+- SIGTERM/SIGINT: save at the next step boundary, exit 0, resume to the same result;
+- 2 gloo ranks under torchrun --max-restarts=1, one rank dies: the job restarts, resumes, ends as an
+  uninterrupted 2-rank run does;
+- non-finite losses skip the update and are counted; max_skips consecutive ones stop the run (exit 2)
+  with the last good checkpoint intact;
+- sampler=epoch: disjoint across ranks within an epoch, every window once per epoch;
+- bad input: one line `error: ...` on stderr, exit 2, no traceback, nothing written or lost.
+
+Faults are injected with the trainer's NANOGPT_TEST_* hooks (inert unless set; see checkpoint.inject_faults).
+"""
+import hashlib
+import json
+import os
+import pickle
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nanogpt import checkpoint
+from nanogpt.data import Batcher
+
+TIMEOUT = 300  # per subprocess: nothing here may hang the suite
+
+# the tiny deterministic run every test compares against; dropout > 0 and 2 micro-steps make the
+# RNG and sampler states matter on resume
+BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, compile=False,
+            device="cpu", dtype="float32", kernels="torch", dataset="shakespeare_char", log_interval=1,
+            eval_interval=10, gradient_accumulation_steps=2, dropout=0.1, deterministic=True,
+            learning_rate=1e-2, warmup_iters=5, lr_decay_iters=40, max_iters=40)
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NANOGPT_TEST_", "TORCHELASTIC_")) and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _args(default_data_dir, **over):
+    return [f"--{k}={v}" for k, v in (BASE | {"data_dir": default_data_dir} | over).items()]
+
+
+def train(wd, env=None, timeout=TIMEOUT, **over):
+    return subprocess.run([sys.executable, "-m", "nanogpt.train", *_args(wd.data, **over)], cwd=wd.path,
+                          env=_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(wd, env=None, nproc=2, max_restarts=1, **over):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max-restarts={max_restarts}", "-m", "nanogpt.train", *_args(wd.data, **over)]
+    return subprocess.run(cmd, cwd=wd.path, env=_env(**(env or {})), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+class Live:
+    """A trainer subprocess whose stdout is read line by line while it runs."""
+
+    def __init__(self, wd, env=None, **over):
+        self.proc = subprocess.Popen([sys.executable, "-m", "nanogpt.train", *_args(wd.data, **over)], cwd=wd.path,
+                                     env=_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines, self._q = [], queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self._q.put(line)
+        self._q.put(None)
+
+    def wait_for(self, text, timeout=TIMEOUT):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                line = self._q.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+            if text in line:
+                return line
+        self.proc.kill()
+        pytest.fail(f"never saw {text!r}; output:\n{''.join(self.lines)[-3000:]}\n{self.proc.stderr.read()[-3000:]}")
+
+    def finish(self, timeout=TIMEOUT):
+        rc = self.proc.wait(timeout=timeout)
+        while (line := self._q.get(timeout=timeout)) is not None:
+            self.lines.append(line)
+        return rc, "".join(self.lines), self.proc.stderr.read()
+
+
+def records(out_dir):
+    """metrics.jsonl without the timing fields."""
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in ("ms", "tokens_per_s")} for line in f]
+
+
+def params(out_dir, which="latest"):
+    return checkpoint.load(str(out_dir), which, with_state=False)[0]["model"]
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_same_run(out_dir, ref_dir):
+    assert records(out_dir) == records(ref_dir)
+    assert checkpoint.latest_iter(out_dir) == checkpoint.latest_iter(ref_dir)
+    assert_same_params(params(out_dir), params(ref_dir))
+
+
+def snapshot(d):
+    """{relative path: sha256} of every file under d (None if d does not exist)."""
+    d = Path(d)
+    if not d.exists():
+        return None
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+class Workdir:
+    def __init__(self, path):
+        self.path = path
+        self.data = str(path / "data" / "sc")
+
+
+@pytest.fixture(scope="module")
+def wd(tmp_path_factory):
+    path = tmp_path_factory.mktemp("reliability")
+    w = Workdir(path)
+    prep = subprocess.run([sys.executable, "-m", "nanogpt.prepare", "shakespeare_char", f"--data_dir={w.data}"],
+                          cwd=path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert prep.returncode == 0, prep.stderr
+    return w
+
+
+@pytest.fixture(scope="module")
+def ref(wd):
+    """The uninterrupted 40-iteration run."""
+    out = ok(train(wd, out_dir="ref")).stdout
+    assert "saved checkpoint at iter 40" in out
+    return wd.path / "ref"
+
+
+# ---------------------------------------------------------------- exact resume
+
+def test_resume_is_bitwise_exact(wd, ref):
+    ok(train(wd, out_dir="half", max_iters=20))
+    assert checkpoint.latest_iter(wd.path / "half") == 20
+    out = ok(train(wd, out_dir="half", init_from="resume")).stdout
+    assert "resuming from iter 20" in out
+    assert_same_run(wd.path / "half", ref)  # losses (metrics.jsonl, re-done iterations trimmed) and parameters
+
+    # what the checkpoint holds: weights apart from the optimizer state, RNG and sampler per rank, ...
+    model_payload, state = checkpoint.load(str(ref))
+    assert {"model", "model_args", "iter_num", "config"} <= set(model_payload)
+    assert {"optimizer", "scaler", "iter_num", "best_val_loss", "config", "skipped", "ranks"} <= set(state)
+    assert {"rng", "batcher"} <= set(state["ranks"][0]) and len(state["ranks"]) == 1
+    assert all(v.device.type == "cpu" for v in model_payload["model"].values())
+    # latest and best-val are both kept, nothing else
+    files = sorted(os.listdir(ref / "checkpoints"))
+    pointed = {os.path.basename(json.loads((ref / f"{w}.json").read_text())[k]) for w in ("latest", "best")
+               for k in ("model", "state")}
+    assert set(files) == pointed and all(f.endswith((".model.pt", ".state.pt")) for f in files)
+
+
+def test_load_strips_compile_prefix_and_names_bad_key(ref):
+    from nanogpt.model import GPT, GPTConfig
+    sd = params(ref)
+    margs = checkpoint.load(str(ref), with_state=False)[0]["model_args"]
+    model = GPT(GPTConfig(**margs, kernels="torch"), "cpu")
+    checkpoint.load_model_state(model, {"_orig_mod." + k: v for k, v in sd.items()}, "ref")
+    assert torch.equal(model.lm_head.weight, sd["lm_head.weight"])
+    wider = GPT(GPTConfig(**(margs | {"n_embd": 48}), kernels="torch"), "cpu")
+    with pytest.raises(checkpoint.CheckpointError, match=r"transformer\.wte\.weight has shape \(65, 32\)"):
+        checkpoint.load_model_state(wider, sd, "ref")
+
+
+# ---------------------------------------------------------------- crashes and signals
+
+def test_kill9_inside_checkpoint_write(wd, ref):
+    out = wd.path / "killed"
+    live = Live(wd, env={"NANOGPT_TEST_PAUSE_IN_SAVE": 20}, out_dir="killed")
+    live.wait_for("pausing inside save")
+    live.proc.kill()  # SIGKILL while iter 20's state file is half-way to its final name
+    live.finish()
+    assert any(".tmp" in f for f in os.listdir(out / "checkpoints"))  # the torn write is there...
+    model_payload, state = checkpoint.load(str(out))  # ...but the previous checkpoint is whole
+    assert model_payload["iter_num"] == state["iter_num"] == 10
+    res = ok(train(wd, out_dir="killed", init_from="resume")).stdout
+    assert "resuming from iter 10" in res
+    assert not any(".tmp" in f for f in os.listdir(out / "checkpoints"))  # the torn write is cleaned up
+    assert_same_run(out, ref)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_exits_0_and_resumes(wd, ref, sig):
+    name = f"sig{int(sig)}"
+    live = Live(wd, out_dir=name)
+    live.wait_for("iter 3:")
+    live.proc.send_signal(sig)
+    rc, stdout, stderr = live.finish()
+    assert rc == 0, stdout[-2000:] + stderr[-3000:]
+    stopped = int(stdout.split("stopped by signal at iter ")[1].split(";")[0])
+    assert 3 < stopped < 40 and f"saved checkpoint at iter {stopped}" in stdout
+    assert checkpoint.latest_iter(wd.path / name) == stopped
+    res = ok(train(wd, out_dir=name, init_from="resume")).stdout
+    assert f"resuming from iter {stopped}" in res
+    assert_same_run(wd.path / name, ref)
+
+
+# ---------------------------------------------------------------- DDP: a rank dies, torchrun restarts
+
+def test_ddp_rank_dies_torchrun_restarts_and_resumes(wd):
+    common = dict(sampler="epoch", init_from="auto", max_iters=20)
+    ok(torchrun(wd, out_dir="ddp-ref", **common))
+    proc = ok(torchrun(wd, env={"NANOGPT_TEST_DIE_AT": 15}, out_dir="ddp-died", **common))
+    assert "NANOGPT_TEST_DIE_AT: rank 1 dies at iter 15" in proc.stdout
+    assert "resuming from iter 10" in proc.stdout  # init_from=auto on the restart: no hand edit
+    assert_same_run(wd.path / "ddp-died", wd.path / "ddp-ref")
+    _, state = checkpoint.load(str(wd.path / "ddp-ref"))
+    assert len(state["ranks"]) == 2
+
+
+# ---------------------------------------------------------------- numerical faults
+
+def test_nonfinite_steps_are_skipped_and_counted(wd):
+    proc = ok(train(wd, env={"NANOGPT_TEST_NAN_AT": "5:8"}, out_dir="nan", max_iters=12))
+    steps = {r["iter"]: r for r in records(wd.path / "nan") if "loss" in r}
+    assert [steps[i]["grad_norm"] for i in (5, 6, 7)] == [None] * 3
+    assert [steps[i]["skipped"] for i in range(3, 13)] == [0, 0, 1, 2, 3, 3, 3, 3, 3, 3]
+    assert steps[8]["grad_norm"] is not None and "3 skipped steps" in proc.stdout
+    assert all(torch.isfinite(p).all() for p in params(wd.path / "nan").values())
+
+
+def test_max_skips_stops_with_error_and_last_checkpoint_intact(wd, ref):
+    out = wd.path / "nanstop"
+    proc = train(wd, env={"NANOGPT_TEST_NAN_AT": "12:"}, out_dir="nanstop", max_skips=3)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: 3 consecutive steps had a non-finite loss") and proc.stderr.count("\n") == 1
+    assert "iters 12-14" in proc.stderr and "the last good checkpoint (iter 10)" in proc.stderr
+    assert checkpoint.latest_iter(out) == 10
+    # intact: resuming from it without the fault ends exactly where the uninterrupted run does
+    ok(train(wd, out_dir="nanstop", init_from="resume"))
+    assert_same_run(out, ref)
+
+
+def test_huge_learning_rate_stops_cleanly(wd):
+    proc = train(wd, out_dir="hugelr", learning_rate=1e30, warmup_iters=0, max_skips=3, dropout=0.0)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert "non-finite loss or gradient" in proc.stderr and "no checkpoint was written" in proc.stderr
+
+
+# ---------------------------------------------------------------- sampler=epoch
+
+def _windows_dataset(d, n_windows, block):
+    """train.bin = 0, 1, 2, ...: a row's first token is its start offset."""
+    from nanogpt import prepare as P
+    d.mkdir()
+    n = n_windows * block + 1
+    files = {"train.bin": P._write_tokens(d / "train.bin", np.arange(n)),
+             "val.bin": P._write_tokens(d / "val.bin", np.arange(n))}
+    (d / P.MANIFEST).write_text(json.dumps({"format": 1, "vocab_size": n, "files": files}))
+    return str(d)
+
+
+def test_epoch_sampler_disjoint_ranks_full_coverage(tmp_path):
+    n_windows, block, B = 101, 4, 4  # 101 windows: global batches of 8 straddle epoch boundaries
+    data = _windows_dataset(tmp_path / "w", n_windows, block)
+    make = lambda rank, world, b: Batcher(data, "w", block, b, n_windows * block + 1, "cpu", "epoch", 7, rank, world)
+    ranks = [make(0, 2, B), make(1, 2, B)]
+    single = make(0, 1, 2 * B)
+    stream = []
+    for step in range(40):  # > 3 epochs
+        if step == 17:  # resume mid-epoch (the 2nd) from the sampler states, as a restarted run does
+            states = [b.state_dict() for b in ranks]
+            ranks = [make(r, 2, B) for r in (0, 1)]
+            for b, s in zip(ranks, states):
+                b.load_state_dict(s)
+        rows = [b.get_batch("train")[0][:, 0].tolist() for b in ranks]
+        assert not set(rows[0]) & set(rows[1])  # the ranks' rows are disjoint
+        assert single.get_batch("train")[0][:, 0].tolist() == rows[0] + rows[1]  # = one process, batch 2B
+        stream += rows[0] + rows[1]
+    epochs = [stream[i:i + n_windows] for i in range(0, len(stream) - n_windows + 1, n_windows)]
+    assert len(epochs) == 3
+    for e in epochs:  # without replacement: every window exactly once per epoch
+        assert sorted(e) == [w * block for w in range(n_windows)]
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
+# In-process (the CLI's own entry point, main(argv)), as starting a subprocess costs seconds; a few cases
+# run as real subprocesses too.
+
+def _one_line(err, code, *expect):
+    assert code == 2, err[-3000:]
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err[-3000:]
+    for text in expect:
+        assert text in err, err
+    return err
+
+
+def bad(wd, capsys, *expect, **over):
+    from nanogpt.train import main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(_args(wd.data, **(dict(deterministic=False) | over)))
+    return _one_line(capsys.readouterr().err, e.value.code, *expect)
+
+
+def bad_subprocess(proc, *expect):
+    return _one_line(proc.stderr, proc.returncode, *expect)
+
+
+def test_bad_dataset_missing_or_empty(wd, capsys, tmp_path):
+    nope = tmp_path / "nope"
+    bad(wd, capsys, f"{nope / 'train.bin'} not found: run `nanogpt-prepare shakespeare_char --data_dir {nope}` first",
+        data_dir=nope, out_dir=tmp_path / "o")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.bin").write_bytes(b"")
+    (empty / "val.bin").write_bytes(b"")
+    bad(wd, capsys, "is incomplete", f"nanogpt-prepare shakespeare_char --data_dir {empty}",
+        data_dir=empty, out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_block_size_larger_than_data(wd, capsys, tmp_path):
+    from nanogpt import prepare as P
+    (tmp_path / "short.txt").write_text("To be, or not to be, that is the question.\n" * 6)  # 258 chars
+    P.prepare("shakespeare_char", tmp_path / "short", input_file=tmp_path / "short.txt")
+    bad(wd, capsys, "val.bin holds 26 tokens, fewer than block_size+1 = 33", "use --block_size=25 or less",
+        data_dir=tmp_path / "short", out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_token_id_beyond_vocab(wd, capsys, tmp_path):
+    data = tmp_path / "oov"
+    shutil.copytree(wd.data, data)
+    ids = np.memmap(data / "train.bin", dtype=np.uint16, mode="r+")
+    ids[123_456] = 100  # the file keeps its size: the manifest still says "complete"
+    ids.flush()
+    del ids
+    bad(wd, capsys, "train.bin holds token id 100 >= the model's vocab_size 65", "re-prepare the data",
+        data_dir=data, out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_block_size_larger_than_pretrained(wd, capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hf = tmp_path / "tiny-gpt2"
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=65, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(hf)
+    bad(wd, capsys, "block_size=32 is larger than", "'s 16; use --block_size=16 or less", init_from=hf,
+        out_dir=tmp_path / "o")
+    (tmp_path / "not-a-model").mkdir()
+    bad(wd, capsys, "cannot load the pretrained model", init_from=tmp_path / "not-a-model", out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("over,expect", [
+    (dict(init_from="bogus"), "unknown init_from 'bogus'; use scratch, resume, auto"),
+    (dict(kernels="bogus"), "unknown backend 'bogus'"),
+    (dict(kernels="attention:nope"), "unknown backend 'nope' for attention"),
+    (dict(sampler="shuffle"), "unknown sampler 'shuffle'"),
+    (dict(max_skips=0), "max_skips must be >= 1"),
+], ids=["init_from", "kernels", "kernels-per-op", "sampler", "max_skips"])
+def test_bad_names(wd, capsys, tmp_path, over, expect):
+    bad(wd, capsys, expect, out_dir=tmp_path / "o", **over)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_name_cli_prints_one_line(wd, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nanogpt.train", "--init_from=bogus", f"--out_dir={tmp_path / 'o'}"],
+                          cwd=wd.path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    bad_subprocess(proc, "unknown init_from 'bogus'")
+    assert proc.stdout == "" and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("truncate-state", "is truncated or corrupt"),
+    ("garbage-model", "is truncated or corrupt"),
+    ("garbage-pointer", "latest.json is corrupt"),
+    ("missing-state", "is missing"),
+])
+def test_bad_checkpoint(wd, ref, capsys, tmp_path, damage, expect):
+    out = tmp_path / "o"
+    shutil.copytree(ref, out)
+    entry = json.loads((out / "latest.json").read_text())
+    if damage == "truncate-state":
+        p = out / entry["state"]
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif damage == "garbage-model":
+        (out / entry["model"]).write_bytes(os.urandom(4096))
+    elif damage == "garbage-pointer":
+        (out / "latest.json").write_text('{"iter": 40, "mod')
+    else:
+        (out / entry["state"]).unlink()
+    before = snapshot(out)
+    for init_from in ("resume", "auto"):
+        bad(wd, capsys, expect, out_dir=out, init_from=init_from)
+    assert snapshot(out) == before
+
+
+def test_bad_checkpoint_of_another_model_shape(wd, ref, capsys, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(ref, out)
+    before = snapshot(out)
+    bad(wd, capsys, "has n_layer=2 but the config says 3", "--n_layer=2", out_dir=out, init_from="resume", n_layer=3)
+    bad(wd, capsys, "has n_embd=32 but the config says 48", out_dir=out, init_from="auto", n_embd=48)
+    assert snapshot(out) == before
+
+
+def test_bad_scratch_over_existing_checkpoint(wd, ref, capsys, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(ref, out)
+    before = snapshot(out)
+    bad(wd, capsys, "already holds a checkpoint", "--init_from=resume", out_dir=out, init_from="scratch")
+    assert snapshot(out) == before
+
+
+def test_out_of_memory_is_one_line_with_advice(wd, tmp_path):
+    out = tmp_path / "o"
+    bad_subprocess(train(wd, env={"NANOGPT_TEST_OOM_AT": 13}, out_dir=out),
+                   "out of memory with batch_size=4 x block_size=32 per micro-step: lower batch_size")
+    # the checkpoint written before stays as it is
+    assert checkpoint.latest_iter(out) == 10 and checkpoint.load(str(out))[1]["iter_num"] == 10
+
+
+def test_gradient_accumulation_not_divisible_by_world_size(wd, capsys, tmp_path, monkeypatch):
+    # checked before the process group starts: a lone rank with a world-size environment says so at once
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    expect = "gradient_accumulation_steps=3 is not divisible by the world size 2; make it a multiple of 2"
+    bad(wd, capsys, expect, out_dir=tmp_path / "o", gradient_accumulation_steps=3)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k)
+    # under torchrun every rank prints that one line and no traceback (torchrun adds its own failure report)
+    proc = torchrun(wd, max_restarts=0, out_dir=tmp_path / "o", gradient_accumulation_steps=3)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: " + expect) == 2 and "[rank0]" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "o").exists()
