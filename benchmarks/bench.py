@@ -29,7 +29,7 @@ Peak memory, per mode:
         allocator slack; includes compilation's own peak for +compile modes).
         --memory=False skips it.
 
---json=PATH writes everything printed; --profile=MODE writes torch.profiler
+--json=PATH writes everything printed; --profile=MODE[,MODE...] writes torch.profiler
 traces (Chrome trace JSON + TensorBoard plugin files) to profile_dir and prints
 the top ops by self time.
 """
@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def defaults(device):
         modes=DEFAULT_MODES,
         kernels="auto",            # what "auto"/"ours" modes run
         json="",                   # write the results here too
-        profile="",                # mode to profile after timing
+        profile="",                # mode(s) to profile after timing, e.g. "auto" or "auto,torch+compile"
         profile_dir="benchmarks/profiles",
         profile_steps=5,
         memory=True,               # measure peak memory per mode (cpu: one subprocess per mode)
@@ -301,9 +302,21 @@ def profile_mode(runner, cfg):
         tb_dir = None
 
     def on_ready(prof):
+        # a trace can be saved once: the TensorBoard handler writes a Chrome-format .pt.trace.json; copy it
+        if handlers:
+            before = set(os.listdir(tb_dir)) if os.path.isdir(tb_dir) else set()
+            handlers[0](prof)
+            new = sorted(set(os.listdir(tb_dir)) - before)
+            if new:
+                src = os.path.join(tb_dir, new[-1])
+                if src.endswith(".gz"):
+                    import gzip
+                    with gzip.open(src, "rb") as fi, open(chrome, "wb") as fo:
+                        shutil.copyfileobj(fi, fo)
+                else:
+                    shutil.copyfile(src, chrome)
+                return
         prof.export_chrome_trace(chrome)
-        for h in handlers:
-            h(prof)
 
     steps = max(1, cfg["profile_steps"])
     with profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
@@ -522,12 +535,18 @@ def run(cfg, argv=(), perturb=None, log=print):
 
     # ---- profile
     if cfg["profile"]:
-        target = next((r for r in runners if r.name == cfg["profile"]), None)
-        if target is None:
-            log(f"profile: mode {cfg['profile']!r} is not among the modes that ran "
-                f"({', '.join(r.name for r in runners)}); add it to --modes")
-        else:
-            result["profile"] = profile_mode(target, cfg)
+        result["profile"] = {}
+        for want in (m.strip() for m in cfg["profile"].split(",") if m.strip()):
+            target = next((r for r in runners if r.name == want), None)
+            if target is None:
+                log(f"profile: mode {want!r} is not among the modes that ran "
+                    f"({', '.join(r.name for r in runners)}); add it to --modes")
+            else:
+                try:
+                    result["profile"][want] = profile_mode(target, cfg)
+                except Exception as e:  # noqa: BLE001 - keep the timings
+                    log(f"profile of {want} failed: {type(e).__name__}: {e}")
+                    result["profile"][want] = {"error": f"{type(e).__name__}: {e}"}
     _write_json(cfg, result, log)
     return result
 
