@@ -229,26 +229,68 @@ def test_signal_saves_exits_0_and_resumes(wd, ref, sig):
 
 # ---------------------------------------------------------------- DDP: a rank dies, torchrun restarts
 
-def test_ddp_rank_dies_torchrun_restarts_and_resumes(wd):
-    common = dict(sampler="epoch", init_from="auto", max_iters=20)
-    ok(torchrun(wd, out_dir="ddp-ref", **common))
-    proc = ok(torchrun(wd, env={"NANOGPT_TEST_DIE_AT": 15}, out_dir="ddp-died", **common))
-    assert "NANOGPT_TEST_DIE_AT: rank 1 dies at iter 15" in proc.stdout
-    assert "resuming from iter 10" in proc.stdout  # init_from=auto on the restart: no hand edit
-    assert_same_run(wd.path / "ddp-died", wd.path / "ddp-ref")
+DDP = dict(sampler="epoch", init_from="auto", max_iters=20)
+
+
+@pytest.fixture(scope="module")
+def ddp_ref(wd):
+    """An uninterrupted 2-rank run."""
+    ok(torchrun(wd, out_dir="ddp-ref", **DDP))
     _, state = checkpoint.load(str(wd.path / "ddp-ref"))
     assert len(state["ranks"]) == 2
+    return wd.path / "ddp-ref"
+
+
+def test_ddp_rank_dies_torchrun_restarts_and_resumes(wd, ddp_ref):
+    proc = ok(torchrun(wd, env={"NANOGPT_TEST_DIE_AT": 15}, out_dir="ddp-died", **DDP))
+    assert "NANOGPT_TEST_DIE_AT: rank 1 dies at iter 15" in proc.stdout
+    assert "resuming from iter 10" in proc.stdout  # init_from=auto on the restart: no hand edit
+    assert_same_run(wd.path / "ddp-died", ddp_ref)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
+def test_ddp_sigterm_to_one_rank_stops_all_ranks_together(wd, ddp_ref):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt.train",
+           *_args(wd.data, out_dir="ddp-term", **DDP)]
+    proc = subprocess.Popen(cmd, cwd=wd.path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, watchdog = [], threading.Timer(TIMEOUT, proc.kill)  # never hang the suite
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("iter 3:"):
+                break
+        workers = [int(p) for t in os.listdir(f"/proc/{proc.pid}/task")
+                   for p in open(f"/proc/{proc.pid}/task/{t}/children").read().split()]
+        rank1 = [p for p in workers if "LOCAL_RANK=1" in open(f"/proc/{p}/environ").read().split("\0")]
+        assert len(rank1) == 1, workers
+        os.kill(rank1[0], signal.SIGTERM)  # only rank 1 is preempted
+        lines += proc.stdout.readlines()
+        assert proc.wait(timeout=TIMEOUT) == 0, "".join(lines)[-5000:]
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    out = "".join(lines)
+    stopped = int(out.split("stopped by signal at iter ")[1].split(";")[0])
+    assert 3 < stopped < 20 and checkpoint.latest_iter(wd.path / "ddp-term") == stopped
+    ok(torchrun(wd, out_dir="ddp-term", **DDP))  # init_from=auto resumes
+    assert_same_run(wd.path / "ddp-term", ddp_ref)
 
 
 # ---------------------------------------------------------------- numerical faults
 
-def test_nonfinite_steps_are_skipped_and_counted(wd):
-    proc = ok(train(wd, env={"NANOGPT_TEST_NAN_AT": "5:8"}, out_dir="nan", max_iters=12))
-    steps = {r["iter"]: r for r in records(wd.path / "nan") if "loss" in r}
+@pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16: autocast + GradScaler
+def test_nonfinite_steps_are_skipped_and_counted(wd, dtype):
+    out = wd.path / f"nan-{dtype}"
+    proc = ok(train(wd, env={"NANOGPT_TEST_NAN_AT": "5:8"}, out_dir=out, max_iters=12, dtype=dtype))
+    steps = {r["iter"]: r for r in records(out) if "loss" in r}
     assert [steps[i]["grad_norm"] for i in (5, 6, 7)] == [None] * 3
     assert [steps[i]["skipped"] for i in range(3, 13)] == [0, 0, 1, 2, 3, 3, 3, 3, 3, 3]
     assert steps[8]["grad_norm"] is not None and "3 skipped steps" in proc.stdout
-    assert all(torch.isfinite(p).all() for p in params(wd.path / "nan").values())
+    assert all(torch.isfinite(p).all() for p in params(out).values())
+    _, state = checkpoint.load(str(out))
+    assert state["skipped"] == 3  # the count survives a resume
+    assert ("scale" in state["scaler"]) == (dtype == "float16")  # the GradScaler's state is checkpointed
 
 
 def test_max_skips_stops_with_error_and_last_checkpoint_intact(wd, ref):
