@@ -257,19 +257,39 @@ mark_mode(globals())
 
 # ---------------------------------------------------------------- configs and launchers
 
-def _configs(D, dtype):
-    """Fixed launch configs by head dim and dtype: {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)}.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, picked from
+# `python -m kernels.compile_check` so that no config spills registers on its architecture.
+_CFG_FP32 = {  # IEEE fp32 dots run on FMA units: small tiles
+    "fwd": {32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 16, 4, 2)},
+    "dkdv": {32: (16, 64, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 8, 2)},
+    "dq": {32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 16, 8, 2)},
+}
+_CFG_SM90 = {  # fp16 / bf16 on Hopper (wgmma)
+    "fwd": {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
+    "dkdv": {32: (32, 128, 4, 3), 64: (64, 128, 8, 3), 128: (16, 64, 8, 2)},
+    "dq": {32: (128, 32, 4, 3), 64: (128, 64, 8, 3), 128: (64, 32, 8, 2)},
+}
+_CFG_SM80 = {  # fp16 / bf16 on Ampere and everything else (mma.sync)
+    "fwd": {32: (64, 64, 4, 3), 64: (128, 32, 8, 3), 128: (64, 64, 4, 3)},
+    "dkdv": {32: (32, 64, 4, 3), 64: (32, 128, 8, 3), 128: (32, 64, 8, 2)},
+    "dq": {32: (64, 32, 4, 3), 64: (128, 64, 8, 3), 128: (64, 32, 8, 2)},
+}
 
-    Constraints used by the causal block skipping: fwd and dq need BLOCK_M % BLOCK_N == 0,
-    dkdv needs BLOCK_N % BLOCK_M == 0.
+
+def _configs(D, dtype, hopper=False):
+    """Fixed launch configs: {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), "pre": (BLOCK_M, num_warps)}.
+
+    The causal block skipping needs BLOCK_M % BLOCK_N == 0 for fwd / dq and
+    BLOCK_N % BLOCK_M == 0 for dkdv.
     """
-    if dtype == torch.float32:  # twice the bytes per tile and IEEE fp32 dots: smaller tiles
-        if D == 128:
-            return {"fwd": (64, 32, 4, 2), "dkdv": (16, 64, 4, 2), "dq": (64, 16, 4, 2), "pre": (64, 4)}
-        return {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2), "pre": (64, 4)}
-    if D == 128:
-        return {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (128, 32, 8, 2), "pre": (64, 4)}
-    return {"fwd": (128, 64, 4, 3), "dkdv": (32, 128, 4, 3), "dq": (128, 32, 4, 3), "pre": (128, 4)}
+    table = _CFG_FP32 if dtype == torch.float32 else _CFG_SM90 if hopper else _CFG_SM80
+    cfg = {k: v[D] for k, v in table.items()}
+    cfg["pre"] = (64, 4)
+    return cfg
+
+
+def _is_hopper(t):
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] == 9
 
 
 def _bthd_like(x):
@@ -301,7 +321,7 @@ def _fwd(q, k, v, causal, scale):
     lse = nan_like((B, H, T), torch.float32, q.device)
     if B * H * T == 0:
         return o, lse
-    BM, BN, warps, stages = _configs(D, q.dtype)["fwd"]
+    BM, BN, warps, stages = _configs(D, q.dtype, _is_hopper(q))["fwd"]
     grid = (triton.cdiv(T, BM), B * H)
     _attn_fwd_kernel[grid](q, k, v, o, lse, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                            H, T, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, IEEE=q.dtype == torch.float32,
@@ -316,7 +336,7 @@ def _bwd(do, q, k, v, o, lse, causal, scale):
     dq, dk, dv = _bthd_like(q), _bthd_like(k), _bthd_like(v)
     if B * H * T == 0:
         return dq, dk, dv
-    cfg = _configs(D, q.dtype)
+    cfg = _configs(D, q.dtype, _is_hopper(q))
     ieee, emu = q.dtype == torch.float32, emu_bf16(q.dtype)
     delta = nan_like((B, H, T), torch.float32, q.device)
     BM, warps = cfg["pre"]
@@ -401,9 +421,12 @@ def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
 
 def _compile_configs():
     out = []
+    variants = [(dt, hopper) for dt in PTR_SIG for hopper in ((False,) if dt == torch.float32 else (False, True))]
     for D in HEAD_DIMS:
-        for dt, sig in PTR_SIG.items():
-            cfg = _configs(D, dt)
+        for dt, hopper in variants:
+            sig = PTR_SIG[dt]
+            archs = (80, 90) if dt == torch.float32 else (90,) if hopper else (80,)
+            cfg = _configs(D, dt, hopper)
             ieee = dt == torch.float32
             for causal in (True, False):
                 tag = f"{sig[1:]},D={D},causal={int(causal)}"
@@ -416,7 +439,7 @@ def _compile_configs():
                              "BLOCK_N": "constexpr", "CAUSAL": "constexpr", "IEEE": "constexpr", "EMU": "constexpr"})
                 ce = {"HEAD_DIM": D, "BLOCK_M": BM, "BLOCK_N": BN, "CAUSAL": causal, "IEEE": ieee, "EMU": False}
                 out.append(dict(name=f"attn_fwd[{tag},BM={BM},BN={BN}]", fn=_attn_fwd_kernel, signature=sigd,
-                                constexprs=ce, num_warps=w, num_stages=s, key=(D, sig)))
+                                constexprs=ce, num_warps=w, num_stages=s, key=(D, sig), archs=archs))
                 BM, BN, w, s = cfg["dkdv"]
                 sigd = {n: sig for n in ("Q", "K", "V", "DO", "DK", "DV")}
                 sigd.update({"LSE": "*fp32", "Delta": "*fp32", "sm_scale": "fp32"})
@@ -425,7 +448,7 @@ def _compile_configs():
                              "BLOCK_N": "constexpr", "CAUSAL": "constexpr", "IEEE": "constexpr", "EMU": "constexpr"})
                 out.append(dict(name=f"attn_bwd_dkdv[{tag},BM={BM},BN={BN}]", fn=_attn_bwd_dkdv_kernel,
                                 signature=sigd, constexprs=dict(ce, BLOCK_M=BM, BLOCK_N=BN),
-                                num_warps=w, num_stages=s, key=(D, sig)))
+                                num_warps=w, num_stages=s, key=(D, sig), archs=archs))
                 BM, BN, w, s = cfg["dq"]
                 sigd = {n: sig for n in ("Q", "K", "V", "DO", "DQ")}
                 sigd.update({"LSE": "*fp32", "Delta": "*fp32", "sm_scale": "fp32"})
@@ -434,11 +457,12 @@ def _compile_configs():
                              "BLOCK_N": "constexpr", "CAUSAL": "constexpr", "IEEE": "constexpr", "EMU": "constexpr"})
                 out.append(dict(name=f"attn_bwd_dq[{tag},BM={BM},BN={BN}]", fn=_attn_bwd_dq_kernel,
                                 signature=sigd, constexprs=dict(ce, BLOCK_M=BM, BLOCK_N=BN),
-                                num_warps=w, num_stages=s, key=(D, sig)))
+                                num_warps=w, num_stages=s, key=(D, sig), archs=archs))
             BM, w = cfg["pre"]
             sigd = {"O": sig, "DO": sig, "Delta": "*fp32"}
             sigd.update({f"stride_{t}{a}": "i32" for t in ("o", "do") for a in "bht"})
             sigd.update({"H": "i32", "T": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"})
             out.append(dict(name=f"attn_bwd_pre[{sig[1:]},D={D},BM={BM}]", fn=_attn_bwd_pre_kernel, signature=sigd,
-                            constexprs={"HEAD_DIM": D, "BLOCK_M": BM}, num_warps=w, num_stages=1, key=(D, sig)))
+                            constexprs={"HEAD_DIM": D, "BLOCK_M": BM}, num_warps=w, num_stages=1, key=(D, sig),
+                            archs=archs))
     return out

@@ -1,0 +1,78 @@
+"""Triton LayerNorm (interpreter on CPU) vs a float64 PyTorch reference, forward and all gradients."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels._testing import assert_close_to_ref  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _run(shape, dtype, bias, eps=1e-5):
+    N = shape[-1]
+    x = (torch.randn(shape) * 2 + 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(N) * 0.5 + 1).to(dtype).requires_grad_()
+    b = (torch.randn(N) * 0.3).to(dtype).requires_grad_() if bias else None
+    dy = torch.randn(shape).to(dtype)
+    leaves = [t for t in (x, w, b) if t is not None]
+
+    y = kernels.layer_norm(x, w, b, eps)
+    y.backward(dy)
+    ours = [y] + [t.grad for t in leaves]
+
+    r64 = [t.detach().double().requires_grad_() for t in leaves]
+    y64 = F.layer_norm(r64[0], (N,), r64[1], r64[2] if bias else None, eps)
+    y64.backward(dy.double())
+    ref = [y64] + [t.grad for t in r64]
+
+    rt = [t.detach().clone().requires_grad_() for t in leaves]
+    yt = F.layer_norm(rt[0], (N,), rt[1], rt[2] if bias else None, eps)
+    yt.backward(dy)
+    tor = [yt] + [t.grad for t in rt]
+
+    assert y.dtype == dtype and y.shape == x.shape
+    for name, o, t, r in zip(("y", "dx", "dweight", "dbias"), ours, tor, ref):
+        assert o.dtype == dtype
+        assert_close_to_ref(f"layer_norm {name} {tuple(shape)}", o, t, r, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N", [768, 1000, 1023])
+def test_layer_norm_matches_float64(N, dtype):
+    _run((2, 17, N), dtype, bias=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_no_bias_odd_rows(dtype):
+    _run((1, 1, 1000), dtype, bias=False)
+    _run((3, 37, 100), dtype, bias=False)
+
+
+def test_layer_norm_small_and_large_n():
+    _run((5, 7), torch.float32, bias=True)
+    _run((9, 4099), torch.float32, bias=True)  # several warps, masked tail
+
+
+def test_layer_norm_dweight_is_deterministic():
+    x = torch.randn(64, 768, requires_grad=True)
+    w = torch.randn(768, requires_grad=True)
+    b = torch.randn(768, requires_grad=True)
+    dy = torch.randn(64, 768)
+    grads = []
+    for _ in range(2):
+        x.grad = w.grad = b.grad = None
+        kernels.layer_norm(x, w, b).backward(dy)
+        grads.append((w.grad.clone(), b.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_layer_norm_non_contiguous_input():
+    x = torch.randn(8, 2, 64).transpose(0, 1)  # rows not contiguous across the reshape
+    w, b = torch.randn(64), torch.randn(64)
+    torch.testing.assert_close(kernels.layer_norm(x, w, b), F.layer_norm(x, (64,), w, b), atol=1e-5, rtol=1e-5)
