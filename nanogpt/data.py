@@ -22,24 +22,32 @@ class DataError(UserError, ValueError):
     pass
 
 
+def check_data(data_dir, dataset, block_size):
+    """The prepared dataset's manifest; a one-line DataError naming the fix if it is missing, incomplete or
+    too short for block_size."""
+    from nanogpt.prepare import check_prepared
+    try:
+        manifest = check_prepared(data_dir, dataset)
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(str(e)) from None
+    paths = {split: os.path.join(data_dir, f"{split}.bin") for split in ("train", "val")}
+    sizes = {split: os.path.getsize(path) // 2 for split, path in paths.items()}
+    short = min(sizes, key=sizes.get)
+    if sizes[short] < block_size + 1:
+        raise DataError(f"{paths[short]} holds {sizes[short]} tokens, fewer than block_size+1 = "
+                        f"{block_size + 1}; use --block_size={max(1, sizes[short] - 1)} or less, or prepare more data")
+    return manifest
+
+
 class Batcher:
     SCAN_TOKENS = 1 << 26  # datasets up to this size are scanned for out-of-vocabulary ids up front
 
     def __init__(self, data_dir, dataset, block_size, batch_size, vocab_size, device, sampler="random",
                  seed=1337, rank=0, world_size=1):
-        from nanogpt.prepare import check_prepared
-        try:
-            manifest = check_prepared(data_dir, dataset)
-        except (FileNotFoundError, ValueError) as e:
-            raise DataError(str(e)) from None
+        manifest = check_data(data_dir, dataset, block_size)
         if sampler not in ("random", "epoch"):
             raise DataError(f"sampler must be 'random' or 'epoch', got {sampler!r}")
         self.paths = {split: os.path.join(data_dir, f"{split}.bin") for split in ("train", "val")}
-        sizes = {split: os.path.getsize(path) // 2 for split, path in self.paths.items()}
-        short = min(sizes, key=sizes.get)
-        if sizes[short] < block_size + 1:
-            raise DataError(f"{self.paths[short]} holds {sizes[short]} tokens, fewer than block_size+1 = "
-                            f"{block_size + 1}; use --block_size={max(1, sizes[short] - 1)} or less, or prepare more data")
         data_vocab = manifest.get("vocab_size") if isinstance(manifest, dict) else None
         if isinstance(data_vocab, int) and data_vocab > vocab_size:
             raise DataError(f"{data_dir} was prepared with vocab_size {data_vocab} but the model has {vocab_size}; "

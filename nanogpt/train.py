@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanogpt import checkpoint, ops
 from nanogpt.configurator import configure
-from nanogpt.data import Batcher
+from nanogpt.data import Batcher, check_data
 from nanogpt.errors import UserError, run_cli
 from nanogpt.model import GPT, GPTConfig
 
@@ -102,8 +102,6 @@ def check_config(c, world):
                         f"{', '.join(PRETRAINED)} or a Hugging Face model directory")
     if c["dtype"] not in ("float32", "bfloat16", "float16"):
         raise UserError(f"unknown dtype {c['dtype']!r}; use float32, bfloat16 or float16")
-    if c["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={c['device']} but CUDA is not available; pass --device=cpu")
     if c["sampler"] not in ("random", "epoch"):
         raise UserError(f"unknown sampler {c['sampler']!r}; use random or epoch")
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval",
@@ -113,10 +111,13 @@ def check_config(c, world):
     if c["gradient_accumulation_steps"] % world:
         raise UserError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} is not divisible by "
                         f"the world size {world}; make it a multiple of {world}")
+    if c["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={c['device']} but CUDA is not available; pass --device=cpu")
     ops.resolve(c["kernels"], "cuda" if "cuda" in c["device"] else c["device"])  # unknown or unusable kernels
     if c["init_from"] == "scratch" and not c["eval_only"] and checkpoint.exists(c["out_dir"]):
         raise UserError(f"{c['out_dir']} already holds a checkpoint; pass --init_from=resume (or auto) to continue "
                         "it, or a new --out_dir to start over")
+    check_data(c["data_dir"] or os.path.join("data", c["dataset"]), c["dataset"], c["block_size"])
 
 
 def rng_state():
