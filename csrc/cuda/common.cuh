@@ -1,0 +1,78 @@
+// Device helpers shared by the .cu files: dtype conversion, 16-byte vectors, warp/block sums.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "launchers.h"
+
+namespace ng {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <class T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+// N elements of T in one aligned load/store (N * sizeof(T) = 16 bytes for the fast paths)
+template <class T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+template <class T, int N>
+__device__ __forceinline__ void load_f(const T* p, float (&out)[N]) {
+  const Vec<T, N> r = *reinterpret_cast<const Vec<T, N>*>(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_f(r.v[i]);
+}
+template <class T, int N>
+__device__ __forceinline__ void store_f(T* p, const float (&in)[N]) {
+  Vec<T, N> r;
+#pragma unroll
+  for (int i = 0; i < N; ++i) r.v[i] = from_f<T>(in[i]);
+  *reinterpret_cast<Vec<T, N>*>(p) = r;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+inline int64_t colsum_chunks(int64_t rows) {
+  // at most 256 chunks of at least 32 rows
+  int64_t c = (rows + 31) / 32;
+  return c < 1 ? 1 : (c > 256 ? 256 : c);
+}
+
+// GELU (exact erf / tanh) and its derivative, fp32
+constexpr float kSqrt1_2 = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+constexpr float kSqrt2_Pi = 0.79788456080286536f;
+constexpr float kTanhC = 0.044715f;
+
+template <bool TANH>
+__device__ __forceinline__ float gelu(float u) {
+  if (TANH) return 0.5f * u * (1.0f + tanhf(kSqrt2_Pi * (u + kTanhC * u * u * u)));
+  return 0.5f * u * erfcf(-u * kSqrt1_2);
+}
+template <bool TANH>
+__device__ __forceinline__ float gelu_grad(float u) {
+  if (TANH) {
+    const float t = tanhf(kSqrt2_Pi * (u + kTanhC * u * u * u));
+    const float u2 = fminf(u * u, 1e30f);
+    return 0.5f * (1.0f + t) + 0.5f * u * (1.0f - t * t) * kSqrt2_Pi * (1.0f + 3.0f * kTanhC * u2);
+  }
+  return 0.5f * erfcf(-u * kSqrt1_2) + u * kInvSqrt2Pi * expf(-0.5f * u * u);
+}
+
+}  // namespace ng

@@ -1,0 +1,57 @@
+// Plain C launchers of nanogpt's CUDA kernels (layer_norm.cu, bias_gelu.cu, adamw.cu).
+// Torch-free: raw pointers, sizes, a stream; each returns the launch's cudaError_t.
+// Tensors are contiguous and row-major: x is [rows, cols], weight/bias are [cols].
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// dtype codes for the void* arguments
+enum { NG_F32 = 0, NG_BF16 = 1, NG_F16 = 2 };
+
+// Rows of fp32 partial sums the column reductions (dweight, dbias) use: a function of rows
+// only, so results are deterministic. Workspaces below are sized from it.
+int64_t ng_colsum_chunks(int64_t rows);
+
+// LayerNorm forward: y = (x - mean) * rstd * w (+ b); mean/rstd [rows] fp32. b may be NULL.
+// x/y in x_dtype (F32/BF16/F16); w/b in w_dtype (x_dtype or F32).
+cudaError_t ng_layer_norm_fwd(const void* x, const void* w, const void* b, void* y, float* mean, float* rstd,
+                              int64_t rows, int64_t cols, float eps, int x_dtype, int w_dtype, cudaStream_t stream);
+
+// LayerNorm backward: dx [rows, cols] (x_dtype), dw and db [cols] (w_dtype; db may be NULL).
+// workspace: 2 * ng_colsum_chunks(rows) * cols floats.
+cudaError_t ng_layer_norm_bwd(const void* dy, const void* x, const void* w, const float* mean, const float* rstd,
+                              void* dx, void* dw, void* db, float* workspace, int64_t rows, int64_t cols,
+                              int x_dtype, int w_dtype, cudaStream_t stream);
+
+// y = gelu(x + bias) (bias may be NULL); tanh != 0 selects the tanh approximation.
+cudaError_t ng_bias_gelu_fwd(const void* x, const void* bias, void* y, int64_t rows, int64_t cols, int tanh,
+                             int x_dtype, int b_dtype, cudaStream_t stream);
+
+// dx = dy * gelu'(x + bias); dbias = column sums of dx (b_dtype), when bias != NULL.
+// workspace: ng_colsum_chunks(rows) * cols floats (unused, may be NULL, without bias).
+cudaError_t ng_bias_gelu_bwd(const void* dy, const void* x, const void* bias, void* dx, void* dbias,
+                             float* workspace, int64_t rows, int64_t cols, int tanh, int x_dtype, int b_dtype,
+                             cudaStream_t stream);
+
+// Total L2 norm of n tensors (grads[i]: numels[i] elements of dtypes[i]) into *norm_out (fp32),
+// deterministically. workspace: ng_grad_norm_workspace(numels, n) doubles.
+int64_t ng_grad_norm_workspace(const int64_t* numels, int n);
+cudaError_t ng_grad_norm(const void* const* grads, const int* dtypes, const int64_t* numels, int n,
+                         double* workspace, float* norm_out, cudaStream_t stream);
+
+// Multi-tensor AdamW over n tensors of one dtype (params/grads; exp_avg, exp_avg_sq fp32; steps:
+// one fp32 counter per tensor). Reads *lr (fp64) and *norm (fp32) on the device: a non-finite
+// norm leaves everything untouched; otherwise grads are scaled by min(1, max_grad_norm /
+// (norm + 1e-6)) when max_grad_norm > 0, then torch.optim.AdamW's update, and steps += 1.
+cudaError_t ng_adamw(void* const* params, const void* const* grads, float* const* exp_avgs,
+                     float* const* exp_avg_sqs, float* const* steps, const int64_t* numels, int n, int dtype,
+                     const double* lr, const float* norm, float beta1, float beta2, float eps, float weight_decay,
+                     float max_grad_norm, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
