@@ -260,19 +260,19 @@ mark_mode(globals())
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, picked from
 # `python -m kernels.compile_check` so that no config spills registers on its architecture.
 _CFG_FP32 = {  # IEEE fp32 dots run on FMA units: small tiles
-    "fwd": {32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 16, 4, 2)},
+    "fwd": {32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 16, 8, 2)},
     "dkdv": {32: (16, 64, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 8, 2)},
-    "dq": {32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 16, 8, 2)},
+    "dq": {32: (32, 32, 4, 2), 64: (64, 32, 8, 2), 128: (64, 16, 8, 2)},
 }
 _CFG_SM90 = {  # fp16 / bf16 on Hopper (wgmma)
-    "fwd": {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
+    "fwd": {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 3)},
     "dkdv": {32: (32, 128, 4, 3), 64: (64, 128, 8, 3), 128: (16, 64, 8, 2)},
     "dq": {32: (128, 32, 4, 3), 64: (128, 64, 8, 3), 128: (64, 32, 8, 2)},
 }
 _CFG_SM80 = {  # fp16 / bf16 on Ampere and everything else (mma.sync)
-    "fwd": {32: (64, 64, 4, 3), 64: (128, 32, 8, 3), 128: (64, 64, 4, 3)},
+    "fwd": {32: (64, 64, 4, 3), 64: (128, 32, 8, 3), 128: (64, 32, 4, 3)},
     "dkdv": {32: (32, 64, 4, 3), 64: (32, 128, 8, 3), 128: (32, 64, 8, 2)},
-    "dq": {32: (64, 32, 4, 3), 64: (128, 64, 8, 3), 128: (64, 32, 8, 2)},
+    "dq": {32: (64, 32, 4, 3), 64: (128, 64, 8, 3), 128: (32, 32, 4, 2)},
 }
 
 
@@ -284,7 +284,7 @@ def _configs(D, dtype, hopper=False):
     """
     table = _CFG_FP32 if dtype == torch.float32 else _CFG_SM90 if hopper else _CFG_SM80
     cfg = {k: v[D] for k, v in table.items()}
-    cfg["pre"] = (64, 4)
+    cfg["pre"] = (32, 4)
     return cfg
 
 
