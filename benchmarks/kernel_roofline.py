@@ -37,9 +37,13 @@ def time_ms(fn, device, warmup_ms=25, rep_ms=100):
     if torch.device(device).type == "cuda":
         try:
             from triton.testing import do_bench
-            return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
         except ImportError:
-            pass
+            do_bench = None
+        if do_bench is not None:
+            try:
+                return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+            except TypeError:  # a triton without return_mode
+                return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5])[0])
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         fn()
         torch.cuda.synchronize()

@@ -151,3 +151,9 @@ def test_suite_report_from_partial_run(tiny_result, tmp_path):
     assert "no result (see the roofline stage log)" in md and "E   boom" in md
     data = json.loads((tmp_path / "res.json").read_text())
     assert data["tests"]["passed"] == 3 and data["bench"]["check"]["ok"]
+    # no JUnit XML (the tests stage timed out): counts come from the log
+    (run / "pytest.xml").unlink()
+    (run / "tests.log").write_text("....F.s\nFAILED tests/test_x.py::test_a - boom\n1 failed, 5 passed, 1 skipped in 2.00s\n")
+    rep.main(["report", f"--run={run}", f"--out={tmp_path / 'res2'}"])
+    t = json.loads((tmp_path / "res2.json").read_text())["tests"]
+    assert (t["passed"], t["failures"], t["skipped"]) == (5, 1, 1) and t["failed"][0]["test"] == "tests/test_x.py::test_a"
