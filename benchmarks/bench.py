@@ -390,6 +390,7 @@ def run(cfg, argv=(), perturb=None, log=print):
         "tokens_per_iter": cfg["batch_size"] * cfg["block_size"],
         "baseline": None, "modes": [], "check": None,
         "memory_method": None, "profile": None,
+        "complete": False,  # the JSON is rewritten as the run goes; true once everything is in
     }
     log(f"bench: {result['device_name']} ({device.type}), torch {torch.__version__}, triton {result['triton']}, "
         f"dtype {cfg['dtype']}, {torch.get_num_threads()} threads, load average {result['loadavg_before']}")
@@ -449,6 +450,7 @@ def run(cfg, argv=(), perturb=None, log=print):
                                first_step_s=time.perf_counter() - t0)
         log(f"mode {r.name}: backends {describe(r.backends)}; first step {time.perf_counter() - t0:.2f}s "
             f"(compile included), loss {losses[r.name]:.6f}, grad norm {norms[r.name]:.6f}")
+        _write_json(cfg, result, None)  # partial results survive a time-out
     ref_name = "torch" if "torch" in losses else next(iter(losses), None)
     bad = {m: l for m, l in losses.items()
            if not (math.isfinite(l) and abs(l - losses[ref_name]) <= tol * abs(losses[ref_name]))}
@@ -530,6 +532,7 @@ def run(cfg, argv=(), perturb=None, log=print):
         e["ratio_to_baseline"] = e["ms_median"] / entries[base]["ms_median"]
 
     result["loadavg_after"] = _loadavg()
+    _write_json(cfg, result, None)
     log("")
     log(format_table(result))
 
@@ -547,6 +550,7 @@ def run(cfg, argv=(), perturb=None, log=print):
                 except Exception as e:  # noqa: BLE001 - keep the timings
                     log(f"profile of {want} failed: {type(e).__name__}: {e}")
                     result["profile"][want] = {"error": f"{type(e).__name__}: {e}"}
+    result["complete"] = True
     _write_json(cfg, result, log)
     return result
 
@@ -570,9 +574,12 @@ def _write_json(cfg, result, log):
     if cfg["json"]:
         d = os.path.dirname(os.path.abspath(cfg["json"]))
         os.makedirs(d, exist_ok=True)
-        with open(cfg["json"], "w") as f:
+        tmp = cfg["json"] + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(result, f, indent=2)
-        log(f"wrote {cfg['json']}")
+        os.replace(tmp, cfg["json"])
+        if log:
+            log(f"wrote {cfg['json']}")
 
 
 def format_table(result):

@@ -8,10 +8,11 @@
 #   build      NANOGPT_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e .  (the CUDA extension, in place)
 #   backends   which kernel backends can run on cuda, and why not
 #   tests      NANOGPT_TEST_DEVICE=cuda pytest tests -x -q   (pass/fail/skip counts from JUnit XML)
-#   roofline   benchmarks/kernel_roofline.py --device=cuda: copy GB/s and bf16 8192^3 matmul TFLOP/s
-#              ceilings, every kernel's GB/s or TFLOP/s, fraction of the ceiling, speed-up vs PyTorch
 #   bench      benchmarks/bench.py on GPT-2 124M (batch 12, block 1024, bf16), modes
 #              torch, torch+compile, auto, auto+compile, interleaved
+#   roofline   benchmarks/kernel_roofline.py --device=cuda: copy GB/s and bf16 8192^3 matmul TFLOP/s
+#              ceilings, every kernel's GB/s or TFLOP/s, fraction of the ceiling, speed-up vs PyTorch
+#              (last: it gets whatever time is left; its JSON is rewritten after every row)
 #   regression (only with SUITE_KERNEL_REGRESSION=1) pytest-benchmark kernel suite against
 #              benchmarks/baselines/<gpu>/ (saves a first baseline when none is there)
 # and writes benchmarks/results/<date>-<gpu>.json and .md (stage logs in benchmarks/results/logs/<date>-<gpu>/).
@@ -81,21 +82,22 @@ EOF
     return 0
 }
 
-stage env 20 bash -c "nvidia-smi; $PY benchmarks/suite_report.py env --run=$RUN"
+stage env 15 bash -c "nvidia-smi; $PY benchmarks/suite_report.py env --run=$RUN"
 
-stage build 140 env NANOGPT_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e .
+stage build 150 env NANOGPT_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e .
 
-stage backends 15 $PY benchmarks/suite_report.py backends --run="$RUN"
+stage backends 10 $PY benchmarks/suite_report.py backends --run="$RUN"
 
-stage tests 110 env NANOGPT_TEST_DEVICE=cuda $PY -m pytest tests -x -q -p no:cacheprovider --junitxml="$RUN/pytest.xml"
+stage tests 100 env NANOGPT_TEST_DEVICE=cuda $PY -m pytest tests -x -q -p no:cacheprovider --junitxml="$RUN/pytest.xml"
+
+stage bench 180 $PY benchmarks/bench.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 \
+    --batch_size=12 --vocab_size=50304 --dtype=bfloat16 --modes=torch,torch+compile,auto,auto+compile \
+    --warmup=5 --iters=25 --json="$RUN/bench.json" ${SUITE_BENCH_ARGS:-}
 
 ROOF_ARGS="--device=cuda --json=$RUN/roofline.json"
 [ "${SUITE_COMPILE_REF:-0}" = 1 ] && ROOF_ARGS="$ROOF_ARGS --compile_ref=True" || ROOF_ARGS="$ROOF_ARGS --compile_ref=False"
-stage roofline 60 $PY benchmarks/kernel_roofline.py $ROOF_ARGS
+stage roofline 45 $PY benchmarks/kernel_roofline.py $ROOF_ARGS
 
-stage bench 170 $PY benchmarks/bench.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 \
-    --batch_size=12 --vocab_size=50304 --dtype=bfloat16 --modes=torch,torch+compile,auto,auto+compile \
-    --warmup=10 --iters=30 --json="$RUN/bench.json" ${SUITE_BENCH_ARGS:-}
 
 if [ "${SUITE_KERNEL_REGRESSION:-0}" = 1 ]; then
     STORE="benchmarks/baselines/$GPU_TAG"

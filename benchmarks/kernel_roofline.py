@@ -125,6 +125,8 @@ def run(cfg, argv=(), log=print):
     log(f"kernel_roofline: {dev_name} ({device}), preset {preset}, torch {torch.__version__}")
     ceil = ceilings(device, preset, cfg["rep_ms"])
     res["ceilings"] = ceil
+    res["complete"] = False
+    _save(cfg, res)
     log(f"ceilings: copy {ceil['copy_GBps']:.1f} GB/s ({ceil['copy_bytes'] / 2**20:.0f} MiB copy), "
         f"matmul {ceil['matmul_TFLOPs']:.2f} TFLOP/s ({ceil['matmul_dtype']} {ceil['matmul_n']}^3)")
 
@@ -168,16 +170,27 @@ def run(cfg, argv=(), log=print):
                                frac_of_ceiling=rate / 1e12 / ceil["matmul_TFLOPs"], ceiling="matmul")
                 row["speedup_vs_torch"] = base_ms / ms if base_ms else None
                 res["rows"].append(row)
+                _save(cfg, res)
                 achieved = f"{row['GBps']:8.1f} GB/s " if unit == "byte" else f"{row['TFLOPs']:8.3f} TFLOP/s"
                 vs = f"{row['speedup_vs_torch']:.2f}x" if row["speedup_vs_torch"] else "-"
                 log(f"{op:10s} {pass_:5s} {name:13s} {ms:9.3f} ms  {achieved}  {100 * row['frac_of_ceiling']:5.1f}% "
                     f"of {row['ceiling']:6s}  vs torch {vs}")
-    if cfg["json"]:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg["json"])), exist_ok=True)
-        with open(cfg["json"], "w") as f:
-            json.dump(res, f, indent=2)
+    res["complete"] = True
+    if _save(cfg, res):
         log(f"wrote {cfg['json']}")
     return res
+
+
+def _save(cfg, res):
+    """(Re)write the JSON: after every row, so a run cut off by a time limit keeps what it measured."""
+    if not cfg["json"]:
+        return False
+    os.makedirs(os.path.dirname(os.path.abspath(cfg["json"])), exist_ok=True)
+    tmp = cfg["json"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=2)
+    os.replace(tmp, cfg["json"])
+    return True
 
 
 def load_config(argv):

@@ -173,7 +173,9 @@ def markdown(rep, run):
         L += [f"- auto resolves to: {b['auto']}", ""]
     r = rep["roofline"]
     L += ["## Kernels (`benchmarks/kernel_roofline.py --device=cuda`)", ""]
-    if r:
+    if r and not r.get("complete", True):
+        L.append("**incomplete**: the roofline stage was cut off; the rows below are what it measured\n")
+    if r and r.get("ceilings"):
         c = r["ceilings"]
         L += [f"Ceilings: copy {c['copy_GBps']:.0f} GB/s ({c['copy_bytes'] / 2**30:.0f} GiB device-to-device, "
               f"read + write), matmul {c['matmul_TFLOPs']:.1f} TFLOP/s ({c['matmul_dtype']} {c['matmul_n']}^3). "
@@ -195,6 +197,8 @@ def markdown(rep, run):
     L.append("")
     bench = rep["bench"]
     L += ["## Training step (`benchmarks/bench.py`, GPT-2 124M, batch 12, block 1024, bf16)", ""]
+    if bench and not bench.get("complete", True):
+        L.append("**incomplete**: the bench stage was cut off or failed after writing this\n")
     if bench:
         chk = bench.get("check") or {}
         L.append(f"First-step loss check: {'ok' if chk.get('ok') else 'FAILED'} "
@@ -203,7 +207,8 @@ def markdown(rep, run):
               "|---|---|---|---|---|---|---|---|---|"]
         for e in bench["modes"]:
             if "ms_median" not in e:
-                L.append(f"| {e['mode']} | {e['status']}: {(e.get('reason') or '')[:150]} | | | | | | | |")
+                why = (e.get("reason") or "")[:150] if e["status"] != "ok" else "not timed (the run stopped before)"
+                L.append(f"| {e['mode']} | {e['status']}: {why} | | | | | | | |")
                 continue
             be = ", ".join(f"{k}={v}" for k, v in e["backends"].items())
             L.append(f"| {e['mode']} | {be} | {e['ms_median']:.1f} | {e['ms_p10']:.1f} | {e['ms_p90']:.1f} | "
