@@ -9,7 +9,7 @@ Environment variables (1/0; unset = auto):
     NANOGPT_BUILD_EXT   build the C++ extension (auto: when torch and a C++ compiler are there;
                         a failed auto build prints a warning and installs the pure-Python package)
     NANOGPT_BUILD_CUDA  compile the CUDA kernels in (auto: when torch has CUDA and nvcc is found)
-    NANOGPT_CUDA_ARCHS  nvcc SASS targets, default "80;90a" (PTX for the last one is added too)
+    NANOGPT_CUDA_ARCHS  nvcc SASS targets, default "80;90a" (plus PTX of the last, e.g. compute_90)
     MAX_JOBS            parallel compile jobs for torch's ninja builder
 """
 import os
@@ -72,17 +72,21 @@ def _extension():
         ext.nanogpt_cu = []
 
     class BuildExt(ce.BuildExtension):
-        def build_extension(self, ext):
+        def run(self):
             try:
-                if ext.nanogpt_cu:
-                    ext.extra_objects = list(ext.extra_objects or []) + self._nvcc(ext)
-                super().build_extension(ext)
+                super().run()
             except Exception as e:  # noqa: BLE001 - any build failure: install without the extension
                 if want:
                     raise
-                _warn(f"building the C++ extension {ext.name} failed ({type(e).__name__}: {e}). nanogpt installs "
+                _warn(f"building the C++ extension nanogpt._C failed ({type(e).__name__}: {e}). nanogpt installs "
                       "without it and the 'ext' kernels backend reports itself unavailable. Set "
                       "NANOGPT_BUILD_EXT=1 to make this an error, NANOGPT_BUILD_EXT=0 to skip the build.")
+                self.extensions = []  # nothing to copy or install
+
+        def build_extension(self, ext):
+            if ext.nanogpt_cu:
+                ext.extra_objects = list(ext.extra_objects or []) + self._nvcc(ext)
+            super().build_extension(ext)
 
         def _nvcc(self, ext):
             archs = [a.strip() for a in os.environ.get("NANOGPT_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
@@ -90,7 +94,8 @@ def _extension():
             flags = []
             for a in archs:
                 flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
-            flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+            ptx = archs[-1].rstrip("af")  # portable PTX (no arch-specific 'a'/'f' features) for newer GPUs
+            flags.append(f"-gencode=arch=compute_{ptx},code=compute_{ptx}")
             out_dir = os.path.join(os.path.abspath(self.build_temp), "nvcc")
             os.makedirs(out_dir, exist_ok=True)
             objs = []

@@ -8,6 +8,7 @@ nanogpt.ops: layer_norm, bias_gelu, attention, FusedAdamW, unavailable.
 
 Build: `pip install --no-build-isolation -e .` with torch installed (see setup.py).
 """
+import importlib
 import math
 
 import torch
@@ -21,8 +22,8 @@ def _load():
     global _C, _IMPORT_ERROR
     if _C is None and _IMPORT_ERROR is None:
         try:
-            from nanogpt import _C as mod
-        except ImportError as e:  # not built, or built against another torch
+            mod = importlib.import_module("nanogpt._C")
+        except ImportError as e:  # not built (ModuleNotFoundError), or built against another torch
             _IMPORT_ERROR = e
         else:
             _C = mod
