@@ -66,11 +66,14 @@ def save(out_dir, iter_num, model_payload, state_payload, best=False):
     entry = {"iter": iter_num,
              "model": f"checkpoints/iter_{iter_num:06d}.model.pt",
              "state": f"checkpoints/iter_{iter_num:06d}.state.pt"}
-    pause = os.environ.get("NANOGPT_TEST_PAUSE_IN_SAVE") == str(iter_num)
+    # test hook NANOGPT_TEST_PAUSE_IN_SAVE=ITER[:model|state|latest]: pause inside that file's write (default state)
+    at, _, what = os.environ.get("NANOGPT_TEST_PAUSE_IN_SAVE", "").partition(":")
+    pause = (what or "state") if at == str(iter_num) else None
     for key, payload in (("model", model_payload), ("state", state_payload)):
-        _atomic_write(os.path.join(out_dir, entry[key]), lambda f, p=payload: torch.save(p, f), pause and key == "state")
+        _atomic_write(os.path.join(out_dir, entry[key]), lambda f, p=payload: torch.save(p, f), pause == key)
     for name in ("latest", "best") if best else ("latest",):
-        _atomic_write(os.path.join(out_dir, f"{name}.json"), lambda f: f.write(json.dumps(entry).encode()))
+        _atomic_write(os.path.join(out_dir, f"{name}.json"), lambda f: f.write(json.dumps(entry).encode()),
+                      pause == name)
     _collect_garbage(out_dir)
     return entry
 
@@ -90,17 +93,22 @@ def _read_pointer(out_dir, which):
 def _collect_garbage(out_dir):
     keep = set()
     for which in POINTERS:
-        entry = _read_pointer(out_dir, which)
-        if entry:
-            keep.update(os.path.basename(entry[k]) for k in ("model", "state"))
+        try:
+            entry = _read_pointer(out_dir, which)
+            if entry:
+                keep.update(os.path.basename(entry[k]) for k in ("model", "state"))
+        except (CheckpointError, TypeError, KeyError):  # a pointer we can't read: delete nothing
+            return
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     mine = f".tmp{os.getpid()}"
-    for name in os.listdir(ckpt_dir):
-        if name not in keep and not name.endswith(mine):  # another pid's temp file: a killed save
-            try:
-                os.remove(os.path.join(ckpt_dir, name))
-            except FileNotFoundError:
-                pass
+    stale = [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if n not in keep and not n.endswith(mine)]
+    stale += [os.path.join(out_dir, n) for n in os.listdir(out_dir)  # a killed pointer write
+              if n.startswith(tuple(f"{p}.json.tmp" for p in POINTERS)) and not n.endswith(mine)]
+    for path in stale:  # unreferenced checkpoints, and another pid's temp files: a killed save
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def exists(out_dir):
@@ -210,21 +218,24 @@ def trim_log(path, iter_num):
 
 
 class StopOnSignal:
-    """SIGTERM/SIGINT (preemption, Ctrl-C) set `.signal` instead of killing the process, so the trainer
-    can save at the next step boundary and exit 0. A second one of the same signal kills as usual."""
+    """SIGTERM/SIGINT (preemption, Ctrl-C) set `.signal` instead of killing the process, so the trainer can
+    save at the next step boundary and exit 0. A second signal is expected (torchrun forwards the one it got
+    to its workers, which a Ctrl-C or a scheduler may have signalled already); a third kills as usual."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.signal = None
+        self.signal, self.count = None, 0
         self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
-        if self.signal == signum:  # asked twice: stop now (checkpoints are atomic, nothing is torn)
+        self.count += 1
+        if self.count >= 3:  # insisted: stop now (checkpoints are atomic, nothing is torn)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signal = signum
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step",
-              flush=True)
+        if self.signal is None:
+            self.signal = signum
+            print(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step",
+                  flush=True)
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -249,7 +260,9 @@ def inject_faults(iter_num, rank):
     NANOGPT_TEST_OOM_AT=I       iteration I raises torch.OutOfMemoryError
     NANOGPT_TEST_DIE_AT=I[@R]   rank R (default 1, or 0 when single-process) calls os._exit(1) at iteration I,
                                 only on torchrun's first attempt (TORCHELASTIC_RESTART_COUNT unset or 0)
-    (NANOGPT_TEST_PAUSE_IN_SAVE=I, in save(): pause inside the save of iteration I's checkpoint.)
+    (NANOGPT_TEST_PAUSE_IN_SAVE=I[:model|state|latest], in save(): print "pausing inside save of FILE" and
+    sleep inside the write of that file of iteration I's checkpoint, after the data is written and fsynced but
+    before the rename; default state.)
     """
     env = os.environ
     die = env.get("NANOGPT_TEST_DIE_AT")

@@ -196,19 +196,26 @@ def test_load_strips_compile_prefix_and_names_bad_key(ref):
 
 # ---------------------------------------------------------------- crashes and signals
 
-def test_kill9_inside_checkpoint_write(wd, ref):
-    out = wd.path / "killed"
-    live = Live(wd, env={"NANOGPT_TEST_PAUSE_IN_SAVE": 20}, out_dir="killed")
+@pytest.mark.parametrize("where", ["state", "model", "latest"])
+def test_kill9_inside_checkpoint_write(wd, ref, where):
+    """kill -9 while iter 20's checkpoint is being written: after the weights file is in place and the optimizer
+    state file is half-way to its name (state), before either (model), or before latest.json moves (latest)."""
+    out = wd.path / f"killed-{where}"
+    live = Live(wd, env={"NANOGPT_TEST_PAUSE_IN_SAVE": f"20:{where}"}, out_dir=out)
     live.wait_for("pausing inside save")
-    live.proc.kill()  # SIGKILL while iter 20's state file is half-way to its final name
+    live.proc.kill()
     live.finish()
-    assert any(".tmp" in f for f in os.listdir(out / "checkpoints"))  # the torn write is there...
+    tmp = [f for d in (out, out / "checkpoints") for f in os.listdir(d) if ".tmp" in f]
+    assert len(tmp) == 1  # the torn write is there...
     model_payload, state = checkpoint.load(str(out))  # ...but the previous checkpoint is whole
     assert model_payload["iter_num"] == state["iter_num"] == 10
-    res = ok(train(wd, out_dir="killed", init_from="resume")).stdout
+    if where == "model":
+        return
+    res = ok(train(wd, out_dir=out, init_from="resume", max_iters=40 if where == "state" else 10)).stdout
     assert "resuming from iter 10" in res
-    assert not any(".tmp" in f for f in os.listdir(out / "checkpoints"))  # the torn write is cleaned up
-    assert_same_run(out, ref)
+    assert not any(".tmp" in f for d in (out, out / "checkpoints") for f in os.listdir(d))  # cleaned up
+    if where == "state":
+        assert_same_run(out, ref)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
