@@ -7,6 +7,12 @@
 
 The defaults below train GPT-2 124M on OpenWebText; config files and
 --key=value override them (nanogpt.configurator).
+
+Nothing is lost on a crash, kill or preemption: checkpoints are atomic
+(nanogpt.checkpoint); SIGTERM/SIGINT save at the next step boundary and exit 0;
+--init_from=resume (or auto, e.g. under torchrun --max-restarts=N) continues
+bitwise-exactly (with --deterministic=True), metrics.jsonl included. Bad input
+is a one-line `error: ...` and exit 2 before anything is written.
 """
 import json
 import math
