@@ -368,10 +368,19 @@ def _one_line(err, code, *expect):
 
 
 def bad(wd, capsys, *expect, **over):
+    import random
     from nanogpt.train import main
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)  # the trainer seeds and sets these process-wide
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(_args(wd.data, **(dict(deterministic=False) | over)))
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(_args(wd.data, **(dict(deterministic=False) | over)))
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[3:]
     return _one_line(capsys.readouterr().err, e.value.code, *expect)
 
 
