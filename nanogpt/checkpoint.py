@@ -121,15 +121,17 @@ def latest_iter(out_dir):
     return entry.get("iter") if isinstance(entry, dict) else None
 
 
+FIX = "restore it, point latest.json at another checkpoint (e.g. copy best.json over it), or use a new out_dir"
+
+
 def _load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing; restore it or start with init_from=scratch") from None
+        raise CheckpointError(f"checkpoint file {path} is missing: {FIX}") from None
     except Exception as e:  # truncated zip, bad pickle, ...
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120] if str(e) else ''}); restore it, point latest.json at "
-                              "another checkpoint (e.g. copy best.json over it), or start over in a new out_dir") from None
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}" if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({why}): {FIX}") from None
 
 
 def load(out_dir, which="latest", with_state=True):
@@ -154,23 +156,25 @@ def load(out_dir, which="latest", with_state=True):
 def load_pretrained(name_or_path, block_size, override_args):
     """GPT.from_pretrained cropped to block_size; a one-line error when it can't be loaded or is too short."""
     from nanogpt.model import GPT
+
+    def cannot(e):
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return CheckpointError(f"cannot load the pretrained model {name_or_path!r} ({why}); check the name or "
+                               "directory, and the network or the Hugging Face cache")
     try:
         from transformers import GPT2Config
         n_positions = GPT2Config.from_pretrained(name_or_path).n_positions  # the config only: no weights yet
     except ImportError:
-        raise CheckpointError(f"init_from={name_or_path} needs the transformers package: pip install transformers") from None
+        raise CheckpointError(f"init_from={name_or_path} needs transformers: pip install transformers") from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the pretrained model {name_or_path!r} "
-                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); check the name "
-                              "or directory, and the network or the Hugging Face cache") from None
+        raise cannot(e) from None
     if block_size > n_positions:
         raise CheckpointError(f"block_size={block_size} is larger than {name_or_path}'s {n_positions}; "
                               f"use --block_size={n_positions} or less")
     try:
         model = GPT.from_pretrained(name_or_path, override_args)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the pretrained model {name_or_path!r} ({str(e).strip().splitlines()[0]}); "
-                              "check the name or directory, and the network or the Hugging Face cache") from None
+        raise cannot(e) from None
     model.crop_block_size(block_size)
     return model
 

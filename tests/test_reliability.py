@@ -15,7 +15,6 @@ Faults are injected with the trainer's NANOGPT_TEST_* hooks (inert unless set; s
 import hashlib
 import json
 import os
-import pickle
 import queue
 import shutil
 import signal
@@ -133,7 +132,8 @@ def snapshot(d):
     d = Path(d)
     if not d.exists():
         return None
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 class Workdir:
