@@ -130,7 +130,8 @@ def _load_file(path):
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing: {FIX}") from None
     except Exception as e:  # truncated zip, bad pickle, ...
-        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}" if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else ""
+        why = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({why}): {FIX}") from None
 
 
