@@ -4,7 +4,7 @@
 - 40 iterations straight == 20 + resume + 20, bitwise (losses in metrics.jsonl and parameters);
 - SIGTERM/SIGINT: save at the next step boundary, exit 0, resume to the same result;
 - 2 gloo ranks under torchrun --max-restarts=1, one rank dies: the job restarts, resumes, ends as an
-  uninterrupted 2-rank run does;
+  uninterrupted 2-rank run does; SIGTERM to one rank stops both at the same step, exit 0;
 - non-finite losses skip the update and are counted; max_skips consecutive ones stop the run (exit 2)
   with the last good checkpoint intact;
 - sampler=epoch: disjoint across ranks within an epoch, every window once per epoch;
@@ -321,13 +321,15 @@ def test_huge_learning_rate_stops_cleanly(wd):
 # ---------------------------------------------------------------- sampler=epoch
 
 def _windows_dataset(d, n_windows, block):
-    """train.bin = 0, 1, 2, ...: a row's first token is its start offset."""
-    from nanogpt import prepare as P
+    """train.bin = val.bin = 0, 1, 2, ...: a row's first token is its start offset."""
     d.mkdir()
     n = n_windows * block + 1
-    files = {"train.bin": P._write_tokens(d / "train.bin", np.arange(n)),
-             "val.bin": P._write_tokens(d / "val.bin", np.arange(n))}
-    (d / P.MANIFEST).write_text(json.dumps({"format": 1, "vocab_size": n, "files": files}))
+    files = {}
+    for name in ("train.bin", "val.bin"):
+        data = np.arange(n, dtype=np.uint16).tobytes()
+        (d / name).write_bytes(data)
+        files[name] = {"tokens": n, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (d / "prepare.json").write_text(json.dumps({"format": 1, "vocab_size": n, "files": files}))
     return str(d)
 
 
