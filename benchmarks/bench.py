@@ -449,7 +449,7 @@ def run(cfg, argv=(), perturb=None, log=print):
         entries[r.name].update(first_loss=losses[r.name], first_grad_norm=norms[r.name],
                                first_step_s=time.perf_counter() - t0)
         log(f"mode {r.name}: backends {describe(r.backends)}; first step {time.perf_counter() - t0:.2f}s "
-            f"(compile included), loss {losses[r.name]:.6f}, grad norm {norms[r.name]:.6f}")
+            f"(compilation included for +compile), loss {losses[r.name]:.6f}, grad norm {norms[r.name]:.6f}")
         _write_json(cfg, result, None)  # partial results survive a time-out
     ref_name = "torch" if "torch" in losses else next(iter(losses), None)
     bad = {m: l for m, l in losses.items()
