@@ -61,19 +61,23 @@ def _atomic_write(path, write, pause=False):
 
 def save(out_dir, iter_num, model_payload, state_payload, best=False):
     """Write one checkpoint and point latest.json (and best.json when `best`) at it."""
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    os.makedirs(ckpt_dir, exist_ok=True)
     entry = {"iter": iter_num,
              "model": f"checkpoints/iter_{iter_num:06d}.model.pt",
              "state": f"checkpoints/iter_{iter_num:06d}.state.pt"}
     # test hook NANOGPT_TEST_PAUSE_IN_SAVE=ITER[:model|state|latest]: pause inside that file's write (default state)
     at, _, what = os.environ.get("NANOGPT_TEST_PAUSE_IN_SAVE", "").partition(":")
     pause = (what or "state") if at == str(iter_num) else None
-    for key, payload in (("model", model_payload), ("state", state_payload)):
-        _atomic_write(os.path.join(out_dir, entry[key]), lambda f, p=payload: torch.save(p, f), pause == key)
-    for name in ("latest", "best") if best else ("latest",):
-        _atomic_write(os.path.join(out_dir, f"{name}.json"), lambda f: f.write(json.dumps(entry).encode()),
-                      pause == name)
+    try:
+        os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+        for key, payload in (("model", model_payload), ("state", state_payload)):
+            _atomic_write(os.path.join(out_dir, entry[key]), lambda f, p=payload: torch.save(p, f), pause == key)
+        for name in ("latest", "best") if best else ("latest",):
+            _atomic_write(os.path.join(out_dir, f"{name}.json"), lambda f: f.write(json.dumps(entry).encode()),
+                          pause == name)
+    except (OSError, RuntimeError) as e:  # disk full, permissions, ... (torch.save raises RuntimeError)
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot write the iter {iter_num} checkpoint to {out_dir} ({why}): free disk space "
+                              "or fix the directory, then resume; earlier checkpoints are intact") from None
     _collect_garbage(out_dir)
     return entry
 

@@ -274,10 +274,13 @@ def train(c):
         wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c)
     metrics = None
     if master:  # everything is checked: from here on the run writes to out_dir
-        os.makedirs(c["out_dir"], exist_ok=True)
-        if not c["eval_only"]:  # the log goes on from the checkpoint (a new run: from scratch)
-            checkpoint.trim_log(os.path.join(c["out_dir"], "metrics.jsonl"), iter_num)
-        metrics = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a")
+        try:
+            os.makedirs(c["out_dir"], exist_ok=True)
+            if not c["eval_only"]:  # the log goes on from the checkpoint (a new run: from scratch)
+                checkpoint.trim_log(os.path.join(c["out_dir"], "metrics.jsonl"), iter_num)
+            metrics = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a")
+        except OSError as e:
+            raise UserError(f"cannot write to out_dir {c['out_dir']} ({e.strerror}); pass a writable --out_dir") from None
 
     def log(record):
         if master:

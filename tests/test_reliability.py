@@ -505,6 +505,16 @@ def test_out_of_memory_is_one_line_with_advice(wd, tmp_path):
     assert checkpoint.latest_iter(out) == 10 and checkpoint.load(str(out))[1]["iter_num"] == 10
 
 
+def test_unwritable_out_dir_is_one_line(wd, capsys, tmp_path):
+    """An out_dir or a save that cannot be written (disk full, permissions; here: a file in the way)."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoints").write_text("in the way")
+    bad(wd, capsys, "cannot write to out_dir", "pass a writable --out_dir", out_dir=out / "checkpoints" / "run")
+    bad_subprocess(train(wd, out_dir=out, max_iters=10), "cannot write the iter 10 checkpoint to",
+                   "earlier checkpoints are intact")
+
+
 def test_gradient_accumulation_not_divisible_by_world_size(wd, capsys, tmp_path, monkeypatch):
     # checked before the process group starts: a lone rank with a world-size environment says so at once
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
