@@ -45,17 +45,6 @@ def _sqnorm_kernel(G_PTRS, NUMEL, CHUNK_T, CHUNK_S, OUT,
 
 
 @triton.jit
-def _int_pow(base, n):
-    # base ** n by repeated squaring in fp64 (n < 2**31): accurate 1 - beta**step even for beta2 = 0.999
-    result = base * 0.0 + 1.0
-    while n > 0:
-        result = tl.where((n & 1) == 1, result * base, result)
-        base = base * base
-        n = n >> 1
-    return result
-
-
-@triton.jit
 def _adamw_kernel(P_PTRS, G_PTRS, M_PTRS, V_PTRS, S_PTRS, NUMEL, CHUNK_T, CHUNK_S, HP, NORM, max_norm,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CLIP: tl.constexpr,
                   BLOCK: tl.constexpr, CHUNK: tl.constexpr, EMU: tl.constexpr = False):
@@ -73,9 +62,21 @@ def _adamw_kernel(P_PTRS, G_PTRS, M_PTRS, V_PTRS, S_PTRS, NUMEL, CHUNK_T, CHUNK_
     beta1 = tl.load(HP + t * 5 + 2)
     beta2 = tl.load(HP + t * 5 + 3)
     eps = tl.load(HP + t * 5 + 4)
-    step = tl.load(s_ptr).to(tl.int32)  # already incremented for this step
-    bc1 = 1.0 - _int_pow(beta1.to(tl.float64), step)
-    bc2 = 1.0 - _int_pow(beta2.to(tl.float64), step)
+    # beta ** step by repeated squaring in fp64: 1 - beta2 ** step stays accurate for beta2 = 0.999
+    e = tl.load(s_ptr).to(tl.int32)  # the step counter, already incremented for this step
+    b1 = beta1.to(tl.float64)
+    b2 = beta2.to(tl.float64)
+    pow1 = b1 * 0.0 + 1.0
+    pow2 = b2 * 0.0 + 1.0
+    while e > 0:
+        odd = (e & 1) == 1
+        pow1 = tl.where(odd, pow1 * b1, pow1)
+        pow2 = tl.where(odd, pow2 * b2, pow2)
+        b1 = b1 * b1
+        b2 = b2 * b2
+        e = e >> 1
+    bc1 = 1.0 - pow1
+    bc2 = 1.0 - pow2
     step_size = (lr.to(tl.float64) / bc1).to(tl.float32)
     bc2_sqrt = tl.sqrt(bc2.to(tl.float32))
     decay = 1.0 - lr * wd
@@ -98,7 +99,9 @@ def _adamw_kernel(P_PTRS, G_PTRS, M_PTRS, V_PTRS, S_PTRS, NUMEL, CHUNK_T, CHUNK_
         v = beta2 * v + (1.0 - beta2) * g * g
         denom = tl.sqrt(v) / bc2_sqrt + eps
         p = p - step_size * (m / denom)
-        tl.store(p_ptr + offs, rne_bf16(p, EMU).to(P_DTYPE), mask=mask)
+        if EMU:
+            p = rne_bf16(p, EMU)
+        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
 

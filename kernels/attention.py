@@ -61,7 +61,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        acc = _dot(rne_bf16(p, EMU).to(v.dtype), v, acc, IEEE, EMU)
+        if EMU:
+            p = rne_bf16(p, EMU)
+        acc = _dot(p.to(v.dtype), v, acc, IEEE, EMU)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -102,8 +104,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, sm_scale,
                                    0, T, T, qk_scale, False, True, BLOCK_M, BLOCK_N, IEEE, EMU)
     lse = m_i + tl.math.log2(l_i)
     acc = acc / l_i[:, None]
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
-             rne_bf16(acc, EMU).to(O.dtype.element_ty), mask=qmask[:, None])
+    if EMU:
+        acc = rne_bf16(acc, EMU)
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=qmask[:, None])
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=qmask)
 
 
@@ -141,11 +144,15 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         if MASK:
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mmask[:, None], other=0.0)
-        dv = _dot(rne_bf16(pT, EMU).to(do.dtype), do, dv, IEEE, EMU)
+        if EMU:
+            pT = rne_bf16(pT, EMU)
+        dv = _dot(pT.to(do.dtype), do, dv, IEEE, EMU)
         delta = tl.load(delta_base + offs_m, mask=mmask, other=0.0)
         dpT = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE, EMU)
         dsT = pT * (dpT - delta[None, :])
-        dk = _dot(rne_bf16(dsT, EMU).to(qT.dtype), tl.trans(qT), dk, IEEE, EMU)
+        if EMU:
+            dsT = rne_bf16(dsT, EMU)
+        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, IEEE, EMU)
     return dk, dv
 
 
@@ -185,10 +192,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, sm_scale,
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
                              0, T, T, qk_scale, False, BLOCK_M, BLOCK_N, IEEE, EMU)
     dk = dk * sm_scale
+    if EMU:
+        dk = rne_bf16(dk, EMU)
+        dv = rne_bf16(dv, EMU)
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-             rne_bf16(dk, EMU).to(DK.dtype.element_ty), mask=nmask[:, None])
+             dk.to(DK.dtype.element_ty), mask=nmask[:, None])
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-             rne_bf16(dv, EMU).to(DV.dtype.element_ty), mask=nmask[:, None])
+             dv.to(DV.dtype.element_ty), mask=nmask[:, None])
 
 
 @triton.jit
@@ -210,7 +220,9 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_
             p = tl.where(kmask[None, :], p, 0.0)
         dp = _dot(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, EMU)
         ds = p * (dp - delta[:, None])
-        dq = _dot(rne_bf16(ds, EMU).to(kT.dtype), tl.trans(kT), dq, IEEE, EMU)
+        if EMU:
+            ds = rne_bf16(ds, EMU)
+        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, IEEE, EMU)
     return dq
 
 
@@ -248,8 +260,10 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, sm_scale,
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
                        0, T, T, qk_scale, False, True, BLOCK_M, BLOCK_N, IEEE, EMU)
     dq = dq * sm_scale
+    if EMU:
+        dq = rne_bf16(dq, EMU)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
-             rne_bf16(dq, EMU).to(DQ.dtype.element_ty), mask=mmask[:, None])
+             dq.to(DQ.dtype.element_ty), mask=mmask[:, None])
 
 
 mark_mode(globals())

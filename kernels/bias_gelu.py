@@ -59,7 +59,9 @@ def _bias_gelu_fwd_kernel(X, B, Y, M, N, HAS_BIAS: tl.constexpr, APPROX_TANH: tl
     if HAS_BIAS:
         h += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     y = _gelu_fwd(h, APPROX_TANH)
-    tl.store(Y + offs, rne_bf16(y, EMU_BF16).to(Y.dtype.element_ty), mask=mask)
+    if EMU_BF16:
+        y = rne_bf16(y, EMU_BF16)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -84,7 +86,9 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB, M, N, rows_per_prog,
             h += b[None, :]
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         dx = dy * _gelu_grad(h, APPROX_TANH)
-        tl.store(DX + offs, rne_bf16(dx, EMU_BF16).to(DX.dtype.element_ty), mask=mask)
+        if EMU_BF16:
+            dx = rne_bf16(dx, EMU_BF16)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             db += tl.sum(tl.where(mask, dx, 0.0), axis=0)
     if HAS_BIAS:
@@ -206,16 +210,16 @@ def _compile_configs():
             for has_bias in (True, False):
                 for tanh in (False, True):
                     tag = f"{sig[1:]},BN={BN},bias={int(has_bias)},{'tanh' if tanh else 'erf'}"
-                    ce = {"HAS_BIAS": has_bias, "APPROX_TANH": tanh, "BLOCK_N": BN}
+                    ce = {"HAS_BIAS": has_bias, "APPROX_TANH": tanh, "BLOCK_N": BN, "EMU_BF16": False}
                     out.append(dict(name=f"bias_gelu_fwd[{tag}]", fn=_bias_gelu_fwd_kernel, num_warps=4, num_stages=1,
                                     signature={"X": sig, "B": sig, "Y": sig, "M": "i32", "N": "i32",
                                                "HAS_BIAS": "constexpr", "APPROX_TANH": "constexpr",
-                                               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                                               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "EMU_BF16": "constexpr"},
                                     constexprs=dict(ce, BLOCK_M=BLOCK_M_FWD), key=(BN, sig)))
                     out.append(dict(name=f"bias_gelu_bwd[{tag}]", fn=_bias_gelu_bwd_kernel, num_warps=4, num_stages=1,
                                     signature={"DY": sig, "X": sig, "B": sig, "DX": sig, "DB": "*fp32",
                                                "M": "i32", "N": "i32", "rows_per_prog": "i32",
                                                "HAS_BIAS": "constexpr", "APPROX_TANH": "constexpr",
-                                               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                                               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "EMU_BF16": "constexpr"},
                                     constexprs=dict(ce, BLOCK_M=BLOCK_M_BWD), key=(BN, sig)))
     return out

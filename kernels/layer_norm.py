@@ -11,78 +11,92 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import PTR_SIG, emu_bf16, rne_bf16, ensure_mode, mark_mode, nan_like, next_pow2, sms_for
+from kernels._utils import (PTR_SIG, emu_bf16, ensure_mode, interpreting, mark_mode, nan_like, next_pow2,
+                            rne_bf16, sms_for)
 
 MAX_N = 65536
 
 
 @triton.jit
-def _ln_fwd_kernel(X, Y, W, B, Mean, Rstd, stride_x, stride_y, N, eps,
-                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, EMU_BF16: tl.constexpr = False):
-    row = tl.program_id(0).to(tl.int64)
+def _ln_fwd_kernel(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, eps,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   EMU_BF16: tl.constexpr = False):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / N
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :]
     if HAS_BIAS:
-        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, rne_bf16(y, EMU_BF16).to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
+        y += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if EMU_BF16:
+        y = rne_bf16(y, EMU_BF16)
+    tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=rmask)
+    tl.store(Rstd + rows, rstd, mask=rmask)
 
 
 @triton.jit
 def _ln_bwd_kernel(DY, X, W, Mean, Rstd, DX, DW, DB, stride_dy, stride_x, stride_dx, M, N, rows_per_prog,
-                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, EMU_BF16: tl.constexpr = False):
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   EMU_BF16: tl.constexpr = False):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    cmask = cols < N
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
-    r0 = row_start.to(tl.int64)
-    x_ptr = X + r0 * stride_x
-    dy_ptr = DY + r0 * stride_dy
-    dx_ptr = DX + r0 * stride_dx
-    for row in range(row_start, row_end):
-        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + row)
-        rstd = tl.load(Rstd + row)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        wdy = w * dy
-        c1 = tl.sum(xhat * wdy, axis=0) / N
-        c2 = tl.sum(wdy, axis=0) / N
-        dx = (wdy - (xhat * c1 + c2)) * rstd
-        tl.store(dx_ptr + cols, rne_bf16(dx, EMU_BF16).to(DX.dtype.element_ty), mask=mask)
-        dw += dy * xhat
-        x_ptr += stride_x
-        dy_ptr += stride_dy
-        dx_ptr += stride_dx
+    for r in range(row_start, row_end, BLOCK_M):
+        rows = r + tl.arange(0, BLOCK_M)
+        rmask = rows < row_end
+        mask = rmask[:, None] & cmask[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=rmask, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy
+        c1 = tl.sum(xhat * wdy, axis=1) / N
+        c2 = tl.sum(wdy, axis=1) / N
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if EMU_BF16:
+            dx = rne_bf16(dx, EMU_BF16)
+        tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
         if HAS_BIAS:
-            db += dy
-    tl.store(DW + pid * N + cols, dw, mask=mask)
+            db += tl.sum(dy, axis=0)
+    tl.store(DW + pid * N + cols, dw, mask=cmask)
     if HAS_BIAS:
-        tl.store(DB + pid * N + cols, db, mask=mask)
+        tl.store(DB + pid * N + cols, db, mask=cmask)
 
 
 mark_mode(globals())
 
 
-def _config(N):
-    """(BLOCK_N, num_warps) for a row of N elements; the same table feeds compile_check."""
+def _config(N, interpret=False):
+    """(BLOCK_M rows, BLOCK_N, num_warps) for rows of N elements; the same table feeds compile_check.
+
+    On GPUs a program handles about 4096 elements (several rows when N is small). The CPU
+    interpreter pays per operation, not per element, so it gets much taller blocks.
+    """
     if N > MAX_N:
         raise ValueError(f"layer_norm: last dimension {N} is larger than the supported {MAX_N}")
     block = max(16, next_pow2(N))
+    rows = max(1, min(16, 4096 // block))
+    if interpret:
+        rows = max(1, min(256, 65536 // block))
     warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
-    return block, warps
+    return rows, block, warps
 
 
 def _fwd(x, weight, bias, eps):
@@ -98,10 +112,12 @@ def _fwd(x, weight, bias, eps):
     mean = nan_like((M,), torch.float32, x.device)
     rstd = nan_like((M,), torch.float32, x.device)
     if M > 0:
-        BLOCK_N, warps = _config(N)
-        _ln_fwd_kernel[(M,)](x2, y, weight.contiguous(), bias.contiguous() if bias is not None else weight,
-                             mean, rstd, x2.stride(0), y.stride(0), N, eps,
-                             HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, EMU_BF16=emu_bf16(x.dtype), num_warps=warps)
+        BLOCK_M, BLOCK_N, warps = _config(N, interpreting())
+        _ln_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](x2, y, weight.contiguous(),
+                                                   bias.contiguous() if bias is not None else weight,
+                                                   mean, rstd, x2.stride(0), y.stride(0), M, N, eps,
+                                                   HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                                   EMU_BF16=emu_bf16(x.dtype), num_warps=warps)
     return y.view(x.shape), mean, rstd
 
 
@@ -116,16 +132,17 @@ def _bwd(dy, x, weight, mean, rstd, has_bias):
         dy2 = dy2.contiguous()
     M = x2.shape[0]
     dx = nan_like((M, N), x.dtype, x.device)
-    BLOCK_N, warps = _config(N)
+    BLOCK_M, BLOCK_N, warps = _config(N, interpreting())
     progs = max(1, min(M, 2 * sms_for(x) if x.is_cuda else 4))
-    rows_per_prog = triton.cdiv(max(M, 1), progs)
+    rows_per_prog = BLOCK_M * triton.cdiv(triton.cdiv(max(M, 1), progs), BLOCK_M)
     progs = triton.cdiv(max(M, 1), rows_per_prog)
     dw_part = nan_like((progs, N), torch.float32, x.device)
     db_part = nan_like((progs, N), torch.float32, x.device) if has_bias else dw_part
     if M > 0:
         _ln_bwd_kernel[(progs,)](dy2, x2, weight.contiguous(), mean, rstd, dx, dw_part, db_part,
                                  dy2.stride(0), x2.stride(0), dx.stride(0), M, N, rows_per_prog,
-                                 HAS_BIAS=has_bias, BLOCK_N=BLOCK_N, EMU_BF16=emu_bf16(x.dtype), num_warps=warps)
+                                 HAS_BIAS=has_bias, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                 EMU_BF16=emu_bf16(x.dtype), num_warps=warps)
     else:
         dw_part.zero_()
         db_part.zero_()
@@ -191,20 +208,24 @@ def _compile_configs():
     """Every (kernel, signature, constexprs, num_warps) the launchers above can produce."""
     out = []
     for N in [2 ** i for i in range(4, 17)]:
-        block, warps = _config(N)
+        rows, block, warps = _config(N)
         for dt, sig in PTR_SIG.items():
             for has_bias in (True, False):
                 fsig = {"X": sig, "Y": sig, "W": sig, "B": sig, "Mean": "*fp32", "Rstd": "*fp32",
-                        "stride_x": "i32", "stride_y": "i32", "N": "i32", "eps": "fp32",
-                        "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr"}
-                out.append(dict(name=f"ln_fwd[{sig[1:]},N={block},bias={int(has_bias)}]", fn=_ln_fwd_kernel,
-                                signature=fsig, constexprs={"HAS_BIAS": has_bias, "BLOCK_N": block},
+                        "stride_x": "i32", "stride_y": "i32", "M": "i32", "N": "i32", "eps": "fp32",
+                        "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                        "EMU_BF16": "constexpr"}
+                out.append(dict(name=f"ln_fwd[{sig[1:]},M={rows},N={block},bias={int(has_bias)}]", fn=_ln_fwd_kernel,
+                                signature=fsig, constexprs={"HAS_BIAS": has_bias, "BLOCK_M": rows, "BLOCK_N": block,
+                                                                   "EMU_BF16": False},
                                 num_warps=warps, num_stages=1, key=(block, sig)))
                 bsig = {"DY": sig, "X": sig, "W": sig, "Mean": "*fp32", "Rstd": "*fp32", "DX": sig,
                         "DW": "*fp32", "DB": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32",
                         "M": "i32", "N": "i32", "rows_per_prog": "i32",
-                        "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr"}
-                out.append(dict(name=f"ln_bwd[{sig[1:]},N={block},bias={int(has_bias)}]", fn=_ln_bwd_kernel,
-                                signature=bsig, constexprs={"HAS_BIAS": has_bias, "BLOCK_N": block},
+                        "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                        "EMU_BF16": "constexpr"}
+                out.append(dict(name=f"ln_bwd[{sig[1:]},M={rows},N={block},bias={int(has_bias)}]", fn=_ln_bwd_kernel,
+                                signature=bsig, constexprs={"HAS_BIAS": has_bias, "BLOCK_M": rows, "BLOCK_N": block,
+                                                                   "EMU_BF16": False},
                                 num_warps=warps, num_stages=1, key=(block, sig)))
     return out

@@ -1,0 +1,107 @@
+"""Real GPU compilation (no GPU needed) and torch.compile(fullgraph=True) of the Triton backend."""
+import os
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL_FUNCTIONS = ["_ln_fwd_kernel", "_ln_bwd_kernel", "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel",
+                    "_attn_fwd_kernel", "_attn_bwd_pre_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+                    "_sqnorm_kernel", "_adamw_kernel"]
+
+
+def test_compile_check_builds_every_kernel_for_sm80_and_sm90():
+    """`python -m kernels.compile_check` (a sample of configs per kernel) through ptxas for sm_80 and sm_90.
+
+    The interpreter must be off for real compilation, so it runs in a subprocess.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--sample", "1", "-j", "2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("ok")]
+    for arch in ("sm_80", "sm_90"):
+        assert any(f" {arch} " in ln for ln in lines), out[-3000:]
+    for prefix in ("ln_fwd", "ln_bwd", "bias_gelu_fwd", "bias_gelu_bwd", "attn_fwd", "attn_bwd_pre",
+                   "attn_bwd_dkdv", "attn_bwd_dq", "adamw[", "adamw_sqnorm"):
+        assert any(f" {prefix}" in ln for ln in lines), f"{prefix} not compiled:\n{out[-3000:]}"
+    assert all("regs=" in ln and "smem=" in ln and "spills=" in ln for ln in lines)
+
+
+def test_compile_configs_cover_every_kernel():
+    import importlib
+
+    from kernels import compile_check
+
+    names = {getattr(c["fn"], "__name__", None) or c["fn"].fn.__name__ for c in compile_check.all_configs()}
+    assert set(KERNEL_FUNCTIONS) <= names
+    # the launchers' attention configs for every head dim / dtype / arch are in the list
+    att = importlib.import_module("kernels.attention")
+    listed = {(c["name"].split("[")[0], c["constexprs"].get("HEAD_DIM"), c["constexprs"].get("BLOCK_M"),
+               c["constexprs"].get("BLOCK_N"), c["num_warps"], c["num_stages"]) for c in att._compile_configs()}
+    for D in att.HEAD_DIMS:
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            for hopper in (False, True):
+                cfg = att._configs(D, dt, hopper)
+                for k in ("fwd", "dkdv", "dq"):
+                    assert (f"attn_{'bwd_' if k != 'fwd' else ''}{k}", D, *cfg[k]) in listed
+
+
+def _grads(fn, *inputs):
+    ins = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*ins)
+    out.backward(torch.ones_like(out) * 0.5 + torch.arange(out.numel()).reshape(out.shape) % 3 * 0.1)
+    return [out] + [t.grad for t in ins if t.requires_grad]
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "layer_norm_nobias", "bias_gelu", "bias_gelu_nobias", "attention"])
+def test_torch_compile_fullgraph_each_op_matches_eager(op):
+    torch._dynamo.reset()
+    if op.startswith("layer_norm"):
+        args = [torch.randn(2, 9, 100), torch.randn(100), torch.randn(100)]
+        fn = (lambda x, w, b: kernels.layer_norm(x, w, b)) if op == "layer_norm" else \
+             (lambda x, w, b: kernels.layer_norm(x, w, None) * b)
+    elif op.startswith("bias_gelu"):
+        args = [torch.randn(2, 9, 100), torch.randn(100)]
+        fn = (lambda x, b: kernels.bias_gelu(x, b, "tanh")) if op == "bias_gelu" else \
+             (lambda x, b: kernels.bias_gelu(x, None) + b)
+    else:
+        qkv = torch.randn(2, 17, 3, 2, 32)
+        args = [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+        fn = lambda q, k, v: kernels.attention(q, k, v, causal=True)  # noqa: E731
+    for a in args:
+        a.requires_grad_()
+    eager = _grads(fn, *args)
+    compiled = _grads(torch.compile(fn, fullgraph=True), *args)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_fullgraph_gpt_with_triton_kernels():
+    from nanogpt.model import GPT, GPTConfig
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65, kernels="triton"),
+                device_type="cpu")
+    assert set(model.backends.values()) == {"triton"}
+    idx = torch.randint(0, 65, (2, 32))
+    tgt = torch.randint(0, 65, (2, 32))
+    _, loss = model(idx, tgt)
+    loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, fullgraph=True)
+    _, closs = compiled(idx, tgt)
+    closs.backward()
+    torch.testing.assert_close(closs, loss, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager_grads[n], atol=1e-5, rtol=1e-4, msg=n)
