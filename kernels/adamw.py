@@ -12,8 +12,6 @@ between steps and rebuilt only when an address or hyperparameter changes, so a s
 launches per bucket plus a couple of tiny torch ops. A non-finite norm skips the step (one host
 sync), leaving parameters, moments and step counters untouched.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -109,6 +107,14 @@ def _adamw_kernel(P_PTRS, G_PTRS, M_PTRS, V_PTRS, S_PTRS, NUMEL, CHUNK_T, CHUNK_
 mark_mode(globals())
 
 
+def _to_device(values, dtype, dev):
+    """A small host table on `dev`; on CUDA via pinned memory and a non-blocking copy (no host sync)."""
+    t = torch.tensor(values, dtype=dtype)
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
 class _Bucket:
     """Device tables for one (device, param dtype, grad dtype) group of tensors."""
 
@@ -178,17 +184,17 @@ class FusedAdamW(torch.optim.Optimizer):
         if b.key != ptrs:
             b.key = ptrs
             cols = list(zip(*ptrs))
-            b.ptrs = torch.tensor(cols[:5], dtype=torch.int64).to(dev)
+            b.ptrs = _to_device(cols[:5], torch.int64, dev)
             numel = cols[5]
-            b.numel = torch.tensor(numel, dtype=torch.int64).to(dev)
+            b.numel = _to_device(numel, torch.int64, dev)
             ct, cs = [], []
             for t, n in enumerate(numel):
                 for s in range(0, n, CHUNK):
                     ct.append(t)
                     cs.append(s)
             b.n_chunks = len(ct)
-            b.chunk_t = torch.tensor(ct, dtype=torch.int32).to(dev)
-            b.chunk_s = torch.tensor(cs, dtype=torch.int64).to(dev)
+            b.chunk_t = _to_device(ct, torch.int32, dev)
+            b.chunk_s = _to_device(cs, torch.int64, dev)
             b.steps = [st["step"] for _, _, _, st in items]
         lrs = [grp["lr"] for grp, _, _, _ in items]
         tensor_lr = any(torch.is_tensor(x) for x in lrs)
@@ -196,7 +202,7 @@ class FusedAdamW(torch.optim.Optimizer):
                         float(grp["betas"][1]), float(grp["eps"])) for grp, _, _, _ in items)
         if b.hp_key != hp_key or tensor_lr:
             b.hp_key = hp_key
-            b.hp = torch.tensor(hp_key, dtype=torch.float32).to(dev)
+            b.hp = _to_device(hp_key, torch.float32, dev)
             if tensor_lr:  # lr held in device tensors (e.g. for CUDA graphs): gather without a host sync
                 b.hp[:, 0] = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=dev).reshape(())
                                           for x in lrs])
@@ -236,6 +242,8 @@ class FusedAdamW(torch.optim.Optimizer):
         block = CHUNK if interpreting() else BLOCK  # the interpreter pays per op, not per element
         off = 0
         for (_, _, gdt), t in tables.items():
+            if t.n_chunks == 0:  # only empty tensors
+                continue
             _sqnorm_kernel[(t.n_chunks,)](t.ptrs[1], t.numel, t.chunk_t, t.chunk_s, partial[off:off + t.n_chunks],
                                           G_DTYPE=TL_DTYPE[gdt], BLOCK=block, CHUNK=CHUNK, num_warps=NUM_WARPS)
             off += t.n_chunks
@@ -245,6 +253,8 @@ class FusedAdamW(torch.optim.Optimizer):
         clip = self.max_grad_norm > 0
         for (_, pdt, gdt), t in tables.items():
             torch._foreach_add_(t.steps, 1.0)
+            if t.n_chunks == 0:
+                continue
             _adamw_kernel[(t.n_chunks,)](t.ptrs[0], t.ptrs[1], t.ptrs[2], t.ptrs[3], t.ptrs[4], t.numel,
                                          t.chunk_t, t.chunk_s, t.hp, norm, self.max_grad_norm,
                                          P_DTYPE=TL_DTYPE[pdt], G_DTYPE=TL_DTYPE[gdt], CLIP=clip,

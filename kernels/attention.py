@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._utils import PTR_SIG, emu_bf16, ensure_mode, interpreting, mark_mode, nan_like, rne_bf16
+from kernels._utils import PTR_SIG, emu_bf16, ensure_mode, mark_mode, nan_like, rne_bf16
 
 HEAD_DIMS = (32, 64, 128)
 LOG2E = 1.4426950408889634
