@@ -54,7 +54,8 @@ def plot_bench(paths, out, title=None):
             ratio = e.get("ratio_to_baseline")
             labels.append(f"{e['ms_median']:.3g} ms" + (f"\n{ratio:.2f}x" if ratio is not None else ""))
             ymax = max(ymax, e.get("ms_p90", e["ms_median"]))
-        label = f"{os.path.basename(path)}: {r.get('device_name', '?')}" if n > 1 else None
+        thr = f", {r['cpu_threads']} threads" if r.get("device") == "cpu" and r.get("cpu_threads") else ""
+        label = f"{os.path.basename(path)}: {r.get('device_name', '?')}{thr}" if n > 1 else None
         bars = ax.bar(xs, ys, width * 0.9, yerr=[lo, hi], capsize=4, color=colors[j % len(colors)],
                       label=label, ecolor="black", error_kw={"linewidth": 1})
         for b, text, top in zip(bars, labels, [y + h for y, h in zip(ys, hi)]):
