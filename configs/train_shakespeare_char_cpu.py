@@ -1,7 +1,9 @@
 # The CPU quick start: a smaller char-level GPT that trains in minutes on a laptop CPU.
 # nanogpt-prepare shakespeare_char && nanogpt-train configs/train_shakespeare_char_cpu.py
+import os
 
-exec(open(__file__.replace("_cpu.py", ".py")).read())  # start from the GPU settings, then shrink
+# start from the GPU settings, then shrink
+exec(open(os.path.join(os.path.dirname(__file__), "train_shakespeare_char.py")).read())
 
 device = "cpu"
 dtype = "float32"

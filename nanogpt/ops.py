@@ -83,8 +83,8 @@ def _backend(name, device_type):
     """The backend module, or the reason it cannot run on device_type."""
     try:
         mod = importlib.import_module(_MODULES[name])
-    except ImportError as e:
-        return None, f"cannot import {_MODULES[name]!r} ({e})"
+    except Exception as e:  # a broken backend must not take the others down with it
+        return None, f"cannot import {_MODULES[name]!r} ({type(e).__name__}: {e})"
     reason = mod.unavailable(device_type)
     return (None, reason) if reason else (mod, None)
 
