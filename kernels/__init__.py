@@ -43,16 +43,21 @@ def unavailable(device_type):
     """None when the Triton kernels can run on `device_type` ("cuda" or "cpu"), else the reason."""
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
+    from kernels._utils import jit_interprets
+
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if device_type == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             return "CUDA is not available"
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        if interpret or jit_interprets():
             return "TRITON_INTERPRET=1 is set: the Triton interpreter runs on CPU tensors only"
         return None
     if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            return None
-        return "triton runs on CPU only with TRITON_INTERPRET=1"
+        if not interpret:
+            return "triton runs on CPU only with TRITON_INTERPRET=1"
+        if not jit_interprets():
+            return "TRITON_INTERPRET=1 was set after triton was imported; set it before importing triton"
+        return None
     return f"Triton kernels do not run on device type {device_type!r}"

@@ -12,29 +12,9 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _is_jit(obj):
-    return isinstance(obj, triton.runtime.JITFunction) or type(obj).__name__ == "InterpretedFunction"
-
-
-def ensure_mode(module_globals):
-    """Re-decorate a module's @triton.jit functions if TRITON_INTERPRET changed since import.
-
-    `triton.jit` picks interpreter or compiler when the decorator runs, so a module imported
-    before a test set TRITON_INTERPRET=1 would otherwise try to compile for a GPU.
-    """
-    want = interpreting()
-    if module_globals.get("_JIT_INTERPRET") == want:
-        return
-    for name, obj in list(module_globals.items()):
-        if _is_jit(obj) and getattr(obj, "fn", None) is not None:
-            is_interp = type(obj).__name__ == "InterpretedFunction"
-            if is_interp != want:
-                module_globals[name] = triton.jit(obj.fn)
-    module_globals["_JIT_INTERPRET"] = want
-
-
-def mark_mode(module_globals):
-    module_globals["_JIT_INTERPRET"] = interpreting()
+def jit_interprets():
+    """Whether @triton.jit functions run in the interpreter: fixed when triton was first imported."""
+    return type(tl.sum).__name__ == "InterpretedFunction"
 
 
 def next_pow2(n):

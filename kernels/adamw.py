@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import TL_DTYPE, PTR_SIG, emu_bf16, ensure_mode, interpreting, mark_mode, rne_bf16
+from kernels._utils import TL_DTYPE, PTR_SIG, emu_bf16, interpreting, rne_bf16
 
 BLOCK = 1024
 CHUNK = 65536
@@ -104,7 +104,6 @@ def _adamw_kernel(P_PTRS, G_PTRS, M_PTRS, V_PTRS, S_PTRS, NUMEL, CHUNK_T, CHUNK_
         tl.store(v_ptr + offs, v, mask=mask)
 
 
-mark_mode(globals())
 
 
 def _to_device(values, dtype, dev):
@@ -217,7 +216,6 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        ensure_mode(globals())
         buckets = {}
         for grp in self.param_groups:
             for p in grp["params"]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._utils import PTR_SIG, emu_bf16, ensure_mode, mark_mode, nan_like, rne_bf16
+from kernels._utils import PTR_SIG, emu_bf16, nan_like, rne_bf16
 
 HEAD_DIMS = (32, 64, 128)
 LOG2E = 1.4426950408889634
@@ -266,7 +266,6 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, sm_scale,
              dq.to(DQ.dtype.element_ty), mask=mmask[:, None])
 
 
-mark_mode(globals())
 
 
 # ---------------------------------------------------------------- configs and launchers
@@ -328,7 +327,6 @@ def _check(q, k, v):
 
 
 def _fwd(q, k, v, causal, scale):
-    ensure_mode(globals())
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
     B, H, T, D = q.shape
     o = _bthd_like(q)
@@ -344,7 +342,6 @@ def _fwd(q, k, v, causal, scale):
 
 
 def _bwd(do, q, k, v, o, lse, causal, scale):
-    ensure_mode(globals())
     q, k, v, o, do = (_lastdim_contig(t) for t in (q, k, v, o, do))
     B, H, T, D = q.shape
     dq, dk, dv = _bthd_like(q), _bthd_like(k), _bthd_like(v)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import PTR_SIG, emu_bf16, rne_bf16, ensure_mode, mark_mode, nan_like, next_pow2, sms_for
+from kernels._utils import PTR_SIG, emu_bf16, rne_bf16, nan_like, next_pow2, sms_for
 
 _SQRT1_2 = 0.7071067811865476
 _SQRT2_PI = 0.7978845608028654  # sqrt(2 / pi)
@@ -95,7 +95,6 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB, M, N, rows_per_prog,
         tl.store(DB + pid_m * N + cols, db, mask=cmask)
 
 
-mark_mode(globals())
 
 BLOCK_M_FWD = 16
 BLOCK_M_BWD = 16
@@ -112,7 +111,6 @@ def _check(approximate):
 
 def _fwd(x, bias, approximate):
     _check(approximate)
-    ensure_mode(globals())
     N = x.shape[-1]
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias_gelu: bias has shape {tuple(bias.shape)}, expected ({N},)")
@@ -129,7 +127,6 @@ def _fwd(x, bias, approximate):
 
 
 def _bwd(dy, x, bias, approximate):
-    ensure_mode(globals())
     N = x.shape[-1]
     x2 = x.reshape(-1, N).contiguous()
     dy2 = dy.reshape(-1, N).contiguous()

@@ -36,14 +36,15 @@ def all_configs():
 
 
 def sample_configs(configs, per_kernel):
-    """Up to `per_kernel` configs per kernel function, spread over its distinct keys (block / dtype)."""
+    """Up to `per_kernel` configs per kernel function, evenly spread over its list (first and last included)."""
     by_fn = {}
     for c in configs:
-        by_fn.setdefault(c["fn"].__name__ if hasattr(c["fn"], "__name__") else c["name"], []).append(c)
+        by_fn.setdefault(getattr(c["fn"], "__name__", c["name"]), []).append(c)
     out = []
     for cs in by_fn.values():
-        step = max(1, len(cs) // per_kernel)
-        out.extend(cs[::step][:per_kernel])
+        n = min(per_kernel, len(cs))
+        idx = sorted({round(i * (len(cs) - 1) / max(1, n - 1)) for i in range(n)}) if n > 1 else [len(cs) - 1]
+        out.extend(cs[i] for i in idx)
     return out
 
 
@@ -145,7 +146,9 @@ def compile_one(cfg, cc):
 
 def run(archs=(80, 90), sample=None, name_filter=None, jobs=None, out=sys.stdout):
     """Compile the configs; return (results, errors). `sample`: configs per kernel function (None: all)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    from kernels._utils import jit_interprets
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or jit_interprets():
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (kernels must be compiled, not interpreted)")
     configs = all_configs()
     if name_filter:

@@ -10,6 +10,8 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 
+assert kernels.unavailable("cpu") is None, kernels.unavailable("cpu")  # triton imported before TRITON_INTERPRET=1?
+
 SHAPES = [(64, 33), (70000,), (7,), (3, 5, 2), (1,)]  # (70000,) spans two chunks
 
 

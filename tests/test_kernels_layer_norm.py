@@ -9,6 +9,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
+
+assert kernels.unavailable("cpu") is None, kernels.unavailable("cpu")  # triton imported before TRITON_INTERPRET=1?
 from kernels._testing import assert_close_to_ref  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -8,6 +8,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
+
+assert kernels.unavailable("cpu") is None, kernels.unavailable("cpu")  # triton imported before TRITON_INTERPRET=1?
 from nanogpt import ops  # noqa: E402
 from nanogpt.model import GPT, GPTConfig  # noqa: E402
 
