@@ -60,15 +60,22 @@ def _extension():
 
     msvc = sys.platform == "win32"
     cxx = ["/O2", "/std:c++17"] if msvc else ["-O3", "-fopenmp-simd", "-Wno-unknown-pragmas"]
+    link = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is inlined from ATen's headers as `#pragma omp parallel`: without
+        # -fopenmp it silently runs on one thread. The .so then needs libgomp.so.1, which is the
+        # runtime torch itself has loaded (same soname), so there is one OpenMP pool.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     sources = ["csrc/ext.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/bias_gelu.cpp", "csrc/cpu/adamw.cpp"]
     if with_cuda:
         ext = ce.CUDAExtension("nanogpt._C", sources + ["csrc/cuda/binding.cpp"],
-                               extra_compile_args={"cxx": cxx + ["-DNANOGPT_WITH_CUDA"]})
+                               extra_compile_args={"cxx": cxx + ["-DNANOGPT_WITH_CUDA"]}, extra_link_args=link)
         # the torch-free .cu files are compiled by nvcc directly (see BuildExt) and linked in
         ext.nanogpt_cu = ["csrc/cuda/layer_norm.cu", "csrc/cuda/bias_gelu.cu", "csrc/cuda/adamw.cu"]
         ext.nanogpt_nvcc = nvcc
     else:
-        ext = ce.CppExtension("nanogpt._C", sources, extra_compile_args={"cxx": cxx})
+        ext = ce.CppExtension("nanogpt._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
         ext.nanogpt_cu = []
 
     class BuildExt(ce.BuildExtension):

@@ -1,12 +1,18 @@
 // nanogpt._C: registers the nanogpt_ext::* custom ops (schemas + CPU kernels; CUDA kernels
 // come from csrc/cuda/binding.cpp when built with NANOGPT_WITH_CUDA) and a tiny Python module
-// with build information. Autograd formulas and fake (meta) kernels live in nanogpt/ext.py.
+// with build information. The user-facing ops layer_norm and bias_gelu get their autograd
+// formula here, in C++ (torch::autograd::Function registered for the Autograd key, which
+// calls the *_fwd / *_bwd ops through the dispatcher): no Python on the per-call path.
+// Fake (meta) kernels for torch.compile are registered in nanogpt/ext.py.
 #include <Python.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "cpu/ops.h"
 
 TORCH_LIBRARY(nanogpt_ext, m) {
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps) -> Tensor");
+  m.def("bias_gelu(Tensor x, Tensor? bias, bool tanh) -> Tensor");
   m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool has_bias)"
         " -> (Tensor, Tensor, Tensor)");
@@ -18,7 +24,114 @@ TORCH_LIBRARY(nanogpt_ext, m) {
         " float max_grad_norm) -> ()");
 }
 
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using LnOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+const c10::TypedOperatorHandle<LnOut(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double)>&
+ln_fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("nanogpt_ext::layer_norm_fwd", "")
+                             .typed<LnOut(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                          double)>();
+  return op;
+}
+const c10::TypedOperatorHandle<LnOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, bool)>&
+ln_bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("nanogpt_ext::layer_norm_bwd", "")
+                             .typed<LnOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, bool)>();
+  return op;
+}
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, bool)>& bg_fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("nanogpt_ext::bias_gelu_fwd", "")
+                             .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, bool)>();
+  return op;
+}
+const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                  const std::optional<at::Tensor>&, bool)>&
+bg_bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("nanogpt_ext::bias_gelu_bwd", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const std::optional<at::Tensor>&, bool)>();
+  return op;
+}
+
+struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, rstd] = ln_fwd_op().call(x, weight, bias, eps);
+    ctx->save_for_backward({x, weight, mean, rstd});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    auto [dx, dw, db] = ln_bwd_op().call(grads[0], saved[0], saved[1], saved[2], saved[3], has_bias);
+    return {dx, dw, has_bias ? db : at::Tensor(), at::Tensor()};
+  }
+};
+
+struct BiasGeluFn : public torch::autograd::Function<BiasGeluFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                            bool tanh) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->save_for_backward({x, has_bias ? *bias : at::Tensor()});
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["tanh"] = tanh;
+    return bg_fwd_op().call(x, bias, tanh);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
+    auto [dx, db] = bg_bwd_op().call(grads[0], saved[0], bias, ctx->saved_data["tanh"].toBool());
+    return {dx, has_bias ? db : at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor layer_norm_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               double eps) {
+  return LayerNormFn::apply(x, weight, bias, eps);
+}
+at::Tensor bias_gelu_autograd(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh) {
+  return BiasGeluFn::apply(x, bias, tanh);
+}
+// below autograd (no grad needed, inference mode): just the forward kernels
+at::Tensor layer_norm_plain(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            double eps) {
+  return std::get<0>(ln_fwd_op().call(x, weight, bias, eps));
+}
+at::Tensor bias_gelu_plain(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh) {
+  return bg_fwd_op().call(x, bias, tanh);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nanogpt_ext, Autograd, m) {
+  m.impl("layer_norm", &layer_norm_autograd);
+  m.impl("bias_gelu", &bias_gelu_autograd);
+}
+
+#ifdef NANOGPT_WITH_CUDA
+TORCH_LIBRARY_IMPL(nanogpt_ext, CUDA, m) {
+  m.impl("layer_norm", &layer_norm_plain);
+  m.impl("bias_gelu", &bias_gelu_plain);
+}
+#endif
+
 TORCH_LIBRARY_IMPL(nanogpt_ext, CPU, m) {
+  m.impl("layer_norm", &layer_norm_plain);
+  m.impl("bias_gelu", &bias_gelu_plain);
   m.impl("layer_norm_fwd", &nanogpt_cpu::layer_norm_fwd);
   m.impl("layer_norm_bwd", &nanogpt_cpu::layer_norm_bwd);
   m.impl("bias_gelu_fwd", &nanogpt_cpu::bias_gelu_fwd);

@@ -2,9 +2,9 @@
 
 The extension registers torch custom ops in the `nanogpt_ext` namespace
 (torch.ops.nanogpt_ext.*) with CPU kernels (vectorized, multi-threaded C++) and, when built
-with CUDA, CUDA kernels. This module adds their autograd formulas and fake (meta) kernels so
-they work under torch.compile(fullgraph=True), and exposes the backend contract of
-nanogpt.ops: layer_norm, bias_gelu, attention, FusedAdamW, unavailable.
+with CUDA, CUDA kernels; layer_norm and bias_gelu carry C++ autograd formulas. This module
+adds fake (meta) kernels so they work under torch.compile(fullgraph=True), and exposes the
+backend contract of nanogpt.ops: layer_norm, bias_gelu, attention, FusedAdamW, unavailable.
 
 Build: `pip install --no-build-isolation -e .` with torch installed (see setup.py).
 """
@@ -78,31 +78,14 @@ def _register():
     def _(grads):
         return grads[0].new_empty((), dtype=torch.float32)
 
-    def ln_setup(ctx, inputs, output):
-        x, weight, bias, _eps = inputs
-        _, mean, rstd = output
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(mean, rstd)
+    # the user-facing ops; their autograd formulas are C++ (csrc/ext.cpp)
+    @torch.library.register_fake("nanogpt_ext::layer_norm")
+    def _(x, weight, bias, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    def ln_backward(ctx, dy, _dmean, _drstd):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = ops.layer_norm_bwd(dy, x, weight, mean, rstd, ctx.has_bias)
-        return dx, dw, (db if ctx.has_bias else None), None
-
-    torch.library.register_autograd("nanogpt_ext::layer_norm_fwd", ln_backward, setup_context=ln_setup)
-
-    def bg_setup(ctx, inputs, output):
-        x, bias, tanh = inputs
-        ctx.save_for_backward(x, bias)
-        ctx.tanh = tanh
-
-    def bg_backward(ctx, dy):
-        x, bias = ctx.saved_tensors
-        dx, db = ops.bias_gelu_bwd(dy, x, bias, ctx.tanh)
-        return dx, (db if bias is not None else None), None
-
-    torch.library.register_autograd("nanogpt_ext::bias_gelu_fwd", bg_backward, setup_context=bg_setup)
+    @torch.library.register_fake("nanogpt_ext::bias_gelu")
+    def _(x, bias, tanh):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 # ------------------------------------------------------------ the backend contract
@@ -115,7 +98,7 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
         weight = weight.to(x.dtype)
     if bias is not None and bias.dtype != weight.dtype:
         bias = bias.to(weight.dtype)
-    return torch.ops.nanogpt_ext.layer_norm_fwd(x, weight, bias, float(eps))[0]
+    return torch.ops.nanogpt_ext.layer_norm(x, weight, bias, float(eps))
 
 
 def bias_gelu(x, bias=None, approximate="none"):
@@ -124,7 +107,7 @@ def bias_gelu(x, bias=None, approximate="none"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         bias = bias.to(x.dtype)
-    return torch.ops.nanogpt_ext.bias_gelu_fwd(x, bias, approximate == "tanh")
+    return torch.ops.nanogpt_ext.bias_gelu(x, bias, approximate == "tanh")
 
 
 def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
