@@ -144,8 +144,19 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
     TORCH_CHECK(s.device().is_cpu() && s.numel() == 1 && s.is_floating_point(), op, ": step ", i,
                 " must be a one-element floating-point CPU tensor");
     gs[i] = grads[i].contiguous();
-    const double step = s.item<double>() + 1.0;
-    s.fill_(step);
+  }
+  // all checks passed: count the step and set up each tensor's scalars
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor &p = params[i], &s = steps[i];
+    double step;
+    if (s.scalar_type() == at::kFloat) {  // the usual case: no dispatcher round trips
+      float* sp = s.data_ptr<float>();
+      step = static_cast<double>(*sp) + 1.0;
+      *sp = static_cast<float>(step);
+    } else {
+      step = s.item<double>() + 1.0;
+      s.fill_(step);
+    }
     const double bc1 = 1.0 - std::pow(beta1, step), bc2 = 1.0 - std::pow(beta2, step);
     hyper[i] = adam::Hyper{clip,
                            static_cast<float>(1.0 - lrd * weight_decay),
