@@ -157,3 +157,20 @@ def test_suite_report_from_partial_run(tiny_result, tmp_path):
     rep.main(["report", f"--run={run}", f"--out={tmp_path / 'res2'}"])
     t = json.loads((tmp_path / "res2.json").read_text())["tests"]
     assert (t["passed"], t["failures"], t["skipped"]) == (5, 1, 1) and t["failed"][0]["test"] == "tests/test_x.py::test_a"
+
+
+def test_bench_reports_a_crashing_mode_and_goes_on(bench, monkeypatch):
+    real_step = bench.Runner.step
+
+    def step(self):
+        if self.name == "auto":
+            raise RuntimeError("kernel exploded")
+        return real_step(self)
+
+    monkeypatch.setattr(bench.Runner, "step", step)
+    cfg = bench.load_config(TINY + ["--modes=torch,auto", "--memory=False"])
+    res = bench.run(cfg, log=lambda *a: None)
+    by = {m["mode"]: m for m in res["modes"]}
+    assert by["auto"]["status"] == "failed" and "kernel exploded" in by["auto"]["reason"]
+    assert by["torch"]["status"] == "ok" and by["torch"]["n"] == 3
+    assert res["failed_modes"] == ["auto"] and res["complete"]
