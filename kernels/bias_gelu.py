@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import PTR_SIG, emu_bf16, rne_bf16, nan_like, next_pow2, sms_for
+from kernels._utils import PTR_SIG, emu_bf16, interpreting, nan_like, next_pow2, rne_bf16, sms_for
 
 _SQRT1_2 = 0.7071067811865476
 _SQRT2_PI = 0.7978845608028654  # sqrt(2 / pi)
@@ -97,7 +97,8 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB, M, N, rows_per_prog,
 
 
 BLOCK_M_FWD = 16
-BLOCK_M_BWD = 16
+BLOCK_M_BWD = 8  # the backward keeps more live values per element: 8 rows keep it spill-free
+BLOCK_M_INTERP = 64  # the CPU interpreter pays per operation, not per element: taller tiles
 
 
 def _block_n(N):
@@ -119,10 +120,11 @@ def _fwd(x, bias, approximate):
     y = nan_like((M, N), x.dtype, x.device)
     if M > 0 and N > 0:
         BN = _block_n(N)
-        grid = (triton.cdiv(M, BLOCK_M_FWD), triton.cdiv(N, BN))
+        BM = BLOCK_M_INTERP if interpreting() else BLOCK_M_FWD
+        grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
         _bias_gelu_fwd_kernel[grid](x2, bias.contiguous() if bias is not None else x2, y, M, N,
                                     HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
-                                    BLOCK_M=BLOCK_M_FWD, BLOCK_N=BN, EMU_BF16=emu_bf16(x.dtype), num_warps=4)
+                                    BLOCK_M=BM, BLOCK_N=BN, EMU_BF16=emu_bf16(x.dtype), num_warps=4)
     return y.view(x.shape)
 
 
@@ -137,14 +139,15 @@ def _bwd(dy, x, bias, approximate):
     n_col = triton.cdiv(N, BN)
     # enough row groups to fill the GPU (about 4 programs per SM), each a multiple of BLOCK_M rows
     target = max(1, (4 * sms_for(x)) // n_col) if x.is_cuda else 4
-    rows_per_prog = BLOCK_M_BWD * triton.cdiv(triton.cdiv(max(M, 1), BLOCK_M_BWD), target)
+    BM = BLOCK_M_INTERP if interpreting() else BLOCK_M_BWD
+    rows_per_prog = BM * triton.cdiv(triton.cdiv(max(M, 1), BM), target)
     n_row = triton.cdiv(max(M, 1), rows_per_prog)
     db_part = nan_like((n_row, N), torch.float32, x.device) if has_bias else dx
     if M > 0 and N > 0:
         _bias_gelu_bwd_kernel[(n_row, n_col)](dy2, x2, bias.contiguous() if has_bias else x2, dx, db_part,
                                               M, N, rows_per_prog, HAS_BIAS=has_bias,
                                               APPROX_TANH=approximate == "tanh",
-                                              BLOCK_M=BLOCK_M_BWD, BLOCK_N=BN, EMU_BF16=emu_bf16(x.dtype),
+                                              BLOCK_M=BM, BLOCK_N=BN, EMU_BF16=emu_bf16(x.dtype),
                                               num_warps=4)
     elif has_bias:
         db_part.zero_()

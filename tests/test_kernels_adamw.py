@@ -146,3 +146,24 @@ def test_params_without_grad_are_left_alone_and_norm_of_nothing_is_zero():
     ps[1].grad = torch.randn(SHAPES[1])
     opt.step()
     assert torch.equal(ps[0], before) and ps[0] not in opt.state
+
+
+def test_gpu_block_size_matches_interpreter_block(monkeypatch):
+    """The interpreter runs a whole chunk per block; the GPU BLOCK loops inside a chunk: same result."""
+    import sys
+
+    mod = sys.modules["kernels.adamw"]
+    shapes = [(3000,), (17, 3)]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    results = []
+    for interp in (True, False):
+        monkeypatch.setattr(mod, "interpreting", lambda interp=interp: interp)
+        torch.manual_seed(3)
+        ps = [torch.randn(s).requires_grad_() for s in shapes]
+        opt = kernels.FusedAdamW([{"params": ps, "weight_decay": 0.1}], lr=1e-2, max_grad_norm=1.0)
+        for g in grads:
+            _set_grads(ps, g)
+            opt.step()
+        results.append([p.detach().clone() for p in ps])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -73,3 +73,13 @@ def test_bias_gelu_dbias_is_deterministic():
 def test_bias_gelu_rejects_unknown_approximation():
     with pytest.raises(ValueError, match="approximate"):
         kernels.bias_gelu(torch.randn(2, 4), None, "erf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bias_gelu_gpu_block_config(monkeypatch, dtype):
+    """The interpreter normally gets tall tiles; run the exact GPU BLOCK_M choice too."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["kernels.bias_gelu"], "interpreting", lambda: False)
+    _run((2, 17, 1000), dtype, bias=True, approximate="none")
+    _run((1, 33, 300), dtype, bias=False, approximate="tanh")

@@ -78,3 +78,13 @@ def test_layer_norm_non_contiguous_input():
     x = torch.randn(8, 2, 64).transpose(0, 1)  # rows not contiguous across the reshape
     w, b = torch.randn(64), torch.randn(64)
     torch.testing.assert_close(kernels.layer_norm(x, w, b), F.layer_norm(x, (64,), w, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_gpu_block_config(monkeypatch, dtype):
+    """The interpreter normally gets tall blocks; run the exact GPU rows-per-program choice too."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["kernels.layer_norm"], "interpreting", lambda: False)
+    _run((2, 17, 768), dtype, bias=True)
+    _run((3, 5, 100), dtype, bias=False)
