@@ -1,13 +1,13 @@
 // Shared helpers for the CPU kernels: bf16 <-> fp32, vectorizable exp/erf/tanh, GELU, ISA clones.
 //
 // Vectorization strategy: the hot loops take raw pointers and are plain C++ loops marked
-// `#pragma omp simd` (compiled with -fopenmp-simd, no OpenMP runtime involved), so the
+// `#pragma omp simd` (-fopenmp-simd; -fopenmp on Linux for at::parallel_for), so the
 // compiler emits SIMD code for whatever ISA the function is compiled for. On x86-64 Linux
 // with GCC each leaf kernel is built three times through `target_clones` (x86-64-v4 =
 // AVX-512, x86-64-v3 = AVX2+FMA, and the baseline), and the dynamic loader picks the best
 // one for the running CPU once (ifunc). Nothing else in the extension is compiled for a
-// higher ISA than the baseline, so the .so runs on any x86-64 machine. Elsewhere (Clang,
-// macOS, aarch64, MSVC) the kernels are compiled once for the compiler's default target.
+// higher ISA than the baseline, so the .so runs on any x86-64 machine. Elsewhere (GCC < 12,
+// Clang, macOS, aarch64, MSVC) the kernels are compiled once for the compiler's default target.
 // Multi-threading is done by the callers with at::parallel_for over rows or blocks whose
 // boundaries depend only on the problem size, so results do not depend on the thread count.
 #pragma once
@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && \
     !defined(NANOGPT_NO_CLONES)
 #define NG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define NG_CLONES_ENABLED 1
