@@ -36,17 +36,20 @@ def all_configs():
     return out
 
 
-def sample_configs(configs, per_kernel):
-    """Up to `per_kernel` configs per kernel function, evenly spread over its list (first and last included)."""
-    by_fn = {}
-    for c in configs:
-        by_fn.setdefault(getattr(c["fn"], "__name__", c["name"]), []).append(c)
-    out = []
-    for cs in by_fn.values():
-        n = min(per_kernel, len(cs))
-        idx = sorted({round(i * (len(cs) - 1) / max(1, n - 1)) for i in range(n)}) if n > 1 else [len(cs) - 1]
-        out.extend(cs[i] for i in idx)
-    return out
+def _evenly(items, n):
+    """n items spread evenly over the list, first and last included."""
+    n = min(n, len(items))
+    if n <= 1:
+        return items[-1:]
+    return [items[i] for i in sorted({round(i * (len(items) - 1) / (n - 1)) for i in range(n)})]
+
+
+def sample_tasks(tasks, per_kernel):
+    """Up to `per_kernel` (config, cc) tasks per kernel function and architecture, evenly spread."""
+    groups = {}
+    for c, cc in tasks:
+        groups.setdefault((getattr(c["fn"], "__name__", c["name"]), cc), []).append((c, cc))
+    return [t for g in groups.values() for t in _evenly(g, per_kernel)]
 
 
 def _ast_source(fn, signature, constexprs):
@@ -154,10 +157,10 @@ def run(archs=(80, 90), sample=None, name_filter=None, jobs=None, out=sys.stdout
     configs = all_configs()
     if name_filter:
         configs = [c for c in configs if name_filter in c["name"]]
-    if sample:
-        configs = sample_configs(configs, sample)
     # a config marked with "archs" is only ever launched on those (the launcher picks by capability)
     tasks = [(c, cc) for cc in archs for c in configs if cc in c.get("archs", archs) or cc not in (80, 90)]
+    if sample:
+        tasks = sample_tasks(tasks, sample)
     results, errors = [], []
     jobs = jobs or max(1, min(8, os.cpu_count() or 1))
 
