@@ -144,3 +144,25 @@ def test_bad_inputs_raise_clear_errors(device):
         torch.ops.nanogpt_ext.bias_gelu_fwd(x, torch.ones(7, device=device), False)
     with pytest.raises(RuntimeError, match="unsupported dtypes|dtype"):
         torch.ops.nanogpt_ext.bias_gelu_fwd(x.double(), None, False)
+
+
+def test_cpu_results_do_not_depend_on_thread_count(device):
+    if not device.startswith("cpu"):
+        pytest.skip("CPU threading")
+    torch.manual_seed(0)
+    x = torch.randn(1000, 768)
+    w, b = torch.randn(768), torch.randn(768)
+    dy = torch.randn(1000, 768)
+    E = torch.ops.nanogpt_ext
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, max(2, before)):
+            torch.set_num_threads(n)
+            _, mean, rstd = E.layer_norm_fwd(x, w, b, 1e-5)
+            out.append(list(E.layer_norm_bwd(dy, x, w, mean, rstd, True)) + list(E.bias_gelu_bwd(dy, x, b, False))
+                       + [E.grad_norm([x, dy, w])])
+    finally:
+        torch.set_num_threads(before)
+    for a, c in zip(*out):
+        assert torch.equal(a, c)
