@@ -410,19 +410,26 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 _warned_dropout = False
 
 
+def _is_compiling():
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
 def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     """Scaled dot-product attention softmax(q k^T * scale [+ causal mask]) v for (B, H, T, D) inputs.
 
     FlashAttention-2 style Triton kernels (never materialize T x T), fp32/fp16/bf16, head dims
     32/64/128 (others raise ValueError), any T. scale defaults to 1/sqrt(D). dropout_p > 0 is not
-    implemented in the kernels: it falls back to torch SDPA, with a one-time warning.
+    implemented in the kernels: it falls back to torch SDPA, with a one-time warning (emitted by the
+    first eager call; inside torch.compile the fallback is silent so the graph stays whole).
     """
     _check(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if dropout_p > 0.0:
         global _warned_dropout
-        if not _warned_dropout:
+        # warnings.warn would break a torch.compile(fullgraph=True) graph: announce from eager calls only
+        if not _warned_dropout and not _is_compiling():
             _warned_dropout = True
             warnings.warn("kernels.attention: dropout_p > 0 is not implemented in the Triton kernels; "
                           "falling back to torch scaled_dot_product_attention", stacklevel=2)

@@ -107,3 +107,17 @@ def test_torch_compile_fullgraph_gpt_with_triton_kernels():
     torch.testing.assert_close(closs, loss, atol=1e-5, rtol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_torch_compile_fullgraph_gpt_with_dropout_fallback():
+    """dropout > 0 takes the announced SDPA fallback; under torch.compile it must not break the graph."""
+    from nanogpt.model import GPT, GPTConfig
+
+    torch._dynamo.reset()
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=65, dropout=0.2,
+                          kernels="triton"), device_type="cpu").train()
+    idx = torch.randint(0, 65, (2, 32))
+    _, loss = torch.compile(model, fullgraph=True, backend="aot_eager")(idx, idx)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters())
