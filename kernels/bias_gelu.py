@@ -86,9 +86,10 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB, M, N, rows_per_prog,
             h += b[None, :]
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         dx = dy * _gelu_grad(h, APPROX_TANH)
+        dx_out = dx
         if EMU_BF16:
-            dx = rne_bf16(dx, EMU_BF16)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            dx_out = rne_bf16(dx, EMU_BF16)
+        tl.store(DX + offs, dx_out.to(DX.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             db += tl.sum(tl.where(mask, dx, 0.0), axis=0)
     if HAS_BIAS:
@@ -205,21 +206,24 @@ def bias_gelu(x, bias=None, approximate="none"):
 
 def _compile_configs():
     out = []
+    # (x / y dtype, bias dtype): same dtype, or an fp32 bias with low-precision activations (autocast)
+    pairs = [("*fp32", "*fp32"), ("*fp16", "*fp16"), ("*bf16", "*bf16"), ("*fp16", "*fp32"), ("*bf16", "*fp32")]
     for BN in (16, 32, 64, 128, 256):
-        for sig in PTR_SIG.values():
+        for sig, bsig in pairs:
             for has_bias in (True, False):
+                if not has_bias and bsig != sig:
+                    continue
                 for tanh in (False, True):
-                    tag = f"{sig[1:]},BN={BN},bias={int(has_bias)},{'tanh' if tanh else 'erf'}"
+                    dt = sig[1:] if bsig == sig else f"{sig[1:]},b={bsig[1:]}"
+                    tag = f"{dt},BN={BN},bias={int(has_bias)},{'tanh' if tanh else 'erf'}"
                     ce = {"HAS_BIAS": has_bias, "APPROX_TANH": tanh, "BLOCK_N": BN, "EMU_BF16": False}
+                    flags = {"HAS_BIAS": "constexpr", "APPROX_TANH": "constexpr", "BLOCK_M": "constexpr",
+                             "BLOCK_N": "constexpr", "EMU_BF16": "constexpr"}
                     out.append(dict(name=f"bias_gelu_fwd[{tag}]", fn=_bias_gelu_fwd_kernel, num_warps=4, num_stages=1,
-                                    signature={"X": sig, "B": sig, "Y": sig, "M": "i32", "N": "i32",
-                                               "HAS_BIAS": "constexpr", "APPROX_TANH": "constexpr",
-                                               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "EMU_BF16": "constexpr"},
+                                    signature={"X": sig, "B": bsig, "Y": sig, "M": "i32", "N": "i32", **flags},
                                     constexprs=dict(ce, BLOCK_M=BLOCK_M_FWD), key=(BN, sig)))
                     out.append(dict(name=f"bias_gelu_bwd[{tag}]", fn=_bias_gelu_bwd_kernel, num_warps=4, num_stages=1,
-                                    signature={"DY": sig, "X": sig, "B": sig, "DX": sig, "DB": "*fp32",
-                                               "M": "i32", "N": "i32", "rows_per_prog": "i32",
-                                               "HAS_BIAS": "constexpr", "APPROX_TANH": "constexpr",
-                                               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "EMU_BF16": "constexpr"},
+                                    signature={"DY": sig, "X": sig, "B": bsig, "DX": sig, "DB": "*fp32",
+                                               "M": "i32", "N": "i32", "rows_per_prog": "i32", **flags},
                                     constexprs=dict(ce, BLOCK_M=BLOCK_M_BWD), key=(BN, sig)))
     return out

@@ -206,29 +206,34 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
     return layer_norm_fwd(x, weight, bias, float(eps))[0]
 
 
+# (x / y / dx dtype, weight / bias dtype): same dtype, or fp32 parameters with low-precision
+# activations (autocast)
+_DTYPE_PAIRS = [("*fp32", "*fp32"), ("*fp16", "*fp16"), ("*bf16", "*bf16"), ("*fp16", "*fp32"), ("*bf16", "*fp32")]
+
+
 def _compile_configs():
     """Every (kernel, signature, constexprs, num_warps) the launchers above can produce."""
     out = []
     for N in [2 ** i for i in range(4, 14)]:
         rows, rows_bwd, block, warps = _config(N)
-        for dt, sig in PTR_SIG.items():
+        for sig, wsig in _DTYPE_PAIRS:
+            tag = sig[1:] if wsig == sig else f"{sig[1:]},w={wsig[1:]}"
             for has_bias in (True, False):
-                fsig = {"X": sig, "Y": sig, "W": sig, "B": sig, "Mean": "*fp32", "Rstd": "*fp32",
+                fsig = {"X": sig, "Y": sig, "W": wsig, "B": wsig, "Mean": "*fp32", "Rstd": "*fp32",
                         "stride_x": "i32", "stride_y": "i32", "M": "i32", "N": "i32", "eps": "fp32",
                         "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                         "EMU_BF16": "constexpr"}
-                out.append(dict(name=f"ln_fwd[{sig[1:]},M={rows},N={block},bias={int(has_bias)}]", fn=_ln_fwd_kernel,
-                                signature=fsig, constexprs={"HAS_BIAS": has_bias, "BLOCK_M": rows, "BLOCK_N": block,
-                                                                   "EMU_BF16": False},
-                                num_warps=warps, num_stages=1, key=(block, sig)))
-                bsig = {"DY": sig, "X": sig, "W": sig, "Mean": "*fp32", "Rstd": "*fp32", "DX": sig,
+                out.append(dict(name=f"ln_fwd[{tag},M={rows},N={block},bias={int(has_bias)}]", fn=_ln_fwd_kernel,
+                                signature=fsig, num_warps=warps, num_stages=1, key=(block, sig),
+                                constexprs={"HAS_BIAS": has_bias, "BLOCK_M": rows, "BLOCK_N": block,
+                                            "EMU_BF16": False}))
+                bsig = {"DY": sig, "X": sig, "W": wsig, "Mean": "*fp32", "Rstd": "*fp32", "DX": sig,
                         "DW": "*fp32", "DB": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32",
                         "M": "i32", "N": "i32", "rows_per_prog": "i32",
                         "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                         "EMU_BF16": "constexpr"}
-                out.append(dict(name=f"ln_bwd[{sig[1:]},M={rows_bwd},N={block},bias={int(has_bias)}]",
-                                fn=_ln_bwd_kernel,
-                                signature=bsig, constexprs={"HAS_BIAS": has_bias, "BLOCK_M": rows_bwd, "BLOCK_N": block,
-                                                                   "EMU_BF16": False},
-                                num_warps=warps, num_stages=1, key=(block, sig)))
+                out.append(dict(name=f"ln_bwd[{tag},M={rows_bwd},N={block},bias={int(has_bias)}]", fn=_ln_bwd_kernel,
+                                signature=bsig, num_warps=warps, num_stages=1, key=(block, sig),
+                                constexprs={"HAS_BIAS": has_bias, "BLOCK_M": rows_bwd, "BLOCK_N": block,
+                                            "EMU_BF16": False}))
     return out

@@ -83,3 +83,24 @@ def test_bias_gelu_gpu_block_config(monkeypatch, dtype):
     monkeypatch.setattr(sys.modules["kernels.bias_gelu"], "interpreting", lambda: False)
     _run((2, 17, 1000), dtype, bias=True, approximate="none")
     _run((1, 33, 300), dtype, bias=False, approximate="tanh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_bias_gelu_fp32_bias_low_precision_input(dtype):
+    """Autocast: F.linear gives bf16/fp16 activations while the bias parameter stays fp32."""
+    N = 1023
+    x = (torch.randn(2, 17, N) * 2).to(dtype).requires_grad_()
+    b = torch.randn(N).requires_grad_()
+    dy = torch.randn(2, 17, N).to(dtype)
+    y = kernels.bias_gelu(x, b, "tanh")
+    y.backward(dy)
+    assert y.dtype == dtype and x.grad.dtype == dtype and b.grad.dtype == torch.float32
+    r = [t.detach().double().requires_grad_() for t in (x, b)]
+    y64 = F.gelu(r[0] + r[1], approximate="tanh")
+    y64.backward(dy.double())
+    rt = [t.detach().clone().requires_grad_() for t in (x, b)]
+    yt = F.gelu(rt[0] + rt[1], approximate="tanh").to(dtype)  # type promotion: fp32 math, rounded output
+    yt.backward(dy)
+    assert_close_to_ref("bias_gelu mixed y", y, yt, y64, dtype)
+    assert_close_to_ref("bias_gelu mixed dx", x.grad, rt[0].grad, r[0].grad, dtype)
+    assert_close_to_ref("bias_gelu mixed dbias", b.grad, rt[1].grad, r[1].grad, torch.float32)

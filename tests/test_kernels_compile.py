@@ -22,7 +22,8 @@ KERNEL_FUNCTIONS = ["_ln_fwd_kernel", "_ln_bwd_kernel", "_bias_gelu_fwd_kernel",
 def test_compile_check_builds_every_kernel_for_sm80_and_sm90():
     """`python -m kernels.compile_check --sample 2`: first and last config of each kernel, sm_80 and sm_90.
 
-    Compiles through ptxas and parses registers / shared memory / spills. The interpreter must be off for real compilation, so it runs in a subprocess.
+    Compiles through ptxas and parses registers / shared memory / spills. The interpreter must be off for
+    real compilation, so it runs in a subprocess.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--sample", "2", "-j", "2"],

@@ -88,3 +88,27 @@ def test_layer_norm_gpu_block_config(monkeypatch, dtype):
     monkeypatch.setattr(sys.modules["kernels.layer_norm"], "interpreting", lambda: False)
     _run((2, 17, 768), dtype, bias=True)
     _run((3, 5, 100), dtype, bias=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_layer_norm_fp32_params_low_precision_input(dtype):
+    """Autocast: bf16/fp16 activations with fp32 weight and bias; dweight / dbias come back fp32."""
+    N = 1000
+    x = (torch.randn(2, 17, N) * 2).to(dtype).requires_grad_()
+    w = (torch.randn(N) * 0.5 + 1).requires_grad_()
+    b = torch.randn(N).requires_grad_()
+    dy = torch.randn(2, 17, N).to(dtype)
+    y = kernels.layer_norm(x, w, b)
+    y.backward(dy)
+    assert y.dtype == dtype and x.grad.dtype == dtype and w.grad.dtype == b.grad.dtype == torch.float32
+    r = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y64 = F.layer_norm(r[0], (N,), r[1], r[2])
+    y64.backward(dy.double())
+    # torch's own mixed-dtype op: fp32 math on the upcast input, rounded output
+    rt = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    yt = F.layer_norm(rt[0].float(), (N,), rt[1], rt[2]).to(dtype)
+    yt.backward(dy)
+    for name, o, t, ref in (("y", y, yt, y64), ("dx", x.grad, rt[0].grad, r[0].grad)):
+        assert_close_to_ref(f"layer_norm mixed {name}", o, t, ref, dtype)
+    for name, o, t, ref in (("dweight", w.grad, rt[1].grad, r[1].grad), ("dbias", b.grad, rt[2].grad, r[2].grad)):
+        assert_close_to_ref(f"layer_norm mixed {name}", o, t, ref, torch.float32)
