@@ -135,7 +135,7 @@ setup(
         "hf": ["transformers"],
         "data": ["datasets"],
         "wandb": ["wandb"],
-        "dev": ["pytest", "pytest-benchmark", "transformers", "triton>=3.6", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "transformers", "datasets", "triton>=3.6", "matplotlib"],
     },
     entry_points={"console_scripts": [
         "nanogpt-prepare=nanogpt.prepare:main",

@@ -30,7 +30,7 @@ PRESETS = {
     "cpu": dict(rows=2048, C=768, B=4, H=4, T=256, D=32, model=dict(n_layer=4, n_embd=384, vocab_size=65,
                                                                          block_size=256), dtype="float32"),
     # tests: seconds
-    "tiny": dict(rows=64, C=64, B=1, H=2, T=32, D=16, model=_QUICK, dtype="float32"),
+    "tiny": dict(rows=64, C=64, B=1, H=2, T=32, D=32, model=_QUICK, dtype="float32"),
 }
 
 
