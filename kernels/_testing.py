@@ -28,3 +28,4 @@ def assert_close_to_ref(name, out, torch_out, ref64, dtype, scale_hint=0.0):
     err, tol = max_err(out, ref64), budget(torch_out, ref64, dtype, scale_hint)
     assert err == err and err <= tol, f"{name}: error {err:.3g} vs float64 exceeds budget {tol:.3g} " \
                                       f"(torch {max_err(torch_out, ref64):.3g}, dtype {dtype})"
+

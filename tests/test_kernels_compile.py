@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -11,7 +12,20 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 
+
 assert kernels.unavailable("cpu") is None, kernels.unavailable("cpu")  # triton imported before TRITON_INTERPRET=1?
+# the rest of the session (other tests, their subprocesses) must not see TRITON_INTERPRET=1
+if _OLD_INTERPRET is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    """kernels.unavailable("cpu") and the launchers see the interpreter during each kernel test."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_FUNCTIONS = ["_ln_fwd_kernel", "_ln_bwd_kernel", "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel",

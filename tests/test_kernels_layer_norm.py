@@ -1,6 +1,7 @@
 """Triton LayerNorm (interpreter on CPU) vs a float64 PyTorch reference, forward and all gradients."""
 import os
 
+_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -9,9 +10,21 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels._testing import assert_close_to_ref  # noqa: E402
 
 assert kernels.unavailable("cpu") is None, kernels.unavailable("cpu")  # triton imported before TRITON_INTERPRET=1?
-from kernels._testing import assert_close_to_ref  # noqa: E402
+# the rest of the session (other tests, their subprocesses) must not see TRITON_INTERPRET=1
+if _OLD_INTERPRET is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    """kernels.unavailable("cpu") and the launchers see the interpreter during each kernel test."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
