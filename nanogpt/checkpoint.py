@@ -159,7 +159,8 @@ def load(out_dir, which="latest", with_state=True):
 
 
 def load_pretrained(name_or_path, block_size, override_args):
-    """GPT.from_pretrained cropped to block_size; a one-line error when it can't be loaded or is too short."""
+    """GPT.from_pretrained cropped to block_size (None: its full context); a one-line error when it can't be
+    loaded or is too short."""
     from nanogpt.model import GPT
 
     def cannot(e):
@@ -173,14 +174,15 @@ def load_pretrained(name_or_path, block_size, override_args):
         raise CheckpointError(f"init_from={name_or_path} needs transformers: pip install transformers") from None
     except (OSError, ValueError) as e:
         raise cannot(e) from None
-    if block_size > n_positions:
+    if block_size is not None and block_size > n_positions:
         raise CheckpointError(f"block_size={block_size} is larger than {name_or_path}'s {n_positions}; "
                               f"use --block_size={n_positions} or less")
     try:
         model = GPT.from_pretrained(name_or_path, override_args)
     except (OSError, ValueError) as e:
         raise cannot(e) from None
-    model.crop_block_size(block_size)
+    if block_size is not None:
+        model.crop_block_size(block_size)
     return model
 
 

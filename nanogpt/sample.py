@@ -35,7 +35,7 @@ DEFAULTS = dict(
 def load_model(c):
     """(model, data_dir or None) for the config's init_from."""
     if c["init_from"] != "resume":
-        return GPT.from_pretrained(c["init_from"], dict(dropout=0.0, kernels=c["kernels"])), None
+        return checkpoint.load_pretrained(c["init_from"], None, dict(dropout=0.0, kernels=c["kernels"])), None
     which = c["which"] if os.path.exists(os.path.join(c["out_dir"], f"{c['which']}.json")) else "latest"
     payload, _ = checkpoint.load(c["out_dir"], which, with_state=False)
     device_type = "cuda" if "cuda" in c["device"] else c["device"]

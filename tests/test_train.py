@@ -59,3 +59,16 @@ def test_ddp_two_ranks_equal_one_process(workdir):
     assert single.keys() == ddp.keys()
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-5, msg=k)
+
+
+def test_sample_from_a_local_hugging_face_gpt2(tmp_path):
+    """init_from=<HF directory>: GPT-2 BPE through tiktoken, the prompt kept, max_new_tokens added."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=50257)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "tiny-gpt2")
+    out = run(["nanogpt.sample", "--init_from=tiny-gpt2", "--start=Hello world", "--num_samples=1",
+               "--max_new_tokens=5", "--device=cpu", "--dtype=float32", "--kernels=torch"], tmp_path).stdout
+    from nanogpt.codec import load_codec
+    encode, _ = load_codec(None)
+    text = out.split("---------------")[0].rstrip("\n")
+    assert text.startswith("Hello world") and len(encode(text)) >= len(encode("Hello world")) + 1
