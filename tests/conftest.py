@@ -1,17 +1,20 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# NANOGPT_TEST_DEVICE=cuda runs the device-aware tests on a GPU (the GPU suite sets it)
+DEVICE = os.environ.get("NANOGPT_TEST_DEVICE", "cpu")
+# on CPU the Triton kernels run through Triton's interpreter, which must be on before triton is imported
+if DEVICE.split(":")[0] == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiktoken's GPT-2 files, shipped beside the checkout (../shared): tests run offline
 _cache = ROOT.parent / "shared" / "data" / "tiktoken_cache"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
-
-# NANOGPT_TEST_DEVICE=cuda runs the device-aware tests on a GPU (the GPU suite sets it)
-DEVICE = os.environ.get("NANOGPT_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture

@@ -1,36 +1,28 @@
-"""Triton multi-tensor FusedAdamW (interpreter on CPU) vs torch clip_grad_norm_ + torch.optim.AdamW."""
+"""Triton multi-tensor FusedAdamW vs torch clip_grad_norm_ + torch.optim.AdamW.
+
+Runs on the test device (NANOGPT_TEST_DEVICE): CPU through Triton's interpreter (tests/conftest.py turns it
+on), or the compiled kernels on CUDA (device pointer tables, pinned-memory table uploads).
+"""
 import copy
-import os
 
-_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
-
-
-assert kernels.unavailable("cpu") is None, kernels.unavailable("cpu")  # triton imported before TRITON_INTERPRET=1?
-# the rest of the session (other tests, their subprocesses) must not see TRITON_INTERPRET=1
-if _OLD_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+import kernels
+from kernels._testing import cpu_only, kernel_test_setup
 
 
 @pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    """kernels.unavailable("cpu") and the launchers see the interpreter during each kernel test."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _setup(device):
+    with kernel_test_setup(device):
+        yield
 
 
 SHAPES = [(64, 33), (70000,), (7,), (3, 5, 2), (1,)]  # (70000,) spans two chunks
 
 
-def _params(dtype=torch.float32):
-    return [torch.randn(s).to(dtype).requires_grad_() for s in SHAPES]
+def _params(device, dtype=torch.float32):
+    return [torch.randn(s).to(device, dtype).requires_grad_() for s in SHAPES]
 
 
 def _groups(ps):
@@ -39,13 +31,13 @@ def _groups(ps):
 
 
 def _set_grads(ps, grads):
-    for p, g in zip(ps, grads):
-        p.grad = g.clone().to(p.dtype)
+    for p, g in zip(ps, grads):  # grads made on CPU (same random numbers on every device)
+        p.grad = g.to(p.device, p.dtype, copy=True)
 
 
 @pytest.mark.parametrize("max_norm,steps", [(1.0, 100), (0.0, 30)])
-def test_fused_adamw_matches_torch_for_100_steps(max_norm, steps):
-    ours = _params()
+def test_fused_adamw_matches_torch_for_100_steps(device, max_norm, steps):
+    ours = _params(device)
     ref = [p.detach().clone().requires_grad_() for p in ours]
     kw = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     opt = kernels.FusedAdamW(_groups(ours), max_grad_norm=max_norm, **kw)
@@ -65,7 +57,7 @@ def test_fused_adamw_matches_torch_for_100_steps(max_norm, steps):
             torch.nn.utils.clip_grad_norm_(ref, max_norm)
             clipped += bool(rnorm > max_norm)
         ropt.step()
-        assert norm.dim() == 0 and norm.dtype == torch.float32
+        assert norm.dim() == 0 and norm.dtype == torch.float32 and norm.device == rnorm.device
         torch.testing.assert_close(norm, rnorm, rtol=1e-5, atol=0)
     for p, r in zip(ours, ref):
         assert (p - r).abs().max().item() <= 1e-6
@@ -79,8 +71,8 @@ def test_fused_adamw_matches_torch_for_100_steps(max_norm, steps):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_grad_skips_the_step(bad):
-    ps = _params()
+def test_non_finite_grad_skips_the_step(device, bad):
+    ps = _params(device)
     opt = kernels.FusedAdamW(_groups(ps), lr=1e-2, max_grad_norm=1.0)
     _set_grads(ps, [torch.randn(s) for s in SHAPES])
     opt.step()
@@ -100,10 +92,10 @@ def test_non_finite_grad_skips_the_step(bad):
     assert float(opt.state[ps[0]]["step"]) == 2
 
 
-def test_state_dict_round_trip_resumes_exactly():
+def test_state_dict_round_trip_resumes_exactly(device):
     torch.manual_seed(1)
     grads = [[torch.randn(s) * 0.1 for s in SHAPES] for _ in range(10)]
-    a = _params()
+    a = _params(device)
     b = [p.detach().clone().requires_grad_() for p in a]
     opt_a = kernels.FusedAdamW(_groups(a), lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
     for g in grads:
@@ -126,8 +118,8 @@ def test_state_dict_round_trip_resumes_exactly():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_low_precision_params_keep_fp32_state(dtype):
-    ps = _params(dtype)
+def test_low_precision_params_keep_fp32_state(device, dtype):
+    ps = _params(device, dtype)
     master = [p.detach().float().requires_grad_() for p in ps]
     opt = kernels.FusedAdamW(_groups(ps), lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
     ropt = torch.optim.AdamW(_groups(master), lr=1e-2, weight_decay=0.1)
@@ -152,20 +144,22 @@ def test_low_precision_params_keep_fp32_state(dtype):
         assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
 
 
-def test_params_without_grad_are_left_alone_and_norm_of_nothing_is_zero():
-    ps = _params()
+def test_params_without_grad_are_left_alone_and_norm_of_nothing_is_zero(device):
+    ps = _params(device)
     opt = kernels.FusedAdamW(_groups(ps), lr=1e-2)
     assert float(opt.step()) == 0.0
     before = ps[0].detach().clone()
-    ps[1].grad = torch.randn(SHAPES[1])
+    ps[1].grad = torch.randn(SHAPES[1]).to(device)
     opt.step()
     assert torch.equal(ps[0], before) and ps[0] not in opt.state
 
 
-def test_gpu_block_size_matches_interpreter_block(monkeypatch):
+def test_gpu_block_size_matches_interpreter_block(device, monkeypatch):
     """The interpreter runs a whole chunk per block; the GPU BLOCK loops inside a chunk: same result."""
     import sys
 
+    cpu_only(device, "compares the interpreter's whole-chunk block with the GPU BLOCK; a compiled kernel "
+                     "with a whole-chunk block would only stress the GPU compiler")
     mod = sys.modules["kernels.adamw"]
     shapes = [(3000,), (17, 3)]
     grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
@@ -173,7 +167,7 @@ def test_gpu_block_size_matches_interpreter_block(monkeypatch):
     for interp in (True, False):
         monkeypatch.setattr(mod, "interpreting", lambda interp=interp: interp)
         torch.manual_seed(3)
-        ps = [torch.randn(s).requires_grad_() for s in shapes]
+        ps = [torch.randn(s).to(device).requires_grad_() for s in shapes]
         opt = kernels.FusedAdamW([{"params": ps, "weight_decay": 0.1}], lr=1e-2, max_grad_norm=1.0)
         for g in grads:
             _set_grads(ps, g)

@@ -1,40 +1,32 @@
-"""Triton FlashAttention (interpreter on CPU) vs a float64 PyTorch reference: output and dq, dk, dv."""
+"""Triton FlashAttention vs a float64 PyTorch reference: output and dq, dk, dv.
+
+Runs on the test device (NANOGPT_TEST_DEVICE): CPU through Triton's interpreter (tests/conftest.py turns it
+on), or the compiled kernels on CUDA.
+"""
 import math
-import os
 import warnings
 
-_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import pytest
+import torch
+import torch.nn.functional as F
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels._testing import assert_close_to_ref  # noqa: E402
-
-assert kernels.unavailable("cpu") is None, kernels.unavailable("cpu")  # triton imported before TRITON_INTERPRET=1?
-# the rest of the session (other tests, their subprocesses) must not see TRITON_INTERPRET=1
-if _OLD_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+import kernels
+from kernels._testing import assert_close_to_ref, kernel_test_setup
 
 
 @pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    """kernels.unavailable("cpu") and the launchers see the interpreter during each kernel test."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _setup(device):
+    with kernel_test_setup(device):
+        yield
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIMS = [32, 64, 128]
 
 
-def _qkv(B, H, T, D, dtype):
+def _qkv(device, B, H, T, D, dtype):
     """q, k, v as the model makes them: (B, H, T, D) transposed views of one (B, T, 3, H, D) buffer."""
-    qkv = torch.randn(B, T, 3, H, D).to(dtype)
+    qkv = torch.randn(B, T, 3, H, D).to(device, dtype)
     return [qkv[:, :, i].transpose(1, 2).detach().requires_grad_() for i in range(3)]
 
 
@@ -42,10 +34,10 @@ def _sdpa(q, k, v, causal, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
-def _check(B, H, T, D, dtype, causal, scale=None):
-    q, k, v = _qkv(B, H, T, D, dtype)
+def _check(device, B, H, T, D, dtype, causal, scale=None):
+    q, k, v = _qkv(device, B, H, T, D, dtype)
     assert not q.is_contiguous() or T == 1
-    do = torch.randn(B, H, T, D).to(dtype)
+    do = torch.randn(B, H, T, D).to(device, dtype)
     o = kernels.attention(q, k, v, causal=causal, scale=scale)
     o.backward(do)
     ours = [o, q.grad, k.grad, v.grad]
@@ -78,38 +70,38 @@ CASES = [(T, HEAD_DIMS[i % 3], causal) for i, (T, causal) in
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,D,causal", CASES)
-def test_attention_matches_float64(T, D, causal, dtype):
-    _check(1, 2, T, D, dtype, causal)
+def test_attention_matches_float64(device, T, D, causal, dtype):
+    _check(device, 1, 2, T, D, dtype, causal)
 
 
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_attention_every_head_dim_batched(D):
-    _check(2, 3, 33, D, torch.float32, True)
+def test_attention_every_head_dim_batched(device, D):
+    _check(device, 2, 3, 33, D, torch.float32, True)
 
 
-def test_attention_custom_scale():
-    _check(1, 2, 40, 64, torch.float32, False, scale=0.3)
-    _check(1, 1, 40, 32, torch.float16, True, scale=0.05)
+def test_attention_custom_scale(device):
+    _check(device, 1, 2, 40, 64, torch.float32, False, scale=0.3)
+    _check(device, 1, 1, 40, 32, torch.float16, True, scale=0.05)
 
 
-def test_attention_contiguous_inputs_and_output_layout():
-    q, k, v = (torch.randn(2, 2, 50, 64) for _ in range(3))
+def test_attention_contiguous_inputs_and_output_layout(device):
+    q, k, v = (torch.randn(2, 2, 50, 64).to(device) for _ in range(3))
     o = kernels.attention(q, k, v)
     torch.testing.assert_close(o, _sdpa(q, k, v, True, None), atol=2e-6, rtol=1e-5)
     assert o.transpose(1, 2).is_contiguous()  # (B, T, H, D) storage: the model's transpose-back is free
 
 
-def test_attention_rejects_unsupported_head_dim():
-    q = torch.randn(1, 1, 8, 48)
+def test_attention_rejects_unsupported_head_dim(device):
+    q = torch.randn(1, 1, 8, 48).to(device)
     with pytest.raises(ValueError, match="head dim 48"):
         kernels.attention(q, q, q)
 
 
-def test_attention_dropout_falls_back_to_sdpa_with_one_warning():
+def test_attention_dropout_falls_back_to_sdpa_with_one_warning(device):
     import kernels.attention as _  # noqa: F401  (module, not the function)
     mod = __import__("sys").modules["kernels.attention"]
     mod._warned_dropout = False
-    q, k, v = (torch.randn(1, 2, 16, 32) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 16, 32).to(device) for _ in range(3))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         torch.manual_seed(0)

@@ -1,39 +1,30 @@
-"""Triton fused bias + GELU (interpreter on CPU) vs a float64 PyTorch reference."""
-import os
+"""Triton fused bias + GELU vs a float64 PyTorch reference.
 
-_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+Runs on the test device (NANOGPT_TEST_DEVICE): CPU through Triton's interpreter (tests/conftest.py turns it
+on), or the compiled kernels on CUDA.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels._testing import assert_close_to_ref  # noqa: E402
-
-assert kernels.unavailable("cpu") is None, kernels.unavailable("cpu")  # triton imported before TRITON_INTERPRET=1?
-# the rest of the session (other tests, their subprocesses) must not see TRITON_INTERPRET=1
-if _OLD_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+import kernels
+from kernels._testing import assert_close_to_ref, cpu_only, kernel_test_setup
 
 
 @pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    """kernels.unavailable("cpu") and the launchers see the interpreter during each kernel test."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _setup(device):
+    with kernel_test_setup(device):
+        yield
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _run(shape, dtype, bias, approximate):
+def _run(device, shape, dtype, bias, approximate):
     N = shape[-1]
-    x = (torch.randn(shape) * 2).to(dtype).requires_grad_()
-    b = torch.randn(N).to(dtype).requires_grad_() if bias else None
-    dy = torch.randn(shape).to(dtype)
+    x = (torch.randn(shape) * 2).to(device, dtype).requires_grad_()
+    b = torch.randn(N).to(device, dtype).requires_grad_() if bias else None
+    dy = torch.randn(shape).to(device, dtype)
     leaves = [t for t in (x, b) if t is not None]
 
     y = kernels.bias_gelu(x, b, approximate)
@@ -56,25 +47,25 @@ def _run(shape, dtype, bias, approximate):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("N", [768, 1000, 1023])
-def test_bias_gelu_matches_float64(N, approximate, dtype):
-    _run((2, 17, N), dtype, bias=True, approximate=approximate)
+def test_bias_gelu_matches_float64(device, N, approximate, dtype):
+    _run(device, (2, 17, N), dtype, bias=True, approximate=approximate)
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bias_gelu_without_bias(dtype, approximate):
-    _run((1, 1, 1000), dtype, bias=False, approximate=approximate)
+def test_bias_gelu_without_bias(device, dtype, approximate):
+    _run(device, (1, 1, 1000), dtype, bias=False, approximate=approximate)
 
 
-def test_bias_gelu_many_rows_and_wide():
+def test_bias_gelu_many_rows_and_wide(device):
     # more rows than one program's share and N > 256: several row groups and column blocks
-    _run((3, 100, 3072 + 5), torch.float32, bias=True, approximate="tanh")
+    _run(device, (3, 100, 3072 + 5), torch.float32, bias=True, approximate="tanh")
 
 
-def test_bias_gelu_dbias_is_deterministic():
-    x = torch.randn(300, 1000, requires_grad=True)
-    b = torch.randn(1000, requires_grad=True)
-    dy = torch.randn(300, 1000)
+def test_bias_gelu_dbias_is_deterministic(device):
+    x = torch.randn(300, 1000).to(device).requires_grad_()
+    b = torch.randn(1000).to(device).requires_grad_()
+    dy = torch.randn(300, 1000).to(device)
     out = []
     for _ in range(2):
         x.grad = b.grad = None
@@ -83,28 +74,29 @@ def test_bias_gelu_dbias_is_deterministic():
     assert torch.equal(out[0], out[1])
 
 
-def test_bias_gelu_rejects_unknown_approximation():
+def test_bias_gelu_rejects_unknown_approximation(device):
     with pytest.raises(ValueError, match="approximate"):
-        kernels.bias_gelu(torch.randn(2, 4), None, "erf")
+        kernels.bias_gelu(torch.randn(2, 4).to(device), None, "erf")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bias_gelu_gpu_block_config(monkeypatch, dtype):
+def test_bias_gelu_gpu_block_config(device, monkeypatch, dtype):
     """The interpreter normally gets tall tiles; run the exact GPU BLOCK_M choice too."""
     import sys
 
+    cpu_only(device, "on CUDA every test already runs the GPU BLOCK_M")
     monkeypatch.setattr(sys.modules["kernels.bias_gelu"], "interpreting", lambda: False)
-    _run((2, 17, 1000), dtype, bias=True, approximate="none")
-    _run((1, 33, 300), dtype, bias=False, approximate="tanh")
+    _run(device, (2, 17, 1000), dtype, bias=True, approximate="none")
+    _run(device, (1, 33, 300), dtype, bias=False, approximate="tanh")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_bias_gelu_fp32_bias_low_precision_input(dtype):
+def test_bias_gelu_fp32_bias_low_precision_input(device, dtype):
     """Autocast: F.linear gives bf16/fp16 activations while the bias parameter stays fp32."""
     N = 1023
-    x = (torch.randn(2, 17, N) * 2).to(dtype).requires_grad_()
-    b = torch.randn(N).requires_grad_()
-    dy = torch.randn(2, 17, N).to(dtype)
+    x = (torch.randn(2, 17, N) * 2).to(device, dtype).requires_grad_()
+    b = torch.randn(N).to(device).requires_grad_()
+    dy = torch.randn(2, 17, N).to(device, dtype)
     y = kernels.bias_gelu(x, b, "tanh")
     y.backward(dy)
     assert y.dtype == dtype and x.grad.dtype == dtype and b.grad.dtype == torch.float32

@@ -1,30 +1,23 @@
-"""Real GPU compilation (no GPU needed) and torch.compile(fullgraph=True) of the Triton backend."""
+"""Real GPU compilation (no GPU needed) and torch.compile(fullgraph=True) of the Triton backend.
+
+The torch.compile tests run on the test device (NANOGPT_TEST_DEVICE): CPU through Triton's interpreter
+(tests/conftest.py turns it on), or the compiled kernels on CUDA.
+"""
 import os
 import subprocess
 import sys
 
-_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
-
-
-assert kernels.unavailable("cpu") is None, kernels.unavailable("cpu")  # triton imported before TRITON_INTERPRET=1?
-# the rest of the session (other tests, their subprocesses) must not see TRITON_INTERPRET=1
-if _OLD_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+import kernels
+from kernels._testing import kernel_test_setup
 
 
 @pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    """kernels.unavailable("cpu") and the launchers see the interpreter during each kernel test."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _setup(device):
+    with kernel_test_setup(device):
+        yield
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +29,9 @@ KERNEL_FUNCTIONS = ["_ln_fwd_kernel", "_ln_bwd_kernel", "_bias_gelu_fwd_kernel",
 def test_compile_check_builds_every_kernel_for_sm80_and_sm90():
     """`python -m kernels.compile_check --sample 2`: first and last config of each kernel, sm_80 and sm_90.
 
-    Compiles through ptxas and parses registers / shared memory / spills. The interpreter must be off for
-    real compilation, so it runs in a subprocess.
+    Compiles through ptxas and parses registers / shared memory / spills for explicit GPUTargets, with or
+    without a GPU. The interpreter must be off for real compilation (on CPU the test session has it on), so
+    it runs in a subprocess without TRITON_INTERPRET.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--sample", "2", "-j", "2"],
@@ -75,24 +69,25 @@ def test_compile_configs_cover_every_kernel():
 def _grads(fn, *inputs):
     ins = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
     out = fn(*ins)
-    out.backward(torch.ones_like(out) * 0.5 + torch.arange(out.numel()).reshape(out.shape) % 3 * 0.1)
+    ramp = torch.arange(out.numel(), device=out.device).reshape(out.shape)
+    out.backward(torch.ones_like(out) * 0.5 + ramp % 3 * 0.1)
     return [out] + [t.grad for t in ins if t.requires_grad]
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "layer_norm_nobias", "bias_gelu", "bias_gelu_nobias", "attention"])
-def test_torch_compile_fullgraph_each_op_matches_eager(op):
+def test_torch_compile_fullgraph_each_op_matches_eager(device, op):
     torch._dynamo.reset()
     if op.startswith("layer_norm"):
-        args = [torch.randn(2, 9, 100), torch.randn(100), torch.randn(100)]
+        args = [torch.randn(2, 9, 100).to(device), torch.randn(100).to(device), torch.randn(100).to(device)]
         fn = (lambda x, w, b: kernels.layer_norm(x, w, b)) if op == "layer_norm" else \
              (lambda x, w, b: kernels.layer_norm(x, w, None) * b)
     elif op.startswith("bias_gelu"):
-        args = [torch.randn(2, 9, 100), torch.randn(100)]
+        args = [torch.randn(2, 9, 100).to(device), torch.randn(100).to(device)]
         fn = (lambda x, b: kernels.bias_gelu(x, b, "tanh")) if op == "bias_gelu" else \
              (lambda x, b: kernels.bias_gelu(x, None) + b)
     else:
-        qkv = torch.randn(2, 17, 3, 2, 32)
-        args = [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+        qkv = torch.randn(2, 17, 3, 2, 32).to(device)
+        args = [qkv[:, :, i].transpose(1, 2) for i in range(3)]  # strided views, as in the model
         fn = lambda q, k, v: kernels.attention(q, k, v, causal=True)  # noqa: E731
     for a in args:
         a.requires_grad_()
@@ -102,16 +97,16 @@ def test_torch_compile_fullgraph_each_op_matches_eager(op):
         torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
 
 
-def test_torch_compile_fullgraph_gpt_with_triton_kernels():
+def test_torch_compile_fullgraph_gpt_with_triton_kernels(device):
     from nanogpt.model import GPT, GPTConfig
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65, kernels="triton"),
-                device_type="cpu")
+                device_type=torch.device(device).type).to(device)
     assert set(model.backends.values()) == {"triton"}
-    idx = torch.randint(0, 65, (2, 32))
-    tgt = torch.randint(0, 65, (2, 32))
+    idx = torch.randint(0, 65, (2, 32)).to(device)
+    tgt = torch.randint(0, 65, (2, 32)).to(device)
     _, loss = model(idx, tgt)
     loss.backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -124,14 +119,14 @@ def test_torch_compile_fullgraph_gpt_with_triton_kernels():
         torch.testing.assert_close(p.grad, eager_grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_torch_compile_fullgraph_gpt_with_dropout_fallback():
+def test_torch_compile_fullgraph_gpt_with_dropout_fallback(device):
     """dropout > 0 takes the announced SDPA fallback; under torch.compile it must not break the graph."""
     from nanogpt.model import GPT, GPTConfig
 
     torch._dynamo.reset()
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=65, dropout=0.2,
-                          kernels="triton"), device_type="cpu").train()
-    idx = torch.randint(0, 65, (2, 32))
+                          kernels="triton"), device_type=torch.device(device).type).to(device).train()
+    idx = torch.randint(0, 65, (2, 32)).to(device)
     _, loss = torch.compile(model, fullgraph=True, backend="aot_eager")(idx, idx)
     loss.backward()
     assert torch.isfinite(loss)

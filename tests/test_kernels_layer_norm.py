@@ -1,40 +1,31 @@
-"""Triton LayerNorm (interpreter on CPU) vs a float64 PyTorch reference, forward and all gradients."""
-import os
+"""Triton LayerNorm vs a float64 PyTorch reference, forward and all gradients.
 
-_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+Runs on the test device (NANOGPT_TEST_DEVICE): CPU through Triton's interpreter (tests/conftest.py turns it
+on), or the compiled kernels on CUDA.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels._testing import assert_close_to_ref  # noqa: E402
-
-assert kernels.unavailable("cpu") is None, kernels.unavailable("cpu")  # triton imported before TRITON_INTERPRET=1?
-# the rest of the session (other tests, their subprocesses) must not see TRITON_INTERPRET=1
-if _OLD_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+import kernels
+from kernels._testing import assert_close_to_ref, cpu_only, kernel_test_setup
 
 
 @pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    """kernels.unavailable("cpu") and the launchers see the interpreter during each kernel test."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _setup(device):
+    with kernel_test_setup(device):
+        yield
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _run(shape, dtype, bias, eps=1e-5):
+def _run(device, shape, dtype, bias, eps=1e-5):
     N = shape[-1]
-    x = (torch.randn(shape) * 2 + 0.5).to(dtype).requires_grad_()
-    w = (torch.randn(N) * 0.5 + 1).to(dtype).requires_grad_()
-    b = (torch.randn(N) * 0.3).to(dtype).requires_grad_() if bias else None
-    dy = torch.randn(shape).to(dtype)
+    x = (torch.randn(shape) * 2 + 0.5).to(device, dtype).requires_grad_()
+    w = (torch.randn(N) * 0.5 + 1).to(device, dtype).requires_grad_()
+    b = (torch.randn(N) * 0.3).to(device, dtype).requires_grad_() if bias else None
+    dy = torch.randn(shape).to(device, dtype)
     leaves = [t for t in (x, w, b) if t is not None]
 
     y = kernels.layer_norm(x, w, b, eps)
@@ -59,26 +50,26 @@ def _run(shape, dtype, bias, eps=1e-5):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N", [768, 1000, 1023])
-def test_layer_norm_matches_float64(N, dtype):
-    _run((2, 17, N), dtype, bias=True)
+def test_layer_norm_matches_float64(device, N, dtype):
+    _run(device, (2, 17, N), dtype, bias=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_layer_norm_no_bias_odd_rows(dtype):
-    _run((1, 1, 1000), dtype, bias=False)
-    _run((3, 37, 100), dtype, bias=False)
+def test_layer_norm_no_bias_odd_rows(device, dtype):
+    _run(device, (1, 1, 1000), dtype, bias=False)
+    _run(device, (3, 37, 100), dtype, bias=False)
 
 
-def test_layer_norm_small_and_large_n():
-    _run((5, 7), torch.float32, bias=True)
-    _run((9, 4099), torch.float32, bias=True)  # several warps, masked tail
+def test_layer_norm_small_and_large_n(device):
+    _run(device, (5, 7), torch.float32, bias=True)
+    _run(device, (9, 4099), torch.float32, bias=True)  # several warps, masked tail
 
 
-def test_layer_norm_dweight_is_deterministic():
-    x = torch.randn(64, 768, requires_grad=True)
-    w = torch.randn(768, requires_grad=True)
-    b = torch.randn(768, requires_grad=True)
-    dy = torch.randn(64, 768)
+def test_layer_norm_dweight_is_deterministic(device):
+    x = torch.randn(64, 768).to(device).requires_grad_()
+    w = torch.randn(768).to(device).requires_grad_()
+    b = torch.randn(768).to(device).requires_grad_()
+    dy = torch.randn(64, 768).to(device)
     grads = []
     for _ in range(2):
         x.grad = w.grad = b.grad = None
@@ -87,30 +78,31 @@ def test_layer_norm_dweight_is_deterministic():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-def test_layer_norm_non_contiguous_input():
-    x = torch.randn(8, 2, 64).transpose(0, 1)  # rows not contiguous across the reshape
-    w, b = torch.randn(64), torch.randn(64)
+def test_layer_norm_non_contiguous_input(device):
+    x = torch.randn(8, 2, 64).to(device).transpose(0, 1)  # rows not contiguous across the reshape
+    w, b = torch.randn(64).to(device), torch.randn(64).to(device)
     torch.testing.assert_close(kernels.layer_norm(x, w, b), F.layer_norm(x, (64,), w, b), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_layer_norm_gpu_block_config(monkeypatch, dtype):
+def test_layer_norm_gpu_block_config(device, monkeypatch, dtype):
     """The interpreter normally gets tall blocks; run the exact GPU rows-per-program choice too."""
     import sys
 
+    cpu_only(device, "on CUDA every test already runs the GPU block config")
     monkeypatch.setattr(sys.modules["kernels.layer_norm"], "interpreting", lambda: False)
-    _run((2, 17, 768), dtype, bias=True)
-    _run((3, 5, 100), dtype, bias=False)
+    _run(device, (2, 17, 768), dtype, bias=True)
+    _run(device, (3, 5, 100), dtype, bias=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_layer_norm_fp32_params_low_precision_input(dtype):
+def test_layer_norm_fp32_params_low_precision_input(device, dtype):
     """Autocast: bf16/fp16 activations with fp32 weight and bias; dweight / dbias come back fp32."""
     N = 1000
-    x = (torch.randn(2, 17, N) * 2).to(dtype).requires_grad_()
-    w = (torch.randn(N) * 0.5 + 1).requires_grad_()
-    b = torch.randn(N).requires_grad_()
-    dy = torch.randn(2, 17, N).to(dtype)
+    x = (torch.randn(2, 17, N) * 2).to(device, dtype).requires_grad_()
+    w = (torch.randn(N) * 0.5 + 1).to(device).requires_grad_()
+    b = torch.randn(N).to(device).requires_grad_()
+    dy = torch.randn(2, 17, N).to(device, dtype)
     y = kernels.layer_norm(x, w, b)
     y.backward(dy)
     assert y.dtype == dtype and x.grad.dtype == dtype and w.grad.dtype == b.grad.dtype == torch.float32
