@@ -38,8 +38,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def nan_like(shape, dtype, device):
-    """Output buffers start as NaN under the interpreter (cheap there) so unwritten elements show up."""
-    if interpreting():
+    """Output buffers start as NaN under the interpreter (cheap there) or with NANOGPT_POISON=1 (the tests
+    set it), so unwritten elements show up."""
+    if interpreting() or os.environ.get("NANOGPT_POISON") == "1":
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 

@@ -6,6 +6,8 @@ DEVICE = os.environ.get("NANOGPT_TEST_DEVICE", "cpu")
 # on CPU the Triton kernels run through Triton's interpreter, which must be on before triton is imported
 if DEVICE.split(":")[0] == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
+# every kernel (Triton and extension) fills its outputs with NaN first, so an unwritten element fails
+os.environ["NANOGPT_POISON"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -3,7 +3,7 @@
 Forward and every gradient, odd sizes, every dtype the kernels take; our max error must be at
 most 2x the error of PyTorch's own same-dtype op against the same float64 reference, plus one
 ulp at the output's scale. Outputs are NaN-poisoned before the kernels write them
-(NANOGPT_EXT_POISON=1), so an element a kernel forgets to write fails the test. Runs on the
+(NANOGPT_POISON=1), so an element a kernel forgets to write fails the test. Runs on the
 device the suite targets (NANOGPT_TEST_DEVICE, CPU by default).
 """
 import pytest
@@ -21,7 +21,7 @@ def _poison(monkeypatch, device):
     reason = ext.unavailable(torch.device(device).type)
     if reason:
         pytest.skip(reason)
-    monkeypatch.setenv("NANOGPT_EXT_POISON", "1")
+    monkeypatch.setenv("NANOGPT_POISON", "1")
 
 
 def _dtype_combos(device):

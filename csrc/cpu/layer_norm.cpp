@@ -133,7 +133,7 @@ Combo combo_of(const at::Tensor& x, const at::Tensor& w, const char* op) {
 }  // namespace ln
 
 bool poison_outputs() {  // read on every call, so tests can switch it on and off
-  const char* v = std::getenv("NANOGPT_EXT_POISON");
+  const char* v = std::getenv("NANOGPT_POISON");
   return v && *v && std::string(v) != "0";
 }
 
