@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanogpt.ops import FusedAdamWBase
 from kernels._utils import TL_DTYPE, PTR_SIG, emu_bf16, interpreting, rne_bf16
 
 BLOCK = 1024
@@ -122,7 +123,7 @@ class _Bucket:
         self.hp_key = None
 
 
-class FusedAdamW(torch.optim.Optimizer):
+class FusedAdamW(FusedAdamWBase):
     """AdamW (decoupled weight decay, bias correction) as two Triton launches per step and dtype.
 
     Param groups carry their own lr / betas / eps / weight_decay. State per parameter matches
@@ -134,41 +135,14 @@ class FusedAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, max_grad_norm=0.0):
-        if lr < 0 or eps < 0 or not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"FusedAdamW: invalid lr={lr}, betas={betas} or eps={eps}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.max_grad_norm = float(max_grad_norm)
+        super().__init__(params, lr, betas, eps, weight_decay, max_grad_norm)
         self._buckets = {}
 
     # ------------------------------------------------------------ state
 
-    def _init_state(self, p):
-        st = self.state[p]
-        if "exp_avg" not in st:
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-        return st
-
     def load_state_dict(self, state_dict):
-        """torch's loader casts moments to the param dtype; keep them fp32 (and step a device tensor)."""
-        saved_groups = state_dict["param_groups"]
-        saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
-        ids = [i for g in saved_groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(ids, params):
-            if i not in saved_state:
-                continue
-            src, st = saved_state[i], self.state[p]
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in src:
-                    st[k] = src[k].detach().to(device=p.device, dtype=torch.float32).clone().contiguous()
-            if "step" in src:
-                s = src["step"]
-                st["step"] = (s.detach().to(device=p.device, dtype=torch.float32).clone().reshape(())
-                              if torch.is_tensor(s) else torch.tensor(float(s), device=p.device))
-        self._buckets = {}
+        self._buckets = {}  # addresses changed: rebuild the pointer tables
 
     # ------------------------------------------------------------ tables
 

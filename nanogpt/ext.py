@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from nanogpt.ops import FusedAdamWBase
+
 _C = None
 _IMPORT_ERROR = None
 
@@ -116,7 +118,7 @@ def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
 
 
-class FusedAdamW(torch.optim.Optimizer):
+class FusedAdamW(FusedAdamWBase):
     """AdamW as one multi-tensor kernel per param group, with the gradient clip fused in.
 
     step(): one fused reduction gives the total gradient norm over every param with a grad
@@ -130,24 +132,9 @@ class FusedAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, max_grad_norm=0.0):
-        if not 0.0 <= lr:
-            raise ValueError(f"invalid learning rate {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"invalid betas {betas}")
-        if not 0.0 <= eps:
-            raise ValueError(f"invalid eps {eps}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.max_grad_norm = float(max_grad_norm or 0.0)
+        super().__init__(params, lr, betas, eps, weight_decay, max_grad_norm)
         if _load() is None:
             raise RuntimeError(unavailable("cpu"))
-
-    def _init_state(self, p):
-        st = self.state[p]
-        if "exp_avg" not in st:
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-        return st
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -174,22 +161,6 @@ class FusedAdamW(torch.optim.Optimizer):
                 [s["step"] for s in states], lr, norm, float(beta1), float(beta2), float(group["eps"]),
                 float(group["weight_decay"]), self.max_grad_norm)
         return norm
-
-    def load_state_dict(self, state_dict):
-        # Optimizer.load_state_dict casts floating state to each param's dtype; keep it float32
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        current = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(saved_ids, current):
-            saved = state_dict["state"].get(i)
-            if not saved:
-                continue
-            st = self.state[p]
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in saved:
-                    st[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True).contiguous()
-            if "step" in saved:
-                st["step"] = torch.as_tensor(saved["step"]).to(device=p.device, dtype=torch.float32).reshape(()).clone()
 
 
 _load()

@@ -52,6 +52,41 @@ def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
 
 
+class FusedAdamWBase(torch.optim.Optimizer):
+    """What the fused AdamW backends share: hyperparameter checks, and state kept as torch.optim.AdamW
+    names it (exp_avg, exp_avg_sq, a 0-d `step` tensor on the param's device) but always float32."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay, max_grad_norm):
+        if lr < 0 or eps < 0 or not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"{type(self).__name__}: invalid lr={lr}, betas={betas} or eps={eps}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.max_grad_norm = float(max_grad_norm or 0.0)
+
+    def _init_state(self, p):
+        st = self.state[p]
+        if "exp_avg" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return st
+
+    def load_state_dict(self, state_dict):
+        # Optimizer.load_state_dict casts floating state to each param's dtype: put it back to float32
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, current):
+            saved = state_dict["state"].get(i)
+            if not saved:
+                continue
+            st = self.state[p]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved:
+                    st[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+            if "step" in saved:
+                st["step"] = torch.as_tensor(saved["step"]).to(device=p.device, dtype=torch.float32).reshape(()).clone()
+
+
 class FusedAdamW(torch.optim.AdamW):
     """torch.optim.AdamW (fused on CUDA) with the backend contract: clip inside step, return the norm."""
 
