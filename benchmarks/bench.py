@@ -49,11 +49,13 @@ import time
 import numpy as np
 import torch
 
-from nanogpt import ops
-from nanogpt.configurator import configure
-from nanogpt.errors import UserError
-from nanogpt.mfu import peak_flops
-from nanogpt.model import GPT, GPTConfig
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_cases import device_name  # noqa: E402
+from nanogpt import ops  # noqa: E402
+from nanogpt.configurator import configure  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.mfu import peak_flops  # noqa: E402
+from nanogpt.model import GPT, GPTConfig  # noqa: E402
 
 DEFAULT_MODES = "torch,torch+compile,auto,auto+compile"
 BASELINE = "torch+compile"
@@ -348,23 +350,6 @@ def pct(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run(cfg, argv=(), perturb=None, log=print):
     """Benchmark; returns the result dict. `perturb` ({mode: seed}) is a test hook: that mode's
     model is initialised from its own seed instead of the shared state_dict."""
@@ -381,7 +366,7 @@ def run(cfg, argv=(), perturb=None, log=print):
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/bench.py", *argv]),
-        "device": device.type, "device_name": device_name(device) if device.type == "cuda" else cpu_model(),
+        "device": device.type, "device_name": device_name(device),
         "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "loadavg_before": _loadavg(),
         "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),

@@ -11,6 +11,7 @@ and comes with the work it does, for rates:
                           and writes p,m,v)
 """
 import os
+import platform
 
 import torch
 
@@ -127,3 +128,18 @@ def make_case(op, pass_, mod, preset, device, compile_fn=False):
     else:
         raise ValueError(f"{op}: unknown pass {pass_!r}; passes are {', '.join(PASSES[op])}")
     return run, per_pass[pass_], unit
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo (else what platform knows)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

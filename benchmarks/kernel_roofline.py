@@ -17,7 +17,6 @@ runs the call until `rep_ms` has passed and takes the median.
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_cases import (OPS, PASSES, PRESETS, backend_or_reason, default_device, default_preset,  # noqa: E402
-                          make_case, sync)
+                          device_name, make_case, sync)
 from nanogpt import ops  # noqa: E402
 from nanogpt.configurator import configure  # noqa: E402
 from nanogpt.errors import run_cli  # noqa: E402
@@ -69,17 +68,6 @@ def time_ms(fn, device, warmup_ms=25, rep_ms=100):
     return statistics.median(times)
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def ceilings(device, preset, rep_ms):
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -111,7 +99,7 @@ def run(cfg, argv=(), log=print):
     torch.backends.cuda.matmul.allow_tf32 = True
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
-    dev_name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else cpu_model()
+    dev_name = device_name(device)
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join(["python", "benchmarks/kernel_roofline.py", *argv]),
            "device": device, "device_name": dev_name, "torch": torch.__version__, "preset": preset,
