@@ -67,7 +67,8 @@ def _extension():
         # runtime torch itself has loaded (same soname), so there is one OpenMP pool.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    sources = ["csrc/ext.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/bias_gelu.cpp", "csrc/cpu/adamw.cpp"]
+    sources = ["csrc/ext.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/bias_gelu.cpp", "csrc/cpu/adamw.cpp",
+               "csrc/cpu/common.cpp"]
     if with_cuda:
         ext = ce.CUDAExtension("nanogpt._C", sources + ["csrc/cuda/binding.cpp"],
                                extra_compile_args={"cxx": cxx + ["-DNANOGPT_WITH_CUDA"]}, extra_link_args=link)

@@ -61,16 +61,6 @@ NG_INLINE void bwd_rows(const T* __restrict dy, const T* __restrict x, const B* 
   }
 }
 
-template <class B>
-NG_INLINE void sum_chunks(const float* __restrict part, int64_t nchunks, int64_t N, B* __restrict out, int64_t j0,
-                          int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) {
-    float s = 0.0f;
-    for (int64_t c = 0; c < nchunks; ++c) s += part[c * N + j];
-    st(out, j, s);
-  }
-}
-
 #define NG_BG_LEAVES(SUF, T, B)                                                                                    \
   NG_CLONES void fwd_##SUF(const T* x, const B* b, T* y, int64_t r0, int64_t r1, int64_t N, bool tanh) {          \
     if (tanh) {                                                                                                   \
@@ -95,13 +85,6 @@ NG_BG_LEAVES(f32_f32, float, float)
 NG_BG_LEAVES(bf16_bf16, bf16_t, bf16_t)
 NG_BG_LEAVES(bf16_f32, bf16_t, float)
 #undef NG_BG_LEAVES
-
-NG_CLONES void sum_chunks_f32(const float* part, int64_t nchunks, int64_t N, float* out, int64_t j0, int64_t j1) {
-  sum_chunks<float>(part, nchunks, N, out, j0, j1);
-}
-NG_CLONES void sum_chunks_bf16(const float* part, int64_t nchunks, int64_t N, bf16_t* out, int64_t j0, int64_t j1) {
-  sum_chunks<bf16_t>(part, nchunks, N, out, j0, j1);
-}
 
 enum class Combo { F32_F32, BF16_BF16, BF16_F32 };
 
@@ -209,9 +192,9 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at:
   if (a.has_bias) {
     at::parallel_for(0, N, std::max<int64_t>(1, 65536 / nc), [&](int64_t j0, int64_t j1) {
       if (bdtype == at::kFloat)
-        bg::sum_chunks_f32(pp, nc, N, db.data_ptr<float>(), j0, j1);
+        sum_chunks_f32(pp, nc, N, db.data_ptr<float>(), j0, j1);
       else
-        bg::sum_chunks_bf16(pp, nc, N, bg::bpm(db), j0, j1);
+        sum_chunks_bf16(pp, nc, N, bg::bpm(db), j0, j1);
     });
   }
   return {dx, db};

@@ -159,4 +159,9 @@ inline int64_t reduce_chunk_rows(int64_t rows) {
   return c < 16 ? 16 : c;
 }
 
+// out[j] = sum over chunks c of part[c*N + j] for j in [j0, j1), in chunk order (deterministic);
+// the dweight/dbias second pass of layer_norm and bias_gelu (csrc/cpu/common.cpp)
+void sum_chunks_f32(const float* part, int64_t nchunks, int64_t N, float* out, int64_t j0, int64_t j1);
+void sum_chunks_bf16(const float* part, int64_t nchunks, int64_t N, bf16_t* out, int64_t j0, int64_t j1);
+
 }  // namespace nanogpt_cpu

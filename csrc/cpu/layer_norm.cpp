@@ -83,17 +83,6 @@ NG_INLINE void bwd_rows(const T* __restrict dy, const T* __restrict x, const W* 
   }
 }
 
-// ordered sum over chunks: out[j] = sum_c part[c*N + j]
-template <class W>
-NG_INLINE void sum_chunks(const float* __restrict part, int64_t nchunks, int64_t N, W* __restrict out, int64_t j0,
-                          int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) {
-    float s = 0.0f;
-    for (int64_t c = 0; c < nchunks; ++c) s += part[c * N + j];
-    st(out, j, s);
-  }
-}
-
 // the ISA-cloned leaves (target_clones cannot be put on templates)
 #define NG_LN_LEAVES(SUF, T, W)                                                                                   \
   NG_CLONES void fwd_##SUF(const T* x, const W* w, const W* b, T* y, float* mean, float* rstd, int64_t r0,       \
@@ -111,13 +100,6 @@ NG_LN_LEAVES(f32_f32, float, float)
 NG_LN_LEAVES(bf16_bf16, bf16_t, bf16_t)
 NG_LN_LEAVES(bf16_f32, bf16_t, float)
 #undef NG_LN_LEAVES
-
-NG_CLONES void sum_chunks_f32(const float* part, int64_t nchunks, int64_t N, float* out, int64_t j0, int64_t j1) {
-  sum_chunks<float>(part, nchunks, N, out, j0, j1);
-}
-NG_CLONES void sum_chunks_bf16(const float* part, int64_t nchunks, int64_t N, bf16_t* out, int64_t j0, int64_t j1) {
-  sum_chunks<bf16_t>(part, nchunks, N, out, j0, j1);
-}
 
 enum class Combo { F32_F32, BF16_BF16, BF16_F32 };
 
@@ -251,11 +233,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   const int64_t nc = std::max<int64_t>(nchunks, 1);
   at::parallel_for(0, N, std::max<int64_t>(1, 65536 / nc), [&](int64_t j0, int64_t j1) {
     if (weight.scalar_type() == at::kFloat) {
-      ln::sum_chunks_f32(dwp, nc, N, dw.data_ptr<float>(), j0, j1);
-      if (has_bias) ln::sum_chunks_f32(dbp, nc, N, db.data_ptr<float>(), j0, j1);
+      sum_chunks_f32(dwp, nc, N, dw.data_ptr<float>(), j0, j1);
+      if (has_bias) sum_chunks_f32(dbp, nc, N, db.data_ptr<float>(), j0, j1);
     } else {
-      ln::sum_chunks_bf16(dwp, nc, N, reinterpret_cast<bf16_t*>(dw.data_ptr()), j0, j1);
-      if (has_bias) ln::sum_chunks_bf16(dbp, nc, N, reinterpret_cast<bf16_t*>(db.data_ptr()), j0, j1);
+      sum_chunks_bf16(dwp, nc, N, reinterpret_cast<bf16_t*>(dw.data_ptr()), j0, j1);
+      if (has_bias) sum_chunks_bf16(dbp, nc, N, reinterpret_cast<bf16_t*>(db.data_ptr()), j0, j1);
     }
   });
   return {dx, dw, db};
