@@ -68,7 +68,7 @@ def _extension():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
     sources = ["csrc/ext.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/bias_gelu.cpp", "csrc/cpu/adamw.cpp",
-               "csrc/cpu/common.cpp"]
+               "csrc/cpu/attention.cpp", "csrc/cpu/common.cpp"]
     if with_cuda:
         ext = ce.CUDAExtension("nanogpt._C", sources + ["csrc/cuda/binding.cpp"],
                                extra_compile_args={"cxx": cxx + ["-DNANOGPT_WITH_CUDA"]}, extra_link_args=link)

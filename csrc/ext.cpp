@@ -1,6 +1,6 @@
 // nanogpt._C: registers the nanogpt_ext::* custom ops (schemas + CPU kernels; CUDA kernels
 // come from csrc/cuda/binding.cpp when built with NANOGPT_WITH_CUDA) and a tiny Python module
-// with build information. The user-facing ops layer_norm and bias_gelu get their autograd
+// with build information. The user-facing ops layer_norm, bias_gelu and attention (CPU) get their autograd
 // formula here, in C++ (torch::autograd::Function registered for the Autograd key, which
 // calls the *_fwd / *_bwd ops through the dispatcher): no Python on the per-call path.
 // Fake (meta) kernels for torch.compile are registered in nanogpt/ext.py.
@@ -13,11 +13,15 @@
 TORCH_LIBRARY(nanogpt_ext, m) {
   m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps) -> Tensor");
   m.def("bias_gelu(Tensor x, Tensor? bias, bool tanh) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> Tensor");
   m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool has_bias)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, bool tanh) -> Tensor");
   m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool tanh) -> (Tensor, Tensor)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale)"
+        " -> (Tensor, Tensor, Tensor)");
   m.def("grad_norm(Tensor[] grads) -> Tensor");
   m.def("adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs,"
         " Tensor(d!)[] steps, Tensor lr, Tensor norm, float beta1, float beta2, float eps, float weight_decay,"
@@ -63,6 +67,22 @@ bg_bwd_op() {
   return op;
 }
 
+using AttnFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+                                                   double);
+using AttnBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                               const at::Tensor&, const at::Tensor&,
+                                                               const at::Tensor&, const at::Tensor&, bool, double);
+const c10::TypedOperatorHandle<AttnFwd>& attn_fwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("nanogpt_ext::attention_fwd", "").typed<AttnFwd>();
+  return op;
+}
+const c10::TypedOperatorHandle<AttnBwd>& attn_bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("nanogpt_ext::attention_bwd", "").typed<AttnBwd>();
+  return op;
+}
+
 struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, double eps) {
@@ -99,12 +119,34 @@ struct BiasGeluFn : public torch::autograd::Function<BiasGeluFn> {
   }
 };
 
+struct AttentionFn : public torch::autograd::Function<AttentionFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            bool causal, double scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] = attn_fwd_op().call(q, k, v, causal, scale);
+    ctx->save_for_backward({q, k, v, out, lse});
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    auto [dq, dk, dv] = attn_bwd_op().call(grads[0], s[0], s[1], s[2], s[3], s[4],
+                                           ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble());
+    return {dq, dk, dv, at::Tensor(), at::Tensor()};
+  }
+};
+
 at::Tensor layer_norm_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                double eps) {
   return LayerNormFn::apply(x, weight, bias, eps);
 }
 at::Tensor bias_gelu_autograd(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh) {
   return BiasGeluFn::apply(x, bias, tanh);
+}
+at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                              double scale) {
+  return AttentionFn::apply(q, k, v, causal, scale);
 }
 // below autograd (no grad needed, inference mode): just the forward kernels
 at::Tensor layer_norm_plain(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -114,12 +156,16 @@ at::Tensor layer_norm_plain(const at::Tensor& x, const at::Tensor& weight, const
 at::Tensor bias_gelu_plain(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh) {
   return bg_fwd_op().call(x, bias, tanh);
 }
+at::Tensor attention_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale) {
+  return std::get<0>(attn_fwd_op().call(q, k, v, causal, scale));
+}
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nanogpt_ext, Autograd, m) {
   m.impl("layer_norm", &layer_norm_autograd);
   m.impl("bias_gelu", &bias_gelu_autograd);
+  m.impl("attention", &attention_autograd);
 }
 
 #ifdef NANOGPT_WITH_CUDA
@@ -136,6 +182,9 @@ TORCH_LIBRARY_IMPL(nanogpt_ext, CPU, m) {
   m.impl("layer_norm_bwd", &nanogpt_cpu::layer_norm_bwd);
   m.impl("bias_gelu_fwd", &nanogpt_cpu::bias_gelu_fwd);
   m.impl("bias_gelu_bwd", &nanogpt_cpu::bias_gelu_bwd);
+  m.impl("attention", &attention_plain);
+  m.impl("attention_fwd", &nanogpt_cpu::attention_fwd);
+  m.impl("attention_bwd", &nanogpt_cpu::attention_bwd);
   m.impl("grad_norm", &nanogpt_cpu::grad_norm);
   m.impl("adamw_", &nanogpt_cpu::adamw_);
 }

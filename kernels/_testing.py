@@ -63,3 +63,48 @@ def cpu_only(device, why):
 
     if torch.device(device).type != "cpu":
         pytest.skip(f"CPU (Triton interpreter) only: {why}")
+
+
+def attention_qkv(device, B, H, T, D, dtype):
+    """q, k, v as the model makes them: (B, H, T, D) transposed views of one (B, T, 3, H, D) buffer."""
+    qkv = torch.randn(B, T, 3, H, D).to(device, dtype)
+    return [qkv[:, :, i].transpose(1, 2).detach().requires_grad_() for i in range(3)]
+
+
+def check_attention(attention, device, B, H, T, D, dtype, causal, scale=None):
+    """attention(q, k, v, causal=, scale=): output, dq, dk, dv against float64 SDPA, within 2x the error of
+    torch's own SDPA in `dtype`, on fresh random model-layout inputs."""
+    import math
+
+    import torch.nn.functional as F
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+    q, k, v = attention_qkv(device, B, H, T, D, dtype)
+    assert not q.is_contiguous() or T == 1
+    do = torch.randn(B, H, T, D).to(device, dtype)
+    o = attention(q, k, v, causal=causal, scale=scale)
+    o.backward(do)
+    ours = [o, q.grad, k.grad, v.grad]
+
+    r64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o64 = sdpa(*r64)
+    o64.backward(do.double())
+    ref = [o64] + [t.grad for t in r64]
+
+    rt = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ot = sdpa(*rt)
+    ot.backward(do)
+    tor = [ot] + [t.grad for t in rt]
+
+    # dq and dk are sums of p * (dp - delta) terms that cancel: their rounding error scales with |dp| (and
+    # sqrt(D) terms per dot), not with the (possibly ~0, e.g. T=1) exact result
+    sm = scale if scale is not None else 1 / math.sqrt(D)
+    dp = (do.double() @ r64[2].detach().transpose(-1, -2)).abs().max().item()
+    hint = {"dq": math.sqrt(D) * dp * r64[1].abs().max().item() * sm,
+            "dk": math.sqrt(D) * dp * r64[0].abs().max().item() * sm}
+    assert o.shape == q.shape and o.dtype == dtype
+    for name, a, t, r in zip(("out", "dq", "dk", "dv"), ours, tor, ref):
+        assert a.dtype == dtype and a.shape == q.shape
+        assert_close_to_ref(f"attention {name} T={T} D={D} causal={causal}", a, t, r, dtype, hint.get(name, 0.0))

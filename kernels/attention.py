@@ -14,7 +14,6 @@ gradients are laid out as (B, T, H, D) and returned transposed, so `y.transpose(
 to (B, T, C) is free.
 """
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels._utils import PTR_SIG, emu_bf16, nan_like, rne_bf16
+from nanogpt.ops import sdpa_fallback
 
 HEAD_DIMS = (32, 64, 128)
 LOG2E = 1.4426950408889634
@@ -407,14 +407,6 @@ def _backward(ctx, do, _dlse):
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
-_warned_dropout = False
-
-
-def _is_compiling():
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(fn()) if fn is not None else False
-
-
 def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     """Scaled dot-product attention softmax(q k^T * scale [+ causal mask]) v for (B, H, T, D) inputs.
 
@@ -427,13 +419,8 @@ def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if dropout_p > 0.0:
-        global _warned_dropout
-        # warnings.warn would break a torch.compile(fullgraph=True) graph: announce from eager calls only
-        if not _warned_dropout and not _is_compiling():
-            _warned_dropout = True
-            warnings.warn("kernels.attention: dropout_p > 0 is not implemented in the Triton kernels; "
-                          "falling back to torch scaled_dot_product_attention", stacklevel=2)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+        return sdpa_fallback(q, k, v, causal, scale, dropout_p,
+                             "kernels.attention: dropout_p > 0 is not implemented in the Triton kernels")
     return attention_fwd(q, k, v, bool(causal), float(scale))[0]
 
 

@@ -2,7 +2,7 @@
 
 The extension registers torch custom ops in the `nanogpt_ext` namespace
 (torch.ops.nanogpt_ext.*) with CPU kernels (vectorized, multi-threaded C++) and, when built
-with CUDA, CUDA kernels; layer_norm and bias_gelu carry C++ autograd formulas. This module
+with CUDA, CUDA kernels; layer_norm, bias_gelu and attention carry C++ autograd formulas. This module
 adds fake (meta) kernels so they work under torch.compile(fullgraph=True), and exposes the
 backend contract of nanogpt.ops: layer_norm, bias_gelu, attention, FusedAdamW, unavailable.
 
@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanogpt.ops import FusedAdamWBase
+from nanogpt.ops import FusedAdamWBase, sdpa_fallback
 
 _C = None
 _IMPORT_ERROR = None
@@ -76,6 +76,21 @@ def _register():
         db = bias.new_empty((x.shape[-1],)) if bias is not None else x.new_empty((0,))
         return torch.empty_like(x, memory_format=torch.contiguous_format), db
 
+    def bthd(q):  # (B, H, T, D) view of a (B, T, H, D) buffer, as the CPU kernel allocates
+        return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3])).transpose(1, 2)
+
+    @torch.library.register_fake("nanogpt_ext::attention_fwd")
+    def _(q, k, v, causal, scale):
+        return bthd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("nanogpt_ext::attention_bwd")
+    def _(dout, q, k, v, out, lse, causal, scale):
+        return bthd(q), bthd(q), bthd(q)
+
+    @torch.library.register_fake("nanogpt_ext::attention")
+    def _(q, k, v, causal, scale):
+        return bthd(q)
+
     @torch.library.register_fake("nanogpt_ext::grad_norm")
     def _(grads):
         return grads[0].new_empty((), dtype=torch.float32)
@@ -113,9 +128,20 @@ def bias_gelu(x, bias=None, approximate="none"):
 
 
 def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
-    """Causal attention on (B, H, T, D): this backend calls torch's scaled_dot_product_attention
-    (flash / memory-efficient kernels on CUDA, a fused kernel on CPU); it has no kernel of its own."""
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+    """Attention on (B, H, T, D). CPU, float32/bfloat16: our kernel (csrc/cpu/attention.cpp; any T and
+    D, exact softmax per query row, causal rows stop at the diagonal, output stored (B, T, H, D) so the
+    transpose back is free). CUDA: torch's SDPA (flash kernels); the extension has no CUDA attention.
+    On CPU, dropout_p > 0 and other dtypes fall back to SDPA with a one-time warning."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+    if dropout_p > 0.0:
+        return sdpa_fallback(q, k, v, causal, scale, dropout_p,
+                             "nanogpt.ext.attention: dropout_p > 0 is not implemented in the CPU kernel")
+    if q.dtype not in (torch.float32, torch.bfloat16):
+        return sdpa_fallback(q, k, v, causal, scale, dropout_p,
+                             f"nanogpt.ext.attention: the CPU kernel takes float32/bfloat16, not {q.dtype}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.ops.nanogpt_ext.attention(q, k, v, bool(causal), float(scale))
 
 
 class FusedAdamW(FusedAdamWBase):

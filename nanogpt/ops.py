@@ -18,6 +18,7 @@ backend name for every op (`torch`, `triton`, `ext`, `auto`) or a per-op list
 such as `attention:triton,layer_norm:torch`; ops not named take `auto`.
 """
 import importlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,23 @@ def bias_gelu(x, bias=None, approximate="none"):
 
 
 def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+
+
+_announced = set()
+
+
+def _is_compiling():
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
+def sdpa_fallback(q, k, v, causal, scale, dropout_p, why):
+    """torch SDPA for a call a backend's kernels do not cover, announced once per `why`. The warning
+    comes from the first eager call: inside torch.compile it would break a fullgraph graph."""
+    if why not in _announced and not _is_compiling():
+        _announced.add(why)
+        warnings.warn(f"{why}; falling back to torch scaled_dot_product_attention", stacklevel=3)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
 
 

@@ -1,0 +1,357 @@
+// Attention on (B, H, T, D) q, k, v (causal or not), CPU, fp32/bf16 in and out, fp32 math.
+//
+// One (batch, head) per task: its rows are converted to fp32 in task-local buffers (k and v
+// also transposed, so every inner loop runs over a contiguous dimension), then each query row
+// takes an exact softmax over its keys: the row of scores is T floats, in L1 at the T a CPU
+// trains at. Causal rows stop at the diagonal (half the work of a masked dense product, which
+// is what torch's CPU kernels pay for in bf16). The forward saves the log-sum-exp per row; the
+// backward recomputes p from it and accumulates dk/dv in fp32 per task, so results are
+// deterministic and do not depend on the thread count. Outputs and input gradients are stored
+// (B, T, H, D) and returned as (B, H, T, D) views: the model's transpose back to (B, T, C) is free.
+#include "common.h"
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace nanogpt_cpu {
+namespace attn {
+
+struct Shape {
+  int64_t T, D;
+  bool causal;
+  float scale;
+  int64_t keys(int64_t i) const { return causal ? i + 1 : T; }  // query row i sees keys [0, keys(i))
+};
+
+// Register tiles: RB query rows x W keys (or W head-dim columns) of fp32 accumulators. The task
+// buffers are zero-padded to Tp = T and Dp = D rounded up to W, so tiles never need masks.
+constexpr int64_t RB = 4, W = 16;
+NG_INLINE int64_t round_up(int64_t n) { return (n + W - 1) / W * W; }
+
+// (B, H, T, D) rows of one (b, h): base + t * st, unit stride over D
+template <class T>
+struct Rows {
+  const T* p;
+  int64_t st;
+  const T* row(int64_t t) const { return p + t * st; }
+};
+
+// dst[t * Dp + d] (or dst[d * Tp + t] when transposed) = src[t][d], t < T, d < D; padding untouched (zero)
+template <class T>
+NG_INLINE void load(Rows<T> src, int64_t Tn, int64_t D, int64_t Dp, float* __restrict dst) {
+  for (int64_t t = 0; t < Tn; ++t) {
+    const T* r = src.row(t);
+    NG_SIMD
+    for (int64_t d = 0; d < D; ++d) dst[t * Dp + d] = ld(r, d);
+  }
+}
+template <class T>
+NG_INLINE void load_transposed(Rows<T> src, int64_t Tn, int64_t D, int64_t Tp, float* __restrict dst) {
+  for (int64_t t = 0; t < Tn; ++t) {
+    const T* r = src.row(t);
+    for (int64_t d = 0; d < D; ++d) dst[d * Tp + t] = ld(r, d);
+  }
+}
+
+// S[r * Tp + j] = scale * (a_r . b_j) for r < RB, j < n (n a multiple of W); a: RB rows of Dp, bt: Dp x Tp
+NG_INLINE void dots(const float* __restrict a, int64_t Dp, const float* __restrict bt, int64_t Tp, int64_t n,
+                    float scale, float* __restrict S) {
+  for (int64_t j0 = 0; j0 < n; j0 += W) {
+    float acc[RB][W] = {};
+    for (int64_t d = 0; d < Dp; ++d) {
+      const float* __restrict b = bt + d * Tp + j0;
+      for (int64_t r = 0; r < RB; ++r) {
+        const float ar = a[r * Dp + d];
+        NG_SIMD
+        for (int64_t c = 0; c < W; ++c) acc[r][c] += ar * b[c];
+      }
+    }
+    for (int64_t r = 0; r < RB; ++r) {
+      NG_SIMD
+      for (int64_t c = 0; c < W; ++c) S[r * Tp + j0 + c] = acc[r][c] * scale;
+    }
+  }
+}
+
+// O[r * Dp + d] = sum_{j < n} P[r * Tp + j] * m[j * Dp + d] for r < RB
+NG_INLINE void weighted(const float* __restrict P, int64_t Tp, const float* __restrict m, int64_t Dp, int64_t n,
+                        float* __restrict O) {
+  for (int64_t d0 = 0; d0 < Dp; d0 += W) {
+    float acc[RB][W] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const float* __restrict mr = m + j * Dp + d0;
+      for (int64_t r = 0; r < RB; ++r) {
+        const float pr = P[r * Tp + j];
+        NG_SIMD
+        for (int64_t c = 0; c < W; ++c) acc[r][c] += pr * mr[c];
+      }
+    }
+    for (int64_t r = 0; r < RB; ++r) {
+      NG_SIMD
+      for (int64_t c = 0; c < W; ++c) O[r * Dp + d0 + c] = acc[r][c];
+    }
+  }
+}
+
+// acc[j * Dp + d] += sum_r P[r * Tp + j] * a[r * Dp + d] for j < n: the (P^T a) updates of dk and dv
+NG_INLINE void accumulate_t(const float* __restrict P, int64_t Tp, const float* __restrict a, int64_t Dp, int64_t n,
+                            float* __restrict acc) {
+  for (int64_t d0 = 0; d0 < Dp; d0 += W) {
+    float ar[RB][W];
+    for (int64_t r = 0; r < RB; ++r) {
+      NG_SIMD
+      for (int64_t c = 0; c < W; ++c) ar[r][c] = a[r * Dp + d0 + c];
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      float* __restrict out = acc + j * Dp + d0;
+      float o[W];
+      NG_SIMD
+      for (int64_t c = 0; c < W; ++c) o[c] = out[c];
+      for (int64_t r = 0; r < RB; ++r) {
+        const float pr = P[r * Tp + j];
+        NG_SIMD
+        for (int64_t c = 0; c < W; ++c) o[c] += pr * ar[r][c];
+      }
+      NG_SIMD
+      for (int64_t c = 0; c < W; ++c) out[c] = o[c];
+    }
+  }
+}
+
+// Rows [i, i + RB) of a task: how many keys their tile covers, and each row's own count (0 past T)
+NG_INLINE int64_t tile_keys(const Shape& sh, int64_t i) {
+  return round_up(sh.causal ? std::min(i + RB, sh.T) : sh.T);
+}
+NG_INLINE int64_t row_keys(const Shape& sh, int64_t row) { return row < sh.T ? sh.keys(row) : 0; }
+
+// task buffer sizes in floats (Tp rows of Dp, Dp rows of Tp, RB rows of Tp)
+NG_INLINE int64_t fwd_buffer(int64_t Tn, int64_t D) {
+  return 3 * round_up(Tn) * round_up(D) + RB * (round_up(Tn) + round_up(D));
+}
+NG_INLINE int64_t bwd_buffer(int64_t Tn, int64_t D) {
+  return 7 * round_up(Tn) * round_up(D) + RB * (2 * round_up(Tn) + round_up(D));
+}
+
+template <class T>
+NG_INLINE void fwd_bh(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, float* lse, const Shape& sh,
+                      float* buf) {
+  const int64_t Tn = sh.T, D = sh.D, Tp = round_up(Tn), Dp = round_up(D);
+  float* Q = buf;
+  float* KT = Q + Tp * Dp;
+  float* V = KT + Tp * Dp;
+  float* S = V + Tp * Dp;
+  float* O = S + RB * Tp;
+  load(q, Tn, D, Dp, Q);
+  load_transposed(k, Tn, D, Tp, KT);
+  load(v, Tn, D, Dp, V);
+  float l[RB];
+  for (int64_t i = 0; i < Tn; i += RB) {
+    const int64_t nb = tile_keys(sh, i);
+    dots(Q + i * Dp, Dp, KT, Tp, nb, sh.scale, S);
+    for (int64_t r = 0; r < RB; ++r) {
+      float* s = S + r * Tp;
+      const int64_t n = row_keys(sh, i + r);
+      float m = -std::numeric_limits<float>::infinity();
+      NG_SIMD_MAX(m)
+      for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+      float sum = 0.0f;
+      NG_SIMD_SUM(sum)
+      for (int64_t j = 0; j < nb; ++j) {
+        s[j] = j < n ? vexp(s[j] - m) : 0.0f;
+        sum += s[j];
+      }
+      l[r] = sum;
+      if (n > 0) lse[i + r] = m + std::log(sum);
+    }
+    weighted(S, Tp, V, Dp, nb, O);
+    for (int64_t r = 0; r < RB && i + r < Tn; ++r) {
+      const float inv = 1.0f / l[r];
+      T* orow = out + (i + r) * out_st;
+      NG_SIMD
+      for (int64_t d = 0; d < D; ++d) st(orow, d, O[r * Dp + d] * inv);
+    }
+  }
+}
+
+template <class T>
+NG_INLINE void bwd_bh(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out, const float* lse, T* dq, T* dk,
+                      T* dv, int64_t g_st, const Shape& sh, float* buf) {
+  const int64_t Tn = sh.T, D = sh.D, Tp = round_up(Tn), Dp = round_up(D);
+  float* Q = buf;
+  float* K = Q + Tp * Dp;
+  float* KT = K + Tp * Dp;
+  float* VT = KT + Tp * Dp;
+  float* dO = VT + Tp * Dp;
+  float* dK = dO + Tp * Dp;
+  float* dV = dK + Tp * Dp;
+  float* P = dV + Tp * Dp;
+  float* dS = P + RB * Tp;
+  float* G = dS + RB * Tp;
+  load(q, Tn, D, Dp, Q);
+  load(k, Tn, D, Dp, K);
+  load_transposed(k, Tn, D, Tp, KT);
+  load_transposed(v, Tn, D, Tp, VT);
+  load(dout, Tn, D, Dp, dO);
+  NG_SIMD
+  for (int64_t e = 0; e < 2 * Tp * Dp; ++e) dK[e] = 0.0f;  // dK and dV are adjacent
+  for (int64_t i = 0; i < Tn; i += RB) {
+    const int64_t nb = tile_keys(sh, i);
+    dots(Q + i * Dp, Dp, KT, Tp, nb, sh.scale, P);
+    dots(dO + i * Dp, Dp, VT, Tp, nb, 1.0f, dS);  // dp
+    for (int64_t r = 0; r < RB; ++r) {
+      float* p = P + r * Tp;
+      float* ds = dS + r * Tp;
+      const int64_t n = row_keys(sh, i + r);
+      const float li = n > 0 ? lse[i + r] : 0.0f;
+      // delta = rowsum(dO * O) with O as stored (in its dtype), as FlashAttention does
+      float delta = 0.0f;
+      if (n > 0) {
+        const T* orow = out.row(i + r);
+        const float* dOr = dO + (i + r) * Dp;
+        NG_SIMD_SUM(delta)
+        for (int64_t d = 0; d < D; ++d) delta += dOr[d] * ld(orow, d);
+      }
+      NG_SIMD
+      for (int64_t j = 0; j < nb; ++j) {
+        p[j] = j < n ? vexp(p[j] - li) : 0.0f;
+        ds[j] = p[j] * (ds[j] - delta);
+      }
+    }
+    weighted(dS, Tp, K, Dp, nb, G);
+    for (int64_t r = 0; r < RB && i + r < Tn; ++r) {
+      T* dqrow = dq + (i + r) * g_st;
+      NG_SIMD
+      for (int64_t d = 0; d < D; ++d) st(dqrow, d, G[r * Dp + d] * sh.scale);
+    }
+    accumulate_t(P, Tp, dO + i * Dp, Dp, nb, dV);
+    accumulate_t(dS, Tp, Q + i * Dp, Dp, nb, dK);  // dk = scale * dS^T q, scaled when stored
+  }
+  for (int64_t j = 0; j < Tn; ++j) {
+    NG_SIMD
+    for (int64_t d = 0; d < D; ++d) {
+      st(dk + j * g_st, d, dK[j * Dp + d] * sh.scale);
+      st(dv + j * g_st, d, dV[j * Dp + d]);
+    }
+  }
+}
+
+// target_clones cannot be put on templates: one cloned leaf per dtype and direction
+NG_CLONES void fwd_f32(Rows<float> q, Rows<float> k, Rows<float> v, float* out, int64_t out_st, float* lse,
+                       const Shape& sh, float* buf) {
+  fwd_bh<float>(q, k, v, out, out_st, lse, sh, buf);
+}
+NG_CLONES void fwd_bf16(Rows<bf16_t> q, Rows<bf16_t> k, Rows<bf16_t> v, bf16_t* out, int64_t out_st, float* lse,
+                        const Shape& sh, float* buf) {
+  fwd_bh<bf16_t>(q, k, v, out, out_st, lse, sh, buf);
+}
+NG_CLONES void bwd_f32(Rows<float> dout, Rows<float> q, Rows<float> k, Rows<float> v, Rows<float> out,
+                       const float* lse, float* dq, float* dk, float* dv, int64_t g_st, const Shape& sh, float* buf) {
+  bwd_bh<float>(dout, q, k, v, out, lse, dq, dk, dv, g_st, sh, buf);
+}
+NG_CLONES void bwd_bf16(Rows<bf16_t> dout, Rows<bf16_t> q, Rows<bf16_t> k, Rows<bf16_t> v, Rows<bf16_t> out,
+                        const float* lse, bf16_t* dq, bf16_t* dk, bf16_t* dv, int64_t g_st, const Shape& sh,
+                        float* buf) {
+  bwd_bh<bf16_t>(dout, q, k, v, out, lse, dq, dk, dv, g_st, sh, buf);
+}
+
+// unit stride over D (a copy otherwise); same (B, H, T, D) shape and dtype as q
+at::Tensor checked(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " has shape ", t.sizes(), ", expected q's shape ", q.sizes(),
+              " (B, H, T, D)");
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " is ", t.scalar_type(), ", expected q's dtype ",
+              q.scalar_type());
+  return t.stride(3) == 1 ? t : t.contiguous();
+}
+
+void check_q(const at::Tensor& q, const char* op) {
+  TORCH_CHECK(q.dim() == 4, op, ": q must be (B, H, T, D), got shape ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, op,
+              ": CPU attention takes float32 or bfloat16, got ", q.scalar_type());
+}
+
+// (B, H, T, D) view of a new (B, T, H, D) buffer
+at::Tensor new_bthd(const at::Tensor& q) {
+  return new_output(q, {q.size(0), q.size(2), q.size(1), q.size(3)}, q.scalar_type()).transpose(1, 2);
+}
+
+template <class T>
+Rows<T> rows(const at::Tensor& t, int64_t b, int64_t h) {
+  return {reinterpret_cast<const T*>(t.data_ptr()) + b * t.stride(0) + h * t.stride(1), t.stride(2)};
+}
+template <class T>
+T* out_ptr(const at::Tensor& t, int64_t b, int64_t h) {
+  return reinterpret_cast<T*>(t.data_ptr()) + b * t.stride(0) + h * t.stride(1);
+}
+
+}  // namespace attn
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                                 bool causal, double scale) {
+  const char* op = "nanogpt_ext::attention_fwd";
+  attn::check_q(q_, op);
+  const at::Tensor q = attn::checked(q_, q_, op, "q"), k = attn::checked(k_, q_, op, "k"),
+                   v = attn::checked(v_, q_, op, "v");
+  const int64_t B = q.size(0), H = q.size(1), Tn = q.size(2), D = q.size(3);
+  at::Tensor out = attn::new_bthd(q);
+  at::Tensor lse = new_output(q, {B, H, Tn}, at::kFloat);
+  const attn::Shape sh{Tn, D, causal, static_cast<float>(scale)};
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(attn::fwd_buffer(Tn, D));  // zero: the padding stays zero
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H;
+      float* l = lse.data_ptr<float>() + t * Tn;
+      if (bf16)
+        attn::fwd_bf16(attn::rows<bf16_t>(q, b, h), attn::rows<bf16_t>(k, b, h), attn::rows<bf16_t>(v, b, h),
+                       attn::out_ptr<bf16_t>(out, b, h), out.stride(2), l, sh, buf.data());
+      else
+        attn::fwd_f32(attn::rows<float>(q, b, h), attn::rows<float>(k, b, h), attn::rows<float>(v, b, h),
+                      attn::out_ptr<float>(out, b, h), out.stride(2), l, sh, buf.data());
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout_, const at::Tensor& q_,
+                                                             const at::Tensor& k_, const at::Tensor& v_,
+                                                             const at::Tensor& out_, const at::Tensor& lse,
+                                                             bool causal, double scale) {
+  const char* op = "nanogpt_ext::attention_bwd";
+  attn::check_q(q_, op);
+  const at::Tensor q = attn::checked(q_, q_, op, "q"), k = attn::checked(k_, q_, op, "k"),
+                   v = attn::checked(v_, q_, op, "v"), out = attn::checked(out_, q_, op, "out"),
+                   dout = attn::checked(dout_, q_, op, "grad of out");
+  const int64_t B = q.size(0), H = q.size(1), Tn = q.size(2), D = q.size(3);
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.sizes() == at::IntArrayRef({B, H, Tn}),
+              op, ": lse must be a contiguous float32 CPU tensor of shape (B, H, T) from attention_fwd");
+  at::Tensor dq = attn::new_bthd(q), dk = attn::new_bthd(q), dv = attn::new_bthd(q);
+  const attn::Shape sh{Tn, D, causal, static_cast<float>(scale)};
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(attn::bwd_buffer(Tn, D));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H;
+      const float* l = lse.data_ptr<float>() + t * Tn;
+      if (bf16)
+        attn::bwd_bf16(attn::rows<bf16_t>(dout, b, h), attn::rows<bf16_t>(q, b, h), attn::rows<bf16_t>(k, b, h),
+                       attn::rows<bf16_t>(v, b, h), attn::rows<bf16_t>(out, b, h), l,
+                       attn::out_ptr<bf16_t>(dq, b, h), attn::out_ptr<bf16_t>(dk, b, h),
+                       attn::out_ptr<bf16_t>(dv, b, h), dq.stride(2), sh, buf.data());
+      else
+        attn::bwd_f32(attn::rows<float>(dout, b, h), attn::rows<float>(q, b, h), attn::rows<float>(k, b, h),
+                      attn::rows<float>(v, b, h), attn::rows<float>(out, b, h), l, attn::out_ptr<float>(dq, b, h),
+                      attn::out_ptr<float>(dk, b, h), attn::out_ptr<float>(dv, b, h), dq.stride(2), sh,
+                      buf.data());
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace nanogpt_cpu
