@@ -13,12 +13,14 @@ A mode is `<kernels>[+compile]`:
   auto / ours      `--kernels` (default "auto": the best backend per op on this device)
   triton, ext      one backend for every op (skipped, with the reason, when it cannot run here)
 A per-op mix goes through --kernels (e.g. --kernels=attention:triton,layer_norm:torch)
-and is then run as the "auto"/"ours" mode.
+and is then run as the "auto"/"ours" mode. A mode may name its own precision,
+`auto@bfloat16` (else --dtype's): on CPU the default modes add `auto@bfloat16` where the
+CPU has bf16 matmul units, since the CPU quick start trains in bf16 there.
 
 Before timing, every mode takes its first step from the same weights (one
 state_dict, loaded into all) on the same batch; their losses must agree within
 the dtype's tolerance (fp32 1e-4 relative, bf16/fp16 2e-2) or the run fails
-with exit code 1.
+with exit code 1 (with modes in several dtypes, the loosest tolerance).
 
 Peak memory, per mode:
   cuda  (params + optimizer state) + (max_memory_allocated during one step -
@@ -85,7 +87,8 @@ def defaults(device):
         warmup=5 if device == "cpu" else 10,   # untimed steps per mode after the first (compiling) one
         iters=30,                  # timed steps per mode
         per_round=1,               # steps per mode per round
-        modes=DEFAULT_MODES,
+        # on a CPU with bf16 matmul units, also our kernels in bf16: the CPU quick start's default path
+        modes=DEFAULT_MODES + (",auto@bfloat16" if device == "cpu" and ops.cpu_native_bf16() else ""),
         kernels="auto",            # what "auto"/"ours" modes run
         json="",                   # write the results here too
         profile="",                # mode(s) to profile after timing, e.g. "auto" or "auto,torch+compile"
@@ -113,15 +116,18 @@ def load_config(argv):
 
 # ---------------------------------------------------------------- modes
 
-def parse_modes(spec, kernels):
-    """[(name, kernel selector, compile?)] from 'torch,torch+compile,auto,...'."""
+def parse_modes(spec, kernels, dtype):
+    """[(name, kernel selector, compile?, dtype)] from 'torch,torch+compile,auto@bfloat16,...'."""
     out = []
     for name in (m.strip() for m in spec.split(",")):
         if not name:
             continue
-        base, plus, rest = name.partition("+")
+        head, at, mode_dtype = name.partition("@")
+        if at and mode_dtype not in TOLERANCE:
+            raise UserError(f"mode {name!r}: dtype after @ must be one of {', '.join(TOLERANCE)}")
+        base, plus, rest = head.partition("+")
         if plus and rest != "compile":
-            raise UserError(f"mode {name!r}: expected <kernels>[+compile], e.g. torch+compile")
+            raise UserError(f"mode {name!r}: expected <kernels>[+compile][@dtype], e.g. torch+compile")
         if base in ("auto", "ours"):
             sel = kernels
         elif base in ops.BACKENDS:
@@ -130,7 +136,7 @@ def parse_modes(spec, kernels):
             raise UserError(f"mode {name!r}: kernels part must be torch, auto, ours, "
                             f"{', '.join(b for b in ops.BACKENDS if b != 'torch')}; "
                             "per-op mixes go through --kernels=... and the auto mode")
-        out.append((name, sel, bool(plus)))
+        out.append((name, sel, bool(plus), mode_dtype or dtype))
     if not out:
         raise UserError("--modes is empty")
     return out
@@ -175,8 +181,8 @@ def make_batches(cfg, device, n=8):
 class Runner:
     """One mode: its model, optimizer and (maybe compiled) forward."""
 
-    def __init__(self, name, kernels, compiled, cfg, state_dict, batches, init_seed=None):
-        self.name, self.kernels, self.compiled = name, kernels, compiled
+    def __init__(self, name, kernels, compiled, dtype, cfg, state_dict, batches, init_seed=None):
+        self.name, self.kernels, self.compiled, self.dtype = name, kernels, compiled, dtype
         self.device = torch.device(cfg["device"])
         mconf = GPTConfig(**{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size",
                                                  "dropout", "bias", "gelu")}, kernels=kernels)
@@ -189,7 +195,7 @@ class Runner:
         self.opt = self.model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                                    (cfg["beta1"], cfg["beta2"]), self.device.type, grad_clip=1.0)
         self.fwd = torch.compile(self.model) if compiled else self.model
-        dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg["dtype"])
+        dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
         self.ctx = (lambda: torch.autocast(self.device.type, dtype=dt)) if dt else contextlib.nullcontext
         self.batches, self.i = batches, 0
         self.times = []
@@ -274,11 +280,11 @@ def probe_memory_cpu(cfg, argv, name):
 def run_probe(cfg):
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
-    name, sel, comp = parse_modes(cfg["probe"], cfg["kernels"])[0]
+    name, sel, comp, dtype = parse_modes(cfg["probe"], cfg["kernels"], cfg["dtype"])[0]
     batches = make_batches(cfg, cfg["device"])
     torch.manual_seed(cfg["seed"])
     base, method = reset_peak_rss()
-    r = Runner(name, sel, comp, cfg, None, batches, init_seed=cfg["seed"])
+    r = Runner(name, sel, comp, dtype, cfg, None, batches, init_seed=cfg["seed"])
     for _ in range(max(1, cfg["mem_steps"])):
         r.step()
     peak = peak_rss_mb(method)
@@ -362,7 +368,7 @@ def run(cfg, argv=(), perturb=None, log=print):
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     status = backend_status(device.type)
-    modes = parse_modes(cfg["modes"], cfg["kernels"])
+    modes = parse_modes(cfg["modes"], cfg["kernels"], cfg["dtype"])
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/bench.py", *argv]),
@@ -396,8 +402,8 @@ def run(cfg, argv=(), perturb=None, log=print):
     result["n_params"] = n_params
 
     runners, entries = [], {}
-    for name, sel, comp in modes:
-        entry = {"mode": name, "kernels": sel, "compile": comp, "status": "ok", "reason": None}
+    for name, sel, comp, dtype in modes:
+        entry = {"mode": name, "kernels": sel, "compile": comp, "dtype": dtype, "status": "ok", "reason": None}
         entries[name] = entry
         result["modes"].append(entry)
         try:
@@ -408,7 +414,7 @@ def run(cfg, argv=(), perturb=None, log=print):
             continue
         entry["backends"] = choice
         try:
-            runners.append(Runner(name, sel, comp, cfg, state, batches, init_seed=perturb.get(name)))
+            runners.append(Runner(name, sel, comp, dtype, cfg, state, batches, init_seed=perturb.get(name)))
         except Exception as e:  # noqa: BLE001 - a broken backend must not stop the others
             entry.update(status="skipped", reason=f"setup failed: {type(e).__name__}: {e}")
             log(f"mode {name}: skipped: setup failed: {type(e).__name__}: {e}")
@@ -416,7 +422,7 @@ def run(cfg, argv=(), perturb=None, log=print):
         raise UserError("no mode can run here: " + "; ".join(f"{e['mode']}: {e['reason']}" for e in entries.values()))
 
     # ---- first step from identical weights: the losses must agree
-    tol = TOLERANCE[cfg["dtype"]]
+    tol = max(TOLERANCE[r.dtype] for r in runners)  # modes may mix dtypes (mode@dtype): the loosest
     losses, norms = {}, {}
     for r in list(runners):
         t0 = time.perf_counter()
@@ -455,7 +461,7 @@ def run(cfg, argv=(), perturb=None, log=print):
         log(f"warning: first-step grad norms differ by more than {10 * tol:g} relative: "
             + ", ".join(f"{m}={norms[m]:.6g}" for m in sorted(bad_norm)) + f" (reference {ref_name}={norms[ref_name]:.6g})")
     if bad:
-        msg = (f"first-step losses disagree beyond {tol:g} relative ({cfg['dtype']}) from identical weights: "
+        msg = (f"first-step losses disagree beyond {tol:g} relative from identical weights: "
                + ", ".join(f"{m}={l:.6g}" for m, l in losses.items()) + f"; mismatched vs {ref_name}: {sorted(bad)}")
         log("ERROR: " + msg)
         _write_json(cfg, result, log)
@@ -512,7 +518,7 @@ def run(cfg, argv=(), perturb=None, log=print):
         e.update(n=len(r.times), ms_median=med, ms_p10=pct(r.times, 0.1), ms_p90=pct(r.times, 0.9),
                  ms_mean=statistics.fmean(r.times), ms_min=min(r.times),
                  tokens_per_s=result["tokens_per_iter"] / (med / 1e3),
-                 mfu=r.model.estimate_mfu(cfg["batch_size"], med / 1e3, cfg["dtype"]),
+                 mfu=r.model.estimate_mfu(cfg["batch_size"], med / 1e3, r.dtype),
                  flops_per_iter=flops_per_iter)
         e.setdefault("peak_mem_mb", None)
     timed = [e for e in result["modes"] if "ms_median" in e]

@@ -130,6 +130,14 @@ def unavailable(device_type):
     return None
 
 
+def cpu_native_bf16():
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast pays off
+    (with the ext attention kernel; torch's own CPU attention backward is slow in bf16); elsewhere bf16 is
+    emulated and float32 is faster."""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                     "_is_amx_tile_supported"))
+
+
 # ---------------------------------------------------------------- selection
 
 def _backend(name, device_type):

@@ -210,7 +210,7 @@ def train(c):
     margs = {k: getattr(model.config, k) for k in MODEL_KEYS}
     if master:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {margs}")
-        print(f"kernels ({device_type}): {ops.describe(model.backends, device_type)}")
+        print(f"kernels ({device_type}, {c['dtype']}): {ops.describe(model.backends, device_type)}")
     model.to(device)
     batcher = Batcher(data_dir, c["dataset"], T, B, margs["vocab_size"], device, c["sampler"], c["seed"], rank, world)
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
         "--vocab_size=65", "--warmup=1", "--iters=3"]
-MODE_FIELDS = {"mode", "kernels", "compile", "status", "backends", "first_loss", "first_grad_norm", "n", "ms_median",
+MODE_FIELDS = {"mode", "kernels", "compile", "dtype", "status", "backends", "first_loss", "first_grad_norm", "n", "ms_median",
                "ms_p10", "ms_p90", "tokens_per_s", "mfu", "peak_mem_mb", "ratio_to_baseline"}
 
 
@@ -29,7 +29,7 @@ def bench():
 @pytest.fixture(scope="module")
 def tiny_result(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "result.json"
-    argv = TINY + ["--modes=torch,torch+compile,auto", "--memory=False", f"--json={out}"]
+    argv = TINY + ["--modes=torch,torch+compile,auto,auto@bfloat16", "--memory=False", f"--json={out}"]
     bench.main(argv)
     return json.loads(out.read_text()), out
 
@@ -38,7 +38,7 @@ def test_bench_writes_json_and_losses_agree(tiny_result):
     res, _ = tiny_result
     assert res["check"]["ok"] and res["check"]["mismatched"] == []
     assert res["baseline"] == "torch+compile"
-    assert [m["mode"] for m in res["modes"]] == ["torch", "torch+compile", "auto"]
+    assert [m["mode"] for m in res["modes"]] == ["torch", "torch+compile", "auto", "auto@bfloat16"]
     for m in res["modes"]:
         assert MODE_FIELDS <= set(m), MODE_FIELDS - set(m)
         assert m["status"] == "ok" and m["n"] == 3
@@ -48,8 +48,11 @@ def test_bench_writes_json_and_losses_agree(tiny_result):
     by = {m["mode"]: m for m in res["modes"]}
     assert by["torch+compile"]["ratio_to_baseline"] == 1.0
     assert set(by["torch"]["backends"].values()) == {"torch"}
+    assert [m["dtype"] for m in res["modes"]] == ["float32"] * 3 + ["bfloat16"]
     losses = res["check"]["losses"]
     assert abs(losses["torch"] - losses["auto"]) <= 1e-4 * losses["torch"]
+    assert res["check"]["rel_tolerance"] == 2e-2  # a bf16 mode loosens the gate for all
+    assert 0 < abs(losses["torch"] - losses["auto@bfloat16"]) <= 2e-2 * losses["torch"]
     for key in ("device", "device_name", "torch", "config", "date", "tokens_per_iter", "backend_status"):
         assert key in res
 
@@ -93,7 +96,9 @@ def test_bench_cpu_memory_probe(bench):
 
 def test_bench_rejects_bad_mode(bench):
     with pytest.raises(bench.UserError, match="mode"):
-        bench.parse_modes("torch+fast", "auto")
+        bench.parse_modes("torch+fast", "auto", "float32")
+    with pytest.raises(bench.UserError, match="dtype after @"):
+        bench.parse_modes("auto@fp8", "auto", "float32")
 
 
 def test_plot_bench_and_loss(tiny_result, tmp_path):
