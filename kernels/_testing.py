@@ -71,20 +71,38 @@ def attention_qkv(device, B, H, T, D, dtype):
     return [qkv[:, :, i].transpose(1, 2).detach().requires_grad_() for i in range(3)]
 
 
-def check_attention(attention, device, B, H, T, D, dtype, causal, scale=None):
+def check_attention(attention, device, B, H, T, D, dtype, causal, scale=None, dropout=None):
     """attention(q, k, v, causal=, scale=): output, dq, dk, dv against float64 SDPA, within 2x the error of
-    torch's own SDPA in `dtype`, on fresh random model-layout inputs."""
+    torch's own SDPA in `dtype`, on fresh random model-layout inputs.
+
+    dropout=(p, mask_fn): attention is called with dropout_p=p after torch.manual_seed(SEED), and mask_fn(seed)
+    must give the (B, H, T, T) scaled keep mask the kernels used, where seed is the draw
+    torch.randint(2**31 - 1, (), device=device) after the same manual_seed; the references are then
+    softmax(q k^T * scale [+ causal mask]) * mask @ v, in float64 and in `dtype`.
+    """
     import math
 
     import torch.nn.functional as F
 
+    mask = None
+    if dropout is not None:
+        torch.manual_seed(1234)
+        mask = dropout[1](torch.randint(2**31 - 1, (), device=device))
+
     def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+        if causal:
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        return (torch.softmax(s.float(), -1).to(q.dtype) * mask.to(q.device, q.dtype)) @ v
 
     q, k, v = attention_qkv(device, B, H, T, D, dtype)
     assert not q.is_contiguous() or T == 1
     do = torch.randn(B, H, T, D).to(device, dtype)
-    o = attention(q, k, v, causal=causal, scale=scale)
+    if dropout is not None:
+        torch.manual_seed(1234)
+    o = attention(q, k, v, causal=causal, scale=scale, **({"dropout_p": dropout[0]} if dropout else {}))
     o.backward(do)
     ours = [o, q.grad, k.grad, v.grad]
 

@@ -14,6 +14,7 @@ gradients are laid out as (B, T, H, D) and returned transposed, so `y.transpose(
 to (B, T, C) is free.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +42,23 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dropout_key(SEED, bh):
+    # one Philox key per (call, batch*head): the call's random seed plus bh times an odd constant > 2^31, so
+    # two heads of two calls never share a key; the counter is the score's position query * T + key
+    return tl.load(SEED) + bh.to(tl.int64) * 2654435769
+
+
+@triton.jit
+def _dropout(x, key, offs, p_drop):
+    """x where the score at counter `offs` is kept (uniform >= p_drop), scaled by 1 / (1 - p_drop); else 0."""
+    return tl.where(tl.rand(key, offs) >= p_drop, x * (1.0 / (1.0 - p_drop)), 0.0)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, qk_scale,
+               key, p_drop,
                MASK_CAUSAL: tl.constexpr, MASK_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               IEEE: tl.constexpr, EMU: tl.constexpr):
+               IEEE: tl.constexpr, EMU: tl.constexpr, DROPOUT: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -61,6 +76,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        if DROPOUT:  # after l_i: the softmax normalizes over every key, dropout then zeroes some weights
+            p = _dropout(p, key, offs_m[:, None] * T + offs_n[None, :], p_drop)
         if EMU:
             p = rne_bf16(p, EMU)
         acc = _dot(p.to(v.dtype), v, acc, IEEE, EMU)
@@ -69,12 +86,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, sm_scale,
+def _attn_fwd_kernel(Q, K, V, O, LSE, SEED, sm_scale, p_drop,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                      H, T,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr = False):
+                     CAUSAL: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr = False,
+                     DROPOUT: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -91,17 +109,19 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, sm_scale,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
+    key = _dropout_key(SEED, bh) if DROPOUT else 0
     if CAUSAL:
         # keys strictly before this query block: never masked
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                                   0, start_m, T, qk_scale, False, False, BLOCK_M, BLOCK_N, IEEE, EMU)
+                                   0, start_m, T, qk_scale, key, p_drop, False, False, BLOCK_M, BLOCK_N, IEEE, EMU,
+                                   DROPOUT)
         # the diagonal block(s)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                                   start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, True, True,
-                                   BLOCK_M, BLOCK_N, IEEE, EMU)
+                                   start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, key, p_drop, True, True,
+                                   BLOCK_M, BLOCK_N, IEEE, EMU, DROPOUT)
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                                   0, T, T, qk_scale, False, True, BLOCK_M, BLOCK_N, IEEE, EMU)
+                                   0, T, T, qk_scale, key, p_drop, False, True, BLOCK_M, BLOCK_N, IEEE, EMU, DROPOUT)
     lse = m_i + tl.math.log2(l_i)
     acc = acc / l_i[:, None]
     if EMU:
@@ -129,8 +149,8 @@ def _attn_bwd_pre_kernel(O, DO, Delta, stride_ob, stride_oh, stride_ot, stride_d
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
-                lo, hi, T, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                IEEE: tl.constexpr, EMU: tl.constexpr):
+                lo, hi, T, qk_scale, key, p_drop, MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                IEEE: tl.constexpr, EMU: tl.constexpr, DROPOUT: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -144,11 +164,17 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         if MASK:
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mmask[:, None], other=0.0)
+        pdT = pT
+        if DROPOUT:  # the forward's mask, regenerated: dv uses the dropped weights, dp gets the same mask
+            offs = offs_m[None, :] * T + offs_n[:, None]
+            pdT = _dropout(pT, key, offs, p_drop)
         if EMU:
-            pT = rne_bf16(pT, EMU)
-        dv = _dot(pT.to(do.dtype), do, dv, IEEE, EMU)
+            pdT = rne_bf16(pdT, EMU)
+        dv = _dot(pdT.to(do.dtype), do, dv, IEEE, EMU)
         delta = tl.load(delta_base + offs_m, mask=mmask, other=0.0)
         dpT = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE, EMU)
+        if DROPOUT:
+            dpT = _dropout(dpT, key, offs, p_drop)
         dsT = pT * (dpT - delta[None, :])
         if EMU:
             dsT = rne_bf16(dsT, EMU)
@@ -157,13 +183,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, sm_scale,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, SEED, sm_scale, p_drop,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
                           H, T,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          CAUSAL: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr = False):
+                          CAUSAL: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr = False,
+                          DROPOUT: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -182,15 +209,18 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, sm_scale,
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
+    key = _dropout_key(SEED, bh) if DROPOUT else 0
     if CAUSAL:
         # query blocks on the diagonal (masked), then the ones below it (unmasked)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
-                             start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, True, BLOCK_M, BLOCK_N, IEEE, EMU)
+                             start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, key, p_drop, True, BLOCK_M,
+                             BLOCK_N, IEEE, EMU, DROPOUT)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
-                             start_n + BLOCK_N, T, T, qk_scale, False, BLOCK_M, BLOCK_N, IEEE, EMU)
+                             start_n + BLOCK_N, T, T, qk_scale, key, p_drop, False, BLOCK_M, BLOCK_N, IEEE, EMU,
+                             DROPOUT)
     else:
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
-                             0, T, T, qk_scale, False, BLOCK_M, BLOCK_N, IEEE, EMU)
+                             0, T, T, qk_scale, key, p_drop, False, BLOCK_M, BLOCK_N, IEEE, EMU, DROPOUT)
     dk = dk * sm_scale
     if EMU:
         dk = rne_bf16(dk, EMU)
@@ -203,8 +233,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, sm_scale,
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, qk_scale,
+              key, p_drop,
               MASK_CAUSAL: tl.constexpr, MASK_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              IEEE: tl.constexpr, EMU: tl.constexpr):
+              IEEE: tl.constexpr, EMU: tl.constexpr, DROPOUT: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -219,6 +250,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_
         if MASK_BOUND:
             p = tl.where(kmask[None, :], p, 0.0)
         dp = _dot(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, EMU)
+        if DROPOUT:
+            dp = _dropout(dp, key, offs_m[:, None] * T + offs_n[None, :], p_drop)
         ds = p * (dp - delta[:, None])
         if EMU:
             ds = rne_bf16(ds, EMU)
@@ -227,13 +260,14 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, sm_scale,
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, SEED, sm_scale, p_drop,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt,
                         H, T,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr = False):
+                        CAUSAL: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr = False,
+                        DROPOUT: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -251,14 +285,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, sm_scale,
     v_base = V + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
+    key = _dropout_key(SEED, bh) if DROPOUT else 0
     if CAUSAL:
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                       0, start_m, T, qk_scale, False, False, BLOCK_M, BLOCK_N, IEEE, EMU)
+                       0, start_m, T, qk_scale, key, p_drop, False, False, BLOCK_M, BLOCK_N, IEEE, EMU, DROPOUT)
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                       start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, True, True, BLOCK_M, BLOCK_N, IEEE, EMU)
+                       start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, key, p_drop, True, True, BLOCK_M,
+                       BLOCK_N, IEEE, EMU, DROPOUT)
     else:
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                       0, T, T, qk_scale, False, True, BLOCK_M, BLOCK_N, IEEE, EMU)
+                       0, T, T, qk_scale, key, p_drop, False, True, BLOCK_M, BLOCK_N, IEEE, EMU, DROPOUT)
     dq = dq * sm_scale
     if EMU:
         dq = rne_bf16(dq, EMU)
@@ -289,7 +325,14 @@ _CFG_SM80 = {  # fp16 / bf16 on Ampere and everything else (mma.sync)
 }
 
 
-def _configs(D, dtype, hopper=False):
+# with dropout (Philox state in registers), where the config above would spill
+_CFG_DROPOUT = {
+    ("sm80", "dkdv", 64): (32, 64, 8, 3), ("sm80", "dq", 64): (64, 64, 8, 3),
+    ("sm90", "dkdv", 32): (32, 64, 4, 3),
+}
+
+
+def _configs(D, dtype, hopper=False, dropout=False):
     """Fixed launch configs: {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), "pre": (BLOCK_M, num_warps)}.
 
     The causal block skipping needs BLOCK_M % BLOCK_N == 0 for fwd / dq and
@@ -297,6 +340,9 @@ def _configs(D, dtype, hopper=False):
     """
     table = _CFG_FP32 if dtype == torch.float32 else _CFG_SM90 if hopper else _CFG_SM80
     cfg = {k: v[D] for k, v in table.items()}
+    if dropout and dtype != torch.float32:
+        arch = "sm90" if hopper else "sm80"
+        cfg.update({k: _CFG_DROPOUT.get((arch, k, D), c) for k, c in cfg.items()})
     cfg["pre"] = (32, 4)
     return cfg
 
@@ -326,54 +372,57 @@ def _check(q, k, v):
         raise ValueError(f"attention: q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def _fwd(q, k, v, causal, scale):
+def _fwd(q, k, v, causal, scale, dropout_p=0.0, seed=None):
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
     B, H, T, D = q.shape
     o = _bthd_like(q)
     lse = nan_like((B, H, T), torch.float32, q.device)
     if B * H * T == 0:
         return o, lse
-    BM, BN, warps, stages = _configs(D, q.dtype, _is_hopper(q))["fwd"]
+    BM, BN, warps, stages = _configs(D, q.dtype, _is_hopper(q), dropout_p > 0.0)["fwd"]
     grid = (triton.cdiv(T, BM), B * H)
-    _attn_fwd_kernel[grid](q, k, v, o, lse, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+    drop = dropout_p > 0.0
+    _attn_fwd_kernel[grid](q, k, v, o, lse, seed if drop else q, scale, dropout_p,
+                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                            H, T, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, IEEE=q.dtype == torch.float32,
-                           EMU=emu_bf16(q.dtype), num_warps=warps, num_stages=stages)
+                           EMU=emu_bf16(q.dtype), DROPOUT=drop, num_warps=warps, num_stages=stages)
     return o, lse
 
 
-def _bwd(do, q, k, v, o, lse, causal, scale):
+def _bwd(do, q, k, v, o, lse, causal, scale, dropout_p=0.0, seed=None):
     q, k, v, o, do = (_lastdim_contig(t) for t in (q, k, v, o, do))
     B, H, T, D = q.shape
     dq, dk, dv = _bthd_like(q), _bthd_like(k), _bthd_like(v)
     if B * H * T == 0:
         return dq, dk, dv
-    cfg = _configs(D, q.dtype, _is_hopper(q))
+    cfg = _configs(D, q.dtype, _is_hopper(q), dropout_p > 0.0)
     ieee, emu = q.dtype == torch.float32, emu_bf16(q.dtype)
     delta = nan_like((B, H, T), torch.float32, q.device)
     BM, warps = cfg["pre"]
     _attn_bwd_pre_kernel[(triton.cdiv(T, BM), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T,
                                                        HEAD_DIM=D, BLOCK_M=BM, num_warps=warps)
+    drop = dropout_p > 0.0
     BM, BN, warps, stages = cfg["dkdv"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * H)](
-        q, k, v, do, dk, dv, lse, delta, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], H, T, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, IEEE=ieee,
-        EMU=emu, num_warps=warps, num_stages=stages)
+        q, k, v, do, dk, dv, lse, delta, seed if drop else q, scale, dropout_p, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], H, T, HEAD_DIM=D, BLOCK_M=BM,
+        BLOCK_N=BN, CAUSAL=causal, IEEE=ieee, EMU=emu, DROPOUT=drop, num_warps=warps, num_stages=stages)
     BM, BN, warps, stages = cfg["dq"]
     _attn_bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](
-        q, k, v, do, dq, lse, delta, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *dq.stride()[:3], H, T, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, IEEE=ieee,
-        EMU=emu, num_warps=warps, num_stages=stages)
+        q, k, v, do, dq, lse, delta, seed if drop else q, scale, dropout_p, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], H, T, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN,
+        CAUSAL=causal, IEEE=ieee, EMU=emu, DROPOUT=drop, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 
 @torch.library.custom_op("nanogpt_triton::attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd(q, k, v, causal, scale)
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                  dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, causal, scale, dropout_p, seed)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, causal, scale):
+def _(q, k, v, causal, scale, dropout_p=0.0, seed=None):
     B, H, T, D = q.shape
     o = q.new_empty((B, T, H, D)).transpose(1, 2)
     return o, q.new_empty((B, H, T), dtype=torch.float32)
@@ -381,28 +430,29 @@ def _(q, k, v, causal, scale):
 
 @torch.library.custom_op("nanogpt_triton::attention_bwd", mutates_args=())
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd(do, q, k, v, o, lse, causal, scale)
+                  lse: torch.Tensor, causal: bool, scale: float, dropout_p: float = 0.0,
+                  seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(do, q, k, v, o, lse, causal, scale, dropout_p, seed)
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, scale):
+def _(do, q, k, v, o, lse, causal, scale, dropout_p=0.0, seed=None):
     B, H, T, D = q.shape
     return tuple(t.new_empty((B, T, H, D)).transpose(1, 2) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, dropout_p, seed = inputs
     o, lse = output
-    ctx.causal, ctx.scale = causal, scale
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+    ctx.save_for_backward(q, k, v, o, lse, seed)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -411,59 +461,65 @@ def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     """Scaled dot-product attention softmax(q k^T * scale [+ causal mask]) v for (B, H, T, D) inputs.
 
     FlashAttention-2 style Triton kernels (never materialize T x T), fp32/fp16/bf16, head dims
-    32/64/128 (others raise ValueError), any T. scale defaults to 1/sqrt(D). dropout_p > 0 is not
-    implemented in the kernels: it falls back to torch SDPA, with a one-time warning (emitted by the
-    first eager call; inside torch.compile the fallback is silent so the graph stays whole).
+    32/64/128 (others raise ValueError), any T. scale defaults to 1/sqrt(D). dropout_p in [0, 1)
+    drops attention weights in the kernels: the mask comes from Philox (tl.rand) keyed by a seed
+    drawn from torch's generator on q's device (so torch.manual_seed makes it reproducible) and is
+    regenerated, not stored, in the backward. `dropout_mask` returns the mask a seed gives.
     """
     _check(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if dropout_p > 0.0:
-        return sdpa_fallback(q, k, v, causal, scale, dropout_p,
-                             "kernels.attention: dropout_p > 0 is not implemented in the Triton kernels")
-    return attention_fwd(q, k, v, bool(causal), float(scale))[0]
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    seed = torch.randint(2**31 - 1, (), device=q.device) if dropout_p > 0.0 else None
+    return attention_fwd(q, k, v, bool(causal), float(scale), float(dropout_p), seed)[0]
+
+
+@triton.jit
+def _dropout_mask_kernel(SEED, OUT, T, p_drop, BLOCK: tl.constexpr):
+    bh = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # = query * T + key, the kernels' counter
+    keep = _dropout(tl.full([BLOCK], 1.0, tl.float32), _dropout_key(SEED, bh), offs, p_drop)
+    tl.store(OUT + bh.to(tl.int64) * T * T + offs, keep, mask=offs < T * T)
+
+
+def dropout_mask(B, H, T, seed, dropout_p):
+    """(B, H, T, T) float32: 1 / (1 - dropout_p) where the kernels keep the weight (query, key) for this seed, else 0."""
+    out = nan_like((B, H, T, T), torch.float32, seed.device)
+    BLOCK = 1024
+    _dropout_mask_kernel[(triton.cdiv(T * T, BLOCK), B * H)](seed, out, T, float(dropout_p), BLOCK=BLOCK)
+    return out
 
 
 def _compile_configs():
     out = []
     variants = [(dt, hopper) for dt in PTR_SIG for hopper in ((False,) if dt == torch.float32 else (False, True))]
+    # (config key, kernel, tensor pointers in the kernel's argument order); then LSE, Delta (bwd), SEED
+    kernels = (("fwd", _attn_fwd_kernel, ("Q", "K", "V", "O")),
+               ("dkdv", _attn_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV")),
+               ("dq", _attn_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ")))
     for D in HEAD_DIMS:
         for dt, hopper in variants:
             sig = PTR_SIG[dt]
             archs = (80, 90) if dt == torch.float32 else (90,) if hopper else (80,)
-            cfg = _configs(D, dt, hopper)
-            ieee = dt == torch.float32
-            for causal in (True, False):
-                tag = f"{sig[1:]},D={D},causal={int(causal)}"
-                BM, BN, w, s = cfg["fwd"]
-                names = ["Q", "K", "V", "O", "LSE", "sm_scale"] + [f"stride_{t}{a}" for t in "qkvo" for a in "bht"]
-                sigd = {n: sig for n in names[:4]}
-                sigd.update({"LSE": "*fp32", "sm_scale": "fp32"})
-                sigd.update({n: "i32" for n in names[6:]})
-                sigd.update({"H": "i32", "T": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr",
-                             "BLOCK_N": "constexpr", "CAUSAL": "constexpr", "IEEE": "constexpr", "EMU": "constexpr"})
-                ce = {"HEAD_DIM": D, "BLOCK_M": BM, "BLOCK_N": BN, "CAUSAL": causal, "IEEE": ieee, "EMU": False}
-                out.append(dict(name=f"attn_fwd[{tag},BM={BM},BN={BN}]", fn=_attn_fwd_kernel, signature=sigd,
-                                constexprs=ce, num_warps=w, num_stages=s, key=(D, sig), archs=archs))
-                BM, BN, w, s = cfg["dkdv"]
-                sigd = {n: sig for n in ("Q", "K", "V", "DO", "DK", "DV")}
-                sigd.update({"LSE": "*fp32", "Delta": "*fp32", "sm_scale": "fp32"})
-                sigd.update({f"stride_{t}{a}": "i32" for t in ("q", "k", "v", "do", "dk", "dv") for a in "bht"})
-                sigd.update({"H": "i32", "T": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr",
-                             "BLOCK_N": "constexpr", "CAUSAL": "constexpr", "IEEE": "constexpr", "EMU": "constexpr"})
-                out.append(dict(name=f"attn_bwd_dkdv[{tag},BM={BM},BN={BN}]", fn=_attn_bwd_dkdv_kernel,
-                                signature=sigd, constexprs=dict(ce, BLOCK_M=BM, BLOCK_N=BN),
-                                num_warps=w, num_stages=s, key=(D, sig), archs=archs))
-                BM, BN, w, s = cfg["dq"]
-                sigd = {n: sig for n in ("Q", "K", "V", "DO", "DQ")}
-                sigd.update({"LSE": "*fp32", "Delta": "*fp32", "sm_scale": "fp32"})
-                sigd.update({f"stride_{t}{a}": "i32" for t in ("q", "k", "v", "do", "dq") for a in "bht"})
-                sigd.update({"H": "i32", "T": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr",
-                             "BLOCK_N": "constexpr", "CAUSAL": "constexpr", "IEEE": "constexpr", "EMU": "constexpr"})
-                out.append(dict(name=f"attn_bwd_dq[{tag},BM={BM},BN={BN}]", fn=_attn_bwd_dq_kernel,
-                                signature=sigd, constexprs=dict(ce, BLOCK_M=BM, BLOCK_N=BN),
-                                num_warps=w, num_stages=s, key=(D, sig), archs=archs))
-            BM, w = cfg["pre"]
+            # dropout last, so `compile_check --sample` (first and last config per kernel) compiles it
+            for causal, dropout in ((True, False), (False, False), (True, True)):
+                tag = f"{sig[1:]},D={D},causal={int(causal)}" + (",dropout" if dropout else "")
+                cfg = _configs(D, dt, hopper, dropout)
+                for key, fn, ptrs in kernels:
+                    BM, BN, w, st = cfg[key]
+                    sigd = {n: sig for n in ptrs}
+                    sigd.update({"LSE": "*fp32", **({"Delta": "*fp32"} if key != "fwd" else {}),
+                                 "SEED": "*i64" if dropout else sig, "sm_scale": "fp32", "p_drop": "fp32"})
+                    sigd.update({f"stride_{n.lower()}{a}": "i32" for n in ptrs for a in "bht"})
+                    sigd.update({"H": "i32", "T": "i32"})
+                    ce = {"HEAD_DIM": D, "BLOCK_M": BM, "BLOCK_N": BN, "CAUSAL": causal, "IEEE": dt == torch.float32,
+                          "EMU": False, "DROPOUT": dropout}
+                    sigd.update(dict.fromkeys(ce, "constexpr"))
+                    name = "attn_fwd" if key == "fwd" else f"attn_bwd_{key}"
+                    out.append(dict(name=f"{name}[{tag},BM={BM},BN={BN}]", fn=fn, signature=sigd, constexprs=ce,
+                                    num_warps=w, num_stages=st, key=(D, sig), archs=archs))
+            BM, w = _configs(D, dt, hopper)["pre"]
             sigd = {"O": sig, "DO": sig, "Delta": "*fp32"}
             sigd.update({f"stride_{t}{a}": "i32" for t in ("o", "do") for a in "bht"})
             sigd.update({"H": "i32", "T": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"})

@@ -61,9 +61,10 @@ def test_compile_configs_cover_every_kernel():
     for D in att.HEAD_DIMS:
         for dt in (torch.float32, torch.float16, torch.bfloat16):
             for hopper in (False, True):
-                cfg = att._configs(D, dt, hopper)
-                for k in ("fwd", "dkdv", "dq"):
-                    assert (f"attn_{'bwd_' if k != 'fwd' else ''}{k}", D, *cfg[k]) in listed
+                for dropout in (False, True):
+                    cfg = att._configs(D, dt, hopper, dropout)
+                    for k in ("fwd", "dkdv", "dq"):
+                        assert (f"attn_{'bwd_' if k != 'fwd' else ''}{k}", D, *cfg[k]) in listed
 
 
 def _grads(fn, *inputs):
@@ -119,15 +120,18 @@ def test_torch_compile_fullgraph_gpt_with_triton_kernels(device):
         torch.testing.assert_close(p.grad, eager_grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_torch_compile_fullgraph_gpt_with_dropout_fallback(device):
-    """dropout > 0 takes the announced SDPA fallback; under torch.compile it must not break the graph."""
+def test_torch_compile_fullgraph_gpt_with_dropout(device):
+    """dropout > 0 runs in the kernels; the seed draw must not break a torch.compile(fullgraph=True) graph."""
     from nanogpt.model import GPT, GPTConfig
 
     torch._dynamo.reset()
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=65, dropout=0.2,
                           kernels="triton"), device_type=torch.device(device).type).to(device).train()
     idx = torch.randint(0, 65, (2, 32)).to(device)
+    torch.manual_seed(3)
     _, loss = torch.compile(model, fullgraph=True, backend="aot_eager")(idx, idx)
     loss.backward()
     assert torch.isfinite(loss)
+    torch.manual_seed(3)
+    torch.testing.assert_close(model(idx, idx)[1], loss, atol=1e-5, rtol=1e-5)  # same seed, same masks
     assert all(p.grad is not None for p in model.parameters())
