@@ -13,15 +13,16 @@
 TORCH_LIBRARY(nanogpt_ext, m) {
   m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps) -> Tensor");
   m.def("bias_gelu(Tensor x, Tensor? bias, bool tanh) -> Tensor");
-  m.def("attention(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, float dropout_p, Tensor? seed) -> Tensor");
   m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool has_bias)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, bool tanh) -> Tensor");
   m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool tanh) -> (Tensor, Tensor)");
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)");
-  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale)"
-        " -> (Tensor, Tensor, Tensor)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, float dropout_p, Tensor? seed)"
+        " -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale,"
+        " float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)");
   m.def("grad_norm(Tensor[] grads) -> Tensor");
   m.def("adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs,"
         " Tensor(d!)[] steps, Tensor lr, Tensor norm, float beta1, float beta2, float eps, float weight_decay,"
@@ -67,11 +68,13 @@ bg_bwd_op() {
   return op;
 }
 
+using OptT = std::optional<at::Tensor>;
 using AttnFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                                                   double);
+                                                   double, double, const OptT&);
 using AttnBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                const at::Tensor&, const at::Tensor&,
-                                                               const at::Tensor&, const at::Tensor&, bool, double);
+                                                               const at::Tensor&, const at::Tensor&, bool, double,
+                                                               double, const OptT&);
 const c10::TypedOperatorHandle<AttnFwd>& attn_fwd_op() {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("nanogpt_ext::attention_fwd", "").typed<AttnFwd>();
@@ -121,19 +124,23 @@ struct BiasGeluFn : public torch::autograd::Function<BiasGeluFn> {
 
 struct AttentionFn : public torch::autograd::Function<AttentionFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            bool causal, double scale) {
+                            bool causal, double scale, double dropout_p, const OptT& seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = attn_fwd_op().call(q, k, v, causal, scale);
+    auto [out, lse] = attn_fwd_op().call(q, k, v, causal, scale, dropout_p, seed);
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["seed"] = seed;  // the backward regenerates the dropout mask from it
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
+    const auto seed = ctx->saved_data["seed"].toOptional<at::Tensor>();
     auto [dq, dk, dv] = attn_bwd_op().call(grads[0], s[0], s[1], s[2], s[3], s[4],
-                                           ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble());
-    return {dq, dk, dv, at::Tensor(), at::Tensor()};
+                                           ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble(),
+                                           ctx->saved_data["dropout_p"].toDouble(), seed);
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -145,8 +152,8 @@ at::Tensor bias_gelu_autograd(const at::Tensor& x, const std::optional<at::Tenso
   return BiasGeluFn::apply(x, bias, tanh);
 }
 at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                              double scale) {
-  return AttentionFn::apply(q, k, v, causal, scale);
+                              double scale, double dropout_p, const OptT& seed) {
+  return AttentionFn::apply(q, k, v, causal, scale, dropout_p, seed);
 }
 // below autograd (no grad needed, inference mode): just the forward kernels
 at::Tensor layer_norm_plain(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -156,8 +163,9 @@ at::Tensor layer_norm_plain(const at::Tensor& x, const at::Tensor& weight, const
 at::Tensor bias_gelu_plain(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh) {
   return bg_fwd_op().call(x, bias, tanh);
 }
-at::Tensor attention_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale) {
-  return std::get<0>(attn_fwd_op().call(q, k, v, causal, scale));
+at::Tensor attention_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
+                           double dropout_p, const OptT& seed) {
+  return std::get<0>(attn_fwd_op().call(q, k, v, causal, scale, dropout_p, seed));
 }
 
 }  // namespace

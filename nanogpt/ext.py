@@ -80,15 +80,15 @@ def _register():
         return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3])).transpose(1, 2)
 
     @torch.library.register_fake("nanogpt_ext::attention_fwd")
-    def _(q, k, v, causal, scale):
+    def _(q, k, v, causal, scale, dropout_p, seed):
         return bthd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     @torch.library.register_fake("nanogpt_ext::attention_bwd")
-    def _(dout, q, k, v, out, lse, causal, scale):
+    def _(dout, q, k, v, out, lse, causal, scale, dropout_p, seed):
         return bthd(q), bthd(q), bthd(q)
 
     @torch.library.register_fake("nanogpt_ext::attention")
-    def _(q, k, v, causal, scale):
+    def _(q, k, v, causal, scale, dropout_p, seed):
         return bthd(q)
 
     @torch.library.register_fake("nanogpt_ext::grad_norm")
@@ -130,18 +130,20 @@ def bias_gelu(x, bias=None, approximate="none"):
 def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     """Attention on (B, H, T, D). CPU, float32/bfloat16: our kernel (csrc/cpu/attention.cpp; any T and
     D, exact softmax per query row, causal rows stop at the diagonal, output stored (B, T, H, D) so the
-    transpose back is free). CUDA: torch's SDPA (flash kernels); the extension has no CUDA attention.
-    On CPU, dropout_p > 0 and other dtypes fall back to SDPA with a one-time warning."""
+    transpose back is free). dropout_p in [0, 1) is applied in the kernel with the Triton kernels' mask
+    (same Philox stream: a seed drawn from torch's generator gives the same mask on both backends).
+    Other CPU dtypes fall back to SDPA with a one-time warning. CUDA: torch's SDPA (flash kernels);
+    the extension has no CUDA attention."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
-    if dropout_p > 0.0:
-        return sdpa_fallback(q, k, v, causal, scale, dropout_p,
-                             "nanogpt.ext.attention: dropout_p > 0 is not implemented in the CPU kernel")
     if q.dtype not in (torch.float32, torch.bfloat16):
         return sdpa_fallback(q, k, v, causal, scale, dropout_p,
                              f"nanogpt.ext.attention: the CPU kernel takes float32/bfloat16, not {q.dtype}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return torch.ops.nanogpt_ext.attention(q, k, v, bool(causal), float(scale))
+    seed = torch.randint(2**31 - 1, (), device=q.device) if dropout_p > 0.0 else None  # as kernels.attention
+    return torch.ops.nanogpt_ext.attention(q, k, v, bool(causal), float(scale), float(dropout_p), seed)
 
 
 class FusedAdamW(FusedAdamWBase):

@@ -3,9 +3,11 @@
 Output, dq, dk, dv on fresh random inputs in the model's layout (strided views of one qkv buffer),
 odd T and head dims that are not multiples of the kernel's 16-wide tiles, causal and not, float32
 and bfloat16: our error at most 2x that of torch's own SDPA in the same dtype. Outputs are
-NaN-poisoned before the kernel writes them (NANOGPT_POISON=1). On CUDA the extension has no
-attention kernel (ext.attention is torch's SDPA there), so these tests are CPU-only.
+NaN-poisoned before the kernel writes them (NANOGPT_POISON=1). Dropout must draw exactly the
+Triton kernels' mask (kernels.attention.dropout_mask, run by Triton's interpreter). On CUDA the
+extension has no attention kernel (ext.attention is torch's SDPA there), so these tests are CPU-only.
 """
+import importlib
 import warnings
 
 import pytest
@@ -68,33 +70,43 @@ def test_attention_deterministic_and_thread_count_independent(device):
             assert torch.equal(a, b)
 
 
-def test_attention_falls_back_to_sdpa_with_one_warning(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T,D,causal", [(17, 32, True), (100, 48, False), (64, 64, True)])
+def test_attention_dropout_matches_triton_mask_float64(device, T, D, causal, dtype):
+    triton_attention = importlib.import_module("kernels.attention")
+    B, H, p = 2, 3, 0.3
+    check_attention(ext.attention, device, B, H, T, D, dtype, causal,
+                    dropout=(p, lambda seed: triton_attention.dropout_mask(B, H, T, seed, p)))
+
+
+def test_attention_other_dtypes_fall_back_to_sdpa_with_one_warning(device):
     ops._announced.clear()
-    q, k, v = (torch.randn(1, 2, 16, 32) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 16, 32, dtype=torch.float16) for _ in range(3))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        torch.manual_seed(0)
-        a = ext.attention(q, k, v, dropout_p=0.5)
-        ext.attention(q, k, v, dropout_p=0.5)
-        h = ext.attention(q.half(), k.half(), v.half())
-    torch.manual_seed(0)
-    assert torch.equal(a, F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, is_causal=True))
-    assert h.dtype == torch.float16
-    msgs = [str(w.message) for w in rec]
-    assert sum("dropout_p > 0" in m for m in msgs) == 1 and sum("float16" in m for m in msgs) == 1
+        a = ext.attention(q, k, v)
+        ext.attention(q, k, v)
+    assert torch.equal(a, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert sum("float16" in str(w.message) for w in rec) == 1
 
 
 def test_attention_bad_inputs_raise_clear_errors(device):
     q = torch.randn(1, 2, 8, 16)
     E = torch.ops.nanogpt_ext
     with pytest.raises(RuntimeError, match="k has shape"):
-        E.attention_fwd(q, torch.randn(1, 2, 9, 16), q, True, 0.25)
+        E.attention_fwd(q, torch.randn(1, 2, 9, 16), q, True, 0.25, 0.0, None)
     with pytest.raises(RuntimeError, match="v is BFloat16"):
-        E.attention_fwd(q, q, q.bfloat16(), True, 0.25)
+        E.attention_fwd(q, q, q.bfloat16(), True, 0.25, 0.0, None)
     with pytest.raises(RuntimeError, match=r"\(B, H, T, D\)"):
-        E.attention_fwd(q[0], q[0], q[0], True, 0.25)
+        E.attention_fwd(q[0], q[0], q[0], True, 0.25, 0.0, None)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        E.attention_fwd(q.double(), q.double(), q.double(), True, 0.25)
-    o, lse = E.attention_fwd(q, q, q, True, 0.25)
+        E.attention_fwd(q.double(), q.double(), q.double(), True, 0.25, 0.0, None)
+    with pytest.raises(RuntimeError, match="needs seed"):
+        E.attention_fwd(q, q, q, True, 0.25, 0.1, None)
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
+        E.attention_fwd(q, q, q, True, 0.25, 1.0, torch.tensor(1))
+    with pytest.raises(ValueError, match="dropout_p"):
+        ext.attention(q, q, q, dropout_p=-0.1)
+    o, lse = E.attention_fwd(q, q, q, True, 0.25, 0.0, None)
     with pytest.raises(RuntimeError, match="lse must be"):
-        E.attention_bwd(o, q, q, q, o, lse[0], True, 0.25)
+        E.attention_bwd(o, q, q, q, o, lse[0], True, 0.25, 0.0, None)

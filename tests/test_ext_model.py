@@ -13,9 +13,9 @@ def _need_ext():
         pytest.skip(reason)
 
 
-def _model(kernels, seed=0, gelu="none"):
+def _model(kernels, seed=0, gelu="none", dropout=0.0):
     torch.manual_seed(seed)
-    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65, dropout=0.0, gelu=gelu,
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65, dropout=dropout, gelu=gelu,
                     kernels=kernels)
     return GPT(cfg, device_type="cpu")
 
@@ -61,3 +61,22 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-5)
     for p, g in zip(model.parameters(), grads_eager):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_dropout_same_as_triton_backend(device):
+    """With dropout > 0 the ext CPU attention and the Triton attention (interpreter) draw the same masks from the
+    same seed, so a training step gives the same loss and gradients on either backend."""
+    if device != "cpu":
+        pytest.skip("the extension's attention kernel is CPU-only")
+    grads = {}
+    for kernels in ("ext", "attention:triton"):
+        model = _model(kernels, dropout=0.2).train()
+        x, y = next(_batches(1))
+        torch.manual_seed(7)
+        _, loss = model(x, y)
+        loss.backward()
+        grads[kernels] = [loss.detach()] + [p.grad for p in model.parameters()]
+    no_drop = _model("ext", dropout=0.0)
+    assert not torch.allclose(no_drop(x, y)[1], grads["ext"][0])  # dropout did something
+    for a, b in zip(*grads.values()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

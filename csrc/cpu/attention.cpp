@@ -6,7 +6,9 @@
 // trains at. Causal rows stop at the diagonal (half the work of a masked dense product, which
 // is what torch's CPU kernels pay for in bf16). The forward saves the log-sum-exp per row; the
 // backward recomputes p from it and accumulates dk/dv in fp32 per task, so results are
-// deterministic and do not depend on the thread count. Outputs and input gradients are stored
+// deterministic and do not depend on the thread count. Dropout draws the same keep-mask as the
+// Triton kernels (kernels/attention.py): Philox-4x32-10 of tl.rand, keyed by the call's seed and
+// the (batch, head), counter query * T + key; the backward regenerates it. Outputs and input gradients are stored
 // (B, T, H, D) and returned as (B, H, T, D) views: the model's transpose back to (B, T, C) is free.
 #include "common.h"
 #include "ops.h"
@@ -15,6 +17,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -25,8 +28,39 @@ struct Shape {
   int64_t T, D;
   bool causal;
   float scale;
+  float p_drop;   // dropout probability (0: none)
+  uint64_t seed;  // the call's dropout seed
   int64_t keys(int64_t i) const { return causal ? i + 1 : T; }  // query row i sees keys [0, keys(i))
+  uint64_t key(int64_t bh) const { return seed + static_cast<uint64_t>(bh) * 2654435769u; }  // as the Triton kernels
 };
+
+// tl.rand(key, counter) for an int32 counter, bit for bit: Philox-4x32-10 of (counter, 0, 0, 0)
+// under the key's (low, high) words, the first output word mapped to [0, 1)
+NG_INLINE float philox_uniform(uint64_t key, uint32_t counter) {
+  uint32_t c0 = counter, c1 = 0, c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2, pa = static_cast<uint64_t>(0xD2511F53u) * c0;
+    c0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+    c2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(pb);
+    c3 = static_cast<uint32_t>(pa);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  int32_t x;
+  std::memcpy(&x, &c0, 4);
+  x = x < 0 ? ~x : x;
+  return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+// m[j] = 1 / (1 - p) where the weight (row, j) is kept, else 0, for j < n
+NG_INLINE void keep_mask(const Shape& sh, uint64_t key, int64_t row, int64_t n, float* __restrict m) {
+  const float inv = 1.0f / (1.0f - sh.p_drop);
+  const uint32_t base = static_cast<uint32_t>(row * sh.T);  // the kernels' int32 counter, wrapping alike
+  NG_SIMD
+  for (int64_t j = 0; j < n; ++j) m[j] = philox_uniform(key, base + static_cast<uint32_t>(j)) >= sh.p_drop ? inv : 0.0f;
+}
 
 // Register tiles: RB query rows x W keys (or W head-dim columns) of fp32 accumulators. The task
 // buffers are zero-padded to Tp = T and Dp = D rounded up to W, so tiles never need masks.
@@ -131,21 +165,22 @@ NG_INLINE int64_t row_keys(const Shape& sh, int64_t row) { return row < sh.T ? s
 
 // task buffer sizes in floats (Tp rows of Dp, Dp rows of Tp, RB rows of Tp)
 NG_INLINE int64_t fwd_buffer(int64_t Tn, int64_t D) {
-  return 3 * round_up(Tn) * round_up(D) + RB * (round_up(Tn) + round_up(D));
+  return 3 * round_up(Tn) * round_up(D) + RB * (round_up(Tn) + round_up(D)) + round_up(Tn);
 }
 NG_INLINE int64_t bwd_buffer(int64_t Tn, int64_t D) {
-  return 7 * round_up(Tn) * round_up(D) + RB * (2 * round_up(Tn) + round_up(D));
+  return 7 * round_up(Tn) * round_up(D) + RB * (3 * round_up(Tn) + round_up(D)) + round_up(Tn);
 }
 
-template <class T>
+template <class T, bool DROP>
 NG_INLINE void fwd_bh(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, float* lse, const Shape& sh,
-                      float* buf) {
+                      uint64_t key, float* buf) {
   const int64_t Tn = sh.T, D = sh.D, Tp = round_up(Tn), Dp = round_up(D);
   float* Q = buf;
   float* KT = Q + Tp * Dp;
   float* V = KT + Tp * Dp;
   float* S = V + Tp * Dp;
   float* O = S + RB * Tp;
+  float* M = O + RB * Dp;
   load(q, Tn, D, Dp, Q);
   load_transposed(k, Tn, D, Tp, KT);
   load(v, Tn, D, Dp, V);
@@ -167,6 +202,11 @@ NG_INLINE void fwd_bh(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, f
       }
       l[r] = sum;
       if (n > 0) lse[i + r] = m + std::log(sum);
+      if (DROP) {  // after the sum: the softmax normalizes over every key, dropout then zeroes some weights
+        keep_mask(sh, key, i + r, n, M);
+        NG_SIMD
+        for (int64_t j = 0; j < n; ++j) s[j] *= M[j];
+      }
     }
     weighted(S, Tp, V, Dp, nb, O);
     for (int64_t r = 0; r < RB && i + r < Tn; ++r) {
@@ -178,9 +218,9 @@ NG_INLINE void fwd_bh(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, f
   }
 }
 
-template <class T>
+template <class T, bool DROP>
 NG_INLINE void bwd_bh(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out, const float* lse, T* dq, T* dk,
-                      T* dv, int64_t g_st, const Shape& sh, float* buf) {
+                      T* dv, int64_t g_st, const Shape& sh, uint64_t key, float* buf) {
   const int64_t Tn = sh.T, D = sh.D, Tp = round_up(Tn), Dp = round_up(D);
   float* Q = buf;
   float* K = Q + Tp * Dp;
@@ -192,6 +232,8 @@ NG_INLINE void bwd_bh(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out
   float* P = dV + Tp * Dp;
   float* dS = P + RB * Tp;
   float* G = dS + RB * Tp;
+  float* PD = G + RB * Dp;  // dropped weights p * mask (dv's factor); P itself without dropout
+  float* M = PD + RB * Tp;
   load(q, Tn, D, Dp, Q);
   load(k, Tn, D, Dp, K);
   load_transposed(k, Tn, D, Tp, KT);
@@ -216,10 +258,22 @@ NG_INLINE void bwd_bh(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out
         NG_SIMD_SUM(delta)
         for (int64_t d = 0; d < D; ++d) delta += dOr[d] * ld(orow, d);
       }
-      NG_SIMD
-      for (int64_t j = 0; j < nb; ++j) {
-        p[j] = j < n ? vexp(p[j] - li) : 0.0f;
-        ds[j] = p[j] * (ds[j] - delta);
+      if (DROP) {  // the forward's mask, regenerated: dv takes the dropped weights, dp the same mask
+        keep_mask(sh, key, i + r, n, M);
+        float* pd = PD + r * Tp;
+        NG_SIMD
+        for (int64_t j = 0; j < nb; ++j) {
+          const float mj = j < n ? M[j] : 0.0f;
+          p[j] = j < n ? vexp(p[j] - li) : 0.0f;
+          pd[j] = p[j] * mj;
+          ds[j] = p[j] * (ds[j] * mj - delta);
+        }
+      } else {
+        NG_SIMD
+        for (int64_t j = 0; j < nb; ++j) {
+          p[j] = j < n ? vexp(p[j] - li) : 0.0f;
+          ds[j] = p[j] * (ds[j] - delta);
+        }
       }
     }
     weighted(dS, Tp, K, Dp, nb, G);
@@ -228,7 +282,7 @@ NG_INLINE void bwd_bh(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out
       NG_SIMD
       for (int64_t d = 0; d < D; ++d) st(dqrow, d, G[r * Dp + d] * sh.scale);
     }
-    accumulate_t(P, Tp, dO + i * Dp, Dp, nb, dV);
+    accumulate_t(DROP ? PD : P, Tp, dO + i * Dp, Dp, nb, dV);
     accumulate_t(dS, Tp, Q + i * Dp, Dp, nb, dK);  // dk = scale * dS^T q, scaled when stored
   }
   for (int64_t j = 0; j < Tn; ++j) {
@@ -241,23 +295,24 @@ NG_INLINE void bwd_bh(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out
 }
 
 // target_clones cannot be put on templates: one cloned leaf per dtype and direction
-NG_CLONES void fwd_f32(Rows<float> q, Rows<float> k, Rows<float> v, float* out, int64_t out_st, float* lse,
-                       const Shape& sh, float* buf) {
-  fwd_bh<float>(q, k, v, out, out_st, lse, sh, buf);
-}
-NG_CLONES void fwd_bf16(Rows<bf16_t> q, Rows<bf16_t> k, Rows<bf16_t> v, bf16_t* out, int64_t out_st, float* lse,
-                        const Shape& sh, float* buf) {
-  fwd_bh<bf16_t>(q, k, v, out, out_st, lse, sh, buf);
-}
-NG_CLONES void bwd_f32(Rows<float> dout, Rows<float> q, Rows<float> k, Rows<float> v, Rows<float> out,
-                       const float* lse, float* dq, float* dk, float* dv, int64_t g_st, const Shape& sh, float* buf) {
-  bwd_bh<float>(dout, q, k, v, out, lse, dq, dk, dv, g_st, sh, buf);
-}
-NG_CLONES void bwd_bf16(Rows<bf16_t> dout, Rows<bf16_t> q, Rows<bf16_t> k, Rows<bf16_t> v, Rows<bf16_t> out,
-                        const float* lse, bf16_t* dq, bf16_t* dk, bf16_t* dv, int64_t g_st, const Shape& sh,
-                        float* buf) {
-  bwd_bh<bf16_t>(dout, q, k, v, out, lse, dq, dk, dv, g_st, sh, buf);
-}
+#define NG_ATTN_LEAVES(SUF, T)                                                                                     \
+  NG_CLONES void fwd_##SUF(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, float* lse, const Shape& sh,   \
+                           uint64_t key, float* buf) {                                                             \
+    if (sh.p_drop > 0.0f)                                                                                          \
+      fwd_bh<T, true>(q, k, v, out, out_st, lse, sh, key, buf);                                                    \
+    else                                                                                                           \
+      fwd_bh<T, false>(q, k, v, out, out_st, lse, sh, key, buf);                                                   \
+  }                                                                                                                \
+  NG_CLONES void bwd_##SUF(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out, const float* lse, T* dq,     \
+                           T* dk, T* dv, int64_t g_st, const Shape& sh, uint64_t key, float* buf) {                \
+    if (sh.p_drop > 0.0f)                                                                                          \
+      bwd_bh<T, true>(dout, q, k, v, out, lse, dq, dk, dv, g_st, sh, key, buf);                                    \
+    else                                                                                                           \
+      bwd_bh<T, false>(dout, q, k, v, out, lse, dq, dk, dv, g_st, sh, key, buf);                                   \
+  }
+NG_ATTN_LEAVES(f32, float)
+NG_ATTN_LEAVES(bf16, bf16_t)
+#undef NG_ATTN_LEAVES
 
 // unit stride over D (a copy otherwise); same (B, H, T, D) shape and dtype as q
 at::Tensor checked(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
@@ -291,8 +346,22 @@ T* out_ptr(const at::Tensor& t, int64_t b, int64_t h) {
 
 }  // namespace attn
 
+// dropout's Shape fields from (dropout_p, seed)
+static void dropout_args(double dropout_p, const std::optional<at::Tensor>& seed, const char* op, attn::Shape& sh) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  sh.p_drop = static_cast<float>(dropout_p);
+  sh.seed = 0;
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.has_value() && seed->defined() && seed->numel() == 1 && seed->device().is_cpu() &&
+                    seed->scalar_type() == at::kLong,
+                op, ": dropout_p > 0 needs seed, a one-element int64 CPU tensor");
+    sh.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                 bool causal, double scale) {
+                                                 bool causal, double scale, double dropout_p,
+                                                 const std::optional<at::Tensor>& seed) {
   const char* op = "nanogpt_ext::attention_fwd";
   attn::check_q(q_, op);
   const at::Tensor q = attn::checked(q_, q_, op, "q"), k = attn::checked(k_, q_, op, "k"),
@@ -300,7 +369,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   const int64_t B = q.size(0), H = q.size(1), Tn = q.size(2), D = q.size(3);
   at::Tensor out = attn::new_bthd(q);
   at::Tensor lse = new_output(q, {B, H, Tn}, at::kFloat);
-  const attn::Shape sh{Tn, D, causal, static_cast<float>(scale)};
+  attn::Shape sh{Tn, D, causal, static_cast<float>(scale), 0.0f, 0};
+  dropout_args(dropout_p, seed, op, sh);
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> buf(attn::fwd_buffer(Tn, D));  // zero: the padding stays zero
@@ -309,10 +379,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
       float* l = lse.data_ptr<float>() + t * Tn;
       if (bf16)
         attn::fwd_bf16(attn::rows<bf16_t>(q, b, h), attn::rows<bf16_t>(k, b, h), attn::rows<bf16_t>(v, b, h),
-                       attn::out_ptr<bf16_t>(out, b, h), out.stride(2), l, sh, buf.data());
+                       attn::out_ptr<bf16_t>(out, b, h), out.stride(2), l, sh, sh.key(t), buf.data());
       else
         attn::fwd_f32(attn::rows<float>(q, b, h), attn::rows<float>(k, b, h), attn::rows<float>(v, b, h),
-                      attn::out_ptr<float>(out, b, h), out.stride(2), l, sh, buf.data());
+                      attn::out_ptr<float>(out, b, h), out.stride(2), l, sh, sh.key(t), buf.data());
     }
   });
   return {out, lse};
@@ -321,7 +391,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout_, const at::Tensor& q_,
                                                              const at::Tensor& k_, const at::Tensor& v_,
                                                              const at::Tensor& out_, const at::Tensor& lse,
-                                                             bool causal, double scale) {
+                                                             bool causal, double scale, double dropout_p,
+                                                             const std::optional<at::Tensor>& seed) {
   const char* op = "nanogpt_ext::attention_bwd";
   attn::check_q(q_, op);
   const at::Tensor q = attn::checked(q_, q_, op, "q"), k = attn::checked(k_, q_, op, "k"),
@@ -332,7 +403,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
                   lse.sizes() == at::IntArrayRef({B, H, Tn}),
               op, ": lse must be a contiguous float32 CPU tensor of shape (B, H, T) from attention_fwd");
   at::Tensor dq = attn::new_bthd(q), dk = attn::new_bthd(q), dv = attn::new_bthd(q);
-  const attn::Shape sh{Tn, D, causal, static_cast<float>(scale)};
+  attn::Shape sh{Tn, D, causal, static_cast<float>(scale), 0.0f, 0};
+  dropout_args(dropout_p, seed, op, sh);
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> buf(attn::bwd_buffer(Tn, D));
@@ -343,11 +415,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
         attn::bwd_bf16(attn::rows<bf16_t>(dout, b, h), attn::rows<bf16_t>(q, b, h), attn::rows<bf16_t>(k, b, h),
                        attn::rows<bf16_t>(v, b, h), attn::rows<bf16_t>(out, b, h), l,
                        attn::out_ptr<bf16_t>(dq, b, h), attn::out_ptr<bf16_t>(dk, b, h),
-                       attn::out_ptr<bf16_t>(dv, b, h), dq.stride(2), sh, buf.data());
+                       attn::out_ptr<bf16_t>(dv, b, h), dq.stride(2), sh, sh.key(t), buf.data());
       else
         attn::bwd_f32(attn::rows<float>(dout, b, h), attn::rows<float>(q, b, h), attn::rows<float>(k, b, h),
                       attn::rows<float>(v, b, h), attn::rows<float>(out, b, h), l, attn::out_ptr<float>(dq, b, h),
-                      attn::out_ptr<float>(dk, b, h), attn::out_ptr<float>(dv, b, h), dq.stride(2), sh,
+                      attn::out_ptr<float>(dk, b, h), attn::out_ptr<float>(dv, b, h), dq.stride(2), sh, sh.key(t),
                       buf.data());
     }
   });

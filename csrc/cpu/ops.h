@@ -17,11 +17,13 @@ at::Tensor bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& b
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at::Tensor& x,
                                                  const std::optional<at::Tensor>& bias, bool tanh);
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 bool causal, double scale);
+                                                 bool causal, double scale, double dropout_p,
+                                                 const std::optional<at::Tensor>& seed);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              const at::Tensor& out, const at::Tensor& lse,
-                                                             bool causal, double scale);
+                                                             bool causal, double scale, double dropout_p,
+                                                             const std::optional<at::Tensor>& seed);
 at::Tensor grad_norm(at::TensorList grads);
 void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
             at::TensorList steps, const at::Tensor& lr, const at::Tensor& norm, double beta1, double beta2,
