@@ -264,8 +264,7 @@ def peak_rss_mb(method):
 
 
 def probe_memory_cpu(cfg, argv, name):
-    """Run this mode alone in a fresh process: its probe record (peak-RSS growth in MiB, with and without the
-    first step's compilation), or None and the reason."""
+    """Run this mode alone in a fresh process; its peak-RSS growth in MiB (None + reason on failure)."""
     args = [a for a in argv if not a.startswith(("--probe=", "--json=", "--profile="))]
     cmd = [sys.executable, os.path.abspath(__file__), *args, f"--probe={name}", "--json=", "--profile="]
     try:
@@ -274,7 +273,7 @@ def probe_memory_cpu(cfg, argv, name):
         return None, "memory probe timed out"
     for line in out.stdout.splitlines():
         if line.startswith("PROBE "):
-            return json.loads(line[6:]), None
+            return json.loads(line[6:])["peak_rss_delta_mb"], None
     return None, f"memory probe failed (rc {out.returncode}): {(out.stderr or out.stdout).strip()[-300:]}"
 
 
@@ -286,20 +285,11 @@ def run_probe(cfg):
     torch.manual_seed(cfg["seed"])
     base, method = reset_peak_rss()
     r = Runner(name, sel, comp, dtype, cfg, None, batches, init_seed=cfg["seed"])
-    r.step()  # the first step compiles (+compile modes)
-    first = peak_rss_mb(method)
-    steady = None
-    if method == "VmHWM":  # again without compilation's transient peak: what training holds from step 2 on
-        reset_peak_rss()
-        for _ in range(max(1, cfg["mem_steps"])):
-            r.step()
-        steady = peak_rss_mb(method) - base
-    else:
-        for _ in range(max(1, cfg["mem_steps"])):
-            r.step()
-    peak = max(first, peak_rss_mb(method))
-    print("PROBE " + json.dumps({"mode": name, "peak_rss_delta_mb": peak - base, "steady_peak_rss_delta_mb": steady,
-                                 "peak_rss_mb": peak, "baseline_rss_mb": base, "method": method}))
+    for _ in range(max(1, cfg["mem_steps"])):
+        r.step()
+    peak = peak_rss_mb(method)
+    print("PROBE " + json.dumps({"mode": name, "peak_rss_delta_mb": peak - base, "peak_rss_mb": peak,
+                                 "baseline_rss_mb": base, "method": method}))
 
 
 # ---------------------------------------------------------------- profiling
@@ -508,13 +498,11 @@ def run(cfg, argv=(), perturb=None, log=print):
                 entries[r.name]["peak_mem_mb"] = r.cuda_peak_mb()
         else:
             result["memory_method"] = (f"cpu: fresh subprocess per mode, peak RSS (VmHWM, reset just before building "
-                                       f"the model) over 1 + {cfg['mem_steps']} steps minus the RSS at that reset, "
-                                       "compilation included for +compile modes; steady: the peak mark reset again "
-                                       "after the first step")
+                                       f"the model) after {cfg['mem_steps']} steps minus the RSS at that reset; "
+                                       "includes compilation for +compile modes")
             for r in runners:
-                rec, why = probe_memory_cpu(cfg, list(argv), r.name)
-                entries[r.name]["peak_mem_mb"] = rec and rec["peak_rss_delta_mb"]
-                entries[r.name]["peak_mem_steady_mb"] = rec and rec["steady_peak_rss_delta_mb"]
+                mb, why = probe_memory_cpu(cfg, list(argv), r.name)
+                entries[r.name]["peak_mem_mb"] = mb
                 if why:
                     entries[r.name]["peak_mem_note"] = why
                     log(f"mode {r.name}: {why}")
@@ -593,19 +581,17 @@ def _write_json(cfg, result, log):
 
 def format_table(result):
     short = {"attention": "attn", "layer_norm": "ln", "gelu": "gelu", "optimizer": "opt"}
-    steady = any(e.get("peak_mem_steady_mb") is not None for e in result["modes"])
     head = ["mode", "backends", "median ms", "p10 ms", "p90 ms", "tokens/s", "MFU", "peak MiB",
-            *(["steady MiB"] if steady else []), f"vs {result['baseline']}"]
+            f"vs {result['baseline']}"]
     rows = []
     for e in result["modes"]:
         if "ms_median" not in e:
-            rows.append([e["mode"], e["status"] + ": " + (e["reason"] or "")[:70]] + [""] * (len(head) - 2))
+            rows.append([e["mode"], e["status"] + ": " + (e["reason"] or "")[:70], "", "", "", "", "", "", ""])
             continue
         be = " ".join(f"{short.get(k, k)}={v}" for k, v in e["backends"].items())
-        mem = ["-" if e.get(k) is None else f"{e[k]:.0f}"
-               for k in ("peak_mem_mb", *(["peak_mem_steady_mb"] if steady else []))]
+        mem = "-" if e.get("peak_mem_mb") is None else f"{e['peak_mem_mb']:.0f}"
         rows.append([e["mode"], be, f"{e['ms_median']:.2f}", f"{e['ms_p10']:.2f}", f"{e['ms_p90']:.2f}",
-                     f"{e['tokens_per_s']:,.0f}", f"{100 * e['mfu']:.3g}%", *mem, f"{e['ratio_to_baseline']:.2f}x"])
+                     f"{e['tokens_per_s']:,.0f}", f"{100 * e['mfu']:.3g}%", mem, f"{e['ratio_to_baseline']:.2f}x"])
     w = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
     out = [line(head), line(["-" * n for n in w])] + [line(r) for r in rows]

@@ -89,10 +89,8 @@ def test_bench_cpu_memory_probe(bench):
     # CPU memory: one fresh subprocess per mode, peak-RSS growth in MiB
     argv = TINY + ["--modes=torch", "--iters=1", "--warmup=0", "--threads=1", "--mem_steps=1"]
     res = bench.run(bench.load_config(argv), argv=argv, log=lambda *a: None)
-    mem, steady = res["modes"][0]["peak_mem_mb"], res["modes"][0]["peak_mem_steady_mb"]
+    mem = res["modes"][0]["peak_mem_mb"]
     assert mem is not None and mem >= 0, res["modes"][0]
-    assert steady is not None and 0 <= steady <= mem + 1, res["modes"][0]
-    assert "steady MiB" in bench.format_table(res)
     assert "subprocess" in res["memory_method"]
 
 
