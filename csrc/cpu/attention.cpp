@@ -92,42 +92,23 @@ NG_INLINE void load_transposed(Rows<T> src, int64_t Tn, int64_t D, int64_t Tp, f
   }
 }
 
-// S[r * Tp + j] = scale * (a_r . b_j) for r < RB, j < n (n a multiple of W); a: RB rows of Dp, bt: Dp x Tp
-NG_INLINE void dots(const float* __restrict a, int64_t Dp, const float* __restrict bt, int64_t Tp, int64_t n,
-                    float scale, float* __restrict S) {
-  for (int64_t j0 = 0; j0 < n; j0 += W) {
+// C[r * ldc + c] = scale * sum_{k < K} A[r * lda + k] * B[k * ldb + c] for r < RB, c < ncols (a multiple of
+// W): scores (A = RB query rows, B = k transposed) and weighted sums of v / k rows (A = RB rows of weights)
+NG_INLINE void tile_gemm(const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb, int64_t K,
+                         int64_t ncols, float scale, float* __restrict C, int64_t ldc) {
+  for (int64_t c0 = 0; c0 < ncols; c0 += W) {
     float acc[RB][W] = {};
-    for (int64_t d = 0; d < Dp; ++d) {
-      const float* __restrict b = bt + d * Tp + j0;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* __restrict b = B + k * ldb + c0;
       for (int64_t r = 0; r < RB; ++r) {
-        const float ar = a[r * Dp + d];
+        const float ar = A[r * lda + k];
         NG_SIMD
         for (int64_t c = 0; c < W; ++c) acc[r][c] += ar * b[c];
       }
     }
     for (int64_t r = 0; r < RB; ++r) {
       NG_SIMD
-      for (int64_t c = 0; c < W; ++c) S[r * Tp + j0 + c] = acc[r][c] * scale;
-    }
-  }
-}
-
-// O[r * Dp + d] = sum_{j < n} P[r * Tp + j] * m[j * Dp + d] for r < RB
-NG_INLINE void weighted(const float* __restrict P, int64_t Tp, const float* __restrict m, int64_t Dp, int64_t n,
-                        float* __restrict O) {
-  for (int64_t d0 = 0; d0 < Dp; d0 += W) {
-    float acc[RB][W] = {};
-    for (int64_t j = 0; j < n; ++j) {
-      const float* __restrict mr = m + j * Dp + d0;
-      for (int64_t r = 0; r < RB; ++r) {
-        const float pr = P[r * Tp + j];
-        NG_SIMD
-        for (int64_t c = 0; c < W; ++c) acc[r][c] += pr * mr[c];
-      }
-    }
-    for (int64_t r = 0; r < RB; ++r) {
-      NG_SIMD
-      for (int64_t c = 0; c < W; ++c) O[r * Dp + d0 + c] = acc[r][c];
+      for (int64_t c = 0; c < W; ++c) C[r * ldc + c0 + c] = acc[r][c] * scale;
     }
   }
 }
@@ -187,7 +168,7 @@ NG_INLINE void fwd_bh(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, f
   float l[RB];
   for (int64_t i = 0; i < Tn; i += RB) {
     const int64_t nb = tile_keys(sh, i);
-    dots(Q + i * Dp, Dp, KT, Tp, nb, sh.scale, S);
+    tile_gemm(Q + i * Dp, Dp, KT, Tp, Dp, nb, sh.scale, S, Tp);  // scores
     for (int64_t r = 0; r < RB; ++r) {
       float* s = S + r * Tp;
       const int64_t n = row_keys(sh, i + r);
@@ -208,7 +189,7 @@ NG_INLINE void fwd_bh(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, f
         for (int64_t j = 0; j < n; ++j) s[j] *= M[j];
       }
     }
-    weighted(S, Tp, V, Dp, nb, O);
+    tile_gemm(S, Tp, V, Dp, nb, Dp, 1.0f, O, Dp);  // p v
     for (int64_t r = 0; r < RB && i + r < Tn; ++r) {
       const float inv = 1.0f / l[r];
       T* orow = out + (i + r) * out_st;
@@ -243,8 +224,8 @@ NG_INLINE void bwd_bh(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out
   for (int64_t e = 0; e < 2 * Tp * Dp; ++e) dK[e] = 0.0f;  // dK and dV are adjacent
   for (int64_t i = 0; i < Tn; i += RB) {
     const int64_t nb = tile_keys(sh, i);
-    dots(Q + i * Dp, Dp, KT, Tp, nb, sh.scale, P);
-    dots(dO + i * Dp, Dp, VT, Tp, nb, 1.0f, dS);  // dp
+    tile_gemm(Q + i * Dp, Dp, KT, Tp, Dp, nb, sh.scale, P, Tp);  // scores
+    tile_gemm(dO + i * Dp, Dp, VT, Tp, Dp, nb, 1.0f, dS, Tp);  // dp
     for (int64_t r = 0; r < RB; ++r) {
       float* p = P + r * Tp;
       float* ds = dS + r * Tp;
@@ -276,7 +257,7 @@ NG_INLINE void bwd_bh(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out
         }
       }
     }
-    weighted(dS, Tp, K, Dp, nb, G);
+    tile_gemm(dS, Tp, K, Dp, nb, Dp, 1.0f, G, Dp);  // ds k
     for (int64_t r = 0; r < RB && i + r < Tn; ++r) {
       T* dqrow = dq + (i + r) * g_st;
       NG_SIMD
