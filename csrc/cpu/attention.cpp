@@ -174,7 +174,7 @@ NG_INLINE void fwd_bh(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, f
       const int64_t n = row_keys(sh, i + r);
       float m = -std::numeric_limits<float>::infinity();
       NG_SIMD_MAX(m)
-      for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+      for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;  // not std::max: its reference blocks vectorizing
       float sum = 0.0f;
       NG_SIMD_SUM(sum)
       for (int64_t j = 0; j < nb; ++j) {
