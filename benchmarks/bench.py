@@ -15,7 +15,8 @@ A mode is `<kernels>[+compile]`:
 A per-op mix goes through --kernels (e.g. --kernels=attention:triton,layer_norm:torch)
 and is then run as the "auto"/"ours" mode. A mode may name its own precision,
 `auto@bfloat16` (else --dtype's): on CPU the default modes add `auto@bfloat16` where the
-CPU has bf16 matmul units, since the CPU quick start trains in bf16 there.
+CPU quick start trains in bf16 (nanogpt.ops.cpu_train_dtype: bf16 matmul units and the
+extension's attention kernel).
 
 Before timing, every mode takes its first step from the same weights (one
 state_dict, loaded into all) on the same batch; their losses must agree within
@@ -87,8 +88,8 @@ def defaults(device):
         warmup=5 if device == "cpu" else 10,   # untimed steps per mode after the first (compiling) one
         iters=30,                  # timed steps per mode
         per_round=1,               # steps per mode per round
-        # on a CPU with bf16 matmul units, also our kernels in bf16: the CPU quick start's default path
-        modes=DEFAULT_MODES + (",auto@bfloat16" if device == "cpu" and ops.cpu_native_bf16() else ""),
+        # where the CPU quick start trains in bf16, also our kernels in bf16: its default path
+        modes=DEFAULT_MODES + (",auto@bfloat16" if device == "cpu" and ops.cpu_train_dtype() == "bfloat16" else ""),
         kernels="auto",            # what "auto"/"ours" modes run
         json="",                   # write the results here too
         profile="",                # mode(s) to profile after timing, e.g. "auto" or "auto,torch+compile"

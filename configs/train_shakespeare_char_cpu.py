@@ -8,9 +8,10 @@ from nanogpt import ops
 exec(open(os.path.join(os.path.dirname(__file__), "train_shakespeare_char.py")).read())
 
 device = "cpu"
-# bf16 autocast where the CPU has bf16 matmul units (AVX512-BF16/AMX): same val loss, ~1.5x faster
-# here with the default kernels; emulated bf16 elsewhere is slower than float32
-dtype = "bfloat16" if ops.cpu_native_bf16() else "float32"
+# bf16 autocast where the CPU has bf16 matmul units (AVX512-BF16/AMX) and our CPU attention kernel is
+# built: same val loss, ~1.5x faster. Elsewhere float32: emulated bf16 is slower, and so is torch's
+# CPU attention backward in bf16 (so with --kernels=torch add --dtype=float32)
+dtype = ops.cpu_train_dtype()
 compile = False
 eval_iters = 20
 log_interval = 50

@@ -131,11 +131,17 @@ def unavailable(device_type):
 
 
 def cpu_native_bf16():
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast pays off
-    (with the ext attention kernel; torch's own CPU attention backward is slow in bf16); elsewhere bf16 is
-    emulated and float32 is faster."""
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
     return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
                                                                      "_is_amx_tile_supported"))
+
+
+def cpu_train_dtype():
+    """The faster training precision on this CPU with the default kernels: bfloat16 (autocast) where the
+    CPU multiplies bf16 in hardware and `auto` runs attention on the extension's CPU kernel (torch's own
+    CPU attention backward is slow in bf16), else float32."""
+    fast = cpu_native_bf16() and resolve("auto", "cpu")["attention"] == "ext"
+    return "bfloat16" if fast else "float32"
 
 
 # ---------------------------------------------------------------- selection

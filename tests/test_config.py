@@ -50,3 +50,27 @@ def test_shipped_configs_load():
     cpu = configure(TRAIN, [str(root / "train_shakespeare_char_cpu.py")])
     assert (cpu["n_layer"], cpu["n_embd"], cpu["block_size"], cpu["batch_size"], cpu["device"]) == (4, 128, 64, 12, "cpu")
     assert cpu["dataset"] == "shakespeare_char" and cpu["max_iters"] == 2000
+
+
+@pytest.mark.parametrize("native,attention,want", [(True, "ext", "bfloat16"), (False, "ext", "float32"),
+                                                   (True, "torch", "float32")])
+def test_cpu_train_dtype_needs_bf16_units_and_our_attention(monkeypatch, native, attention, want):
+    from nanogpt import ops
+
+    monkeypatch.setattr(ops, "cpu_native_bf16", lambda: native)
+    monkeypatch.setattr(ops, "resolve", lambda spec, device_type: {"attention": attention})
+    assert ops.cpu_train_dtype() == want
+
+
+def test_cpu_quickstart_config_uses_cpu_train_dtype(monkeypatch):
+    import os
+
+    from nanogpt import ops
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for dtype in ("bfloat16", "float32"):
+        monkeypatch.setattr(ops, "cpu_train_dtype", lambda d=dtype: d)
+        ns = {}
+        exec(open(os.path.join(root, "configs", "train_shakespeare_char_cpu.py")).read(),
+             {"__file__": os.path.join(root, "configs", "train_shakespeare_char_cpu.py")}, ns)
+        assert ns["dtype"] == dtype and ns["device"] == "cpu"
