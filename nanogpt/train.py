@@ -300,17 +300,6 @@ def train(c):
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        stopping = stop.signal is not None
-        if ddp:  # every rank stops at the same step
-            flag = torch.tensor([float(stopping)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = bool(flag.item())
-        if stopping:
-            save(best=False)
-            if master:
-                print(f"stopped by signal at iter {iter_num}; rerun with --init_from=resume to continue")
-            break
-
         if iter_num % c["eval_interval"] == 0:
             losses = estimate_loss()
             if master:
@@ -339,12 +328,17 @@ def train(c):
             X, Y = batcher.get_batch("train")  # prefetch while the GPU works
             scaler.scale(loss).backward()
         # a non-finite loss or gradient norm skips the update (the optimizer and GradScaler skip
-        # non-finite gradients themselves); all ranks decide alike
-        finite = torch.isfinite(loss_sum).float()
+        # non-finite gradients themselves); a signal stops the run after this step. Under DDP one
+        # all_reduce carries both flags, so every rank skips and stops at the same step.
+        stopping = stop.signal is not None
         if ddp:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            flags = torch.stack([(~torch.isfinite(loss_sum)).float(), torch.full((), float(stopping), device=device)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            nonfinite, stopping = (bool(f) for f in flags.tolist())
+        else:
+            nonfinite = not torch.isfinite(loss_sum).item()
         grad_norm = None
-        if finite.item():
+        if not nonfinite:
             grad_norm = scaler.step(optimizer)  # unscales, clips inside; None or non-finite: skipped
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -378,6 +372,11 @@ def train(c):
             log(record)
         iter_num += 1
         local_iter += 1
+        if stopping:
+            save(best=False)
+            if master:
+                print(f"stopped by signal at iter {iter_num}; rerun with --init_from=resume to continue")
+            break
         if iter_num > c["max_iters"]:
             break
 
