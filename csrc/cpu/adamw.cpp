@@ -75,6 +75,30 @@ void check_grad(const at::Tensor& g, const char* op, size_t i) {
 
 }  // namespace adam
 
+void check_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      at::TensorList steps, const at::Tensor& lr, const at::Tensor& norm, const char* op) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n, op,
+              ": params, grads, exp_avgs, exp_avg_sqs and steps must have the same length (got ", n, ", ",
+              grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size(), ")");
+  TORCH_CHECK(lr.numel() == 1 && norm.numel() == 1, op, ": lr and norm must be one-element tensors");
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor &p = params[i], &g = grads[i];
+    TORCH_CHECK(p.is_contiguous(), op, ": param ", i, " must be contiguous");
+    for (const at::Tensor* t : {&g, &exp_avgs[i], &exp_avg_sqs[i], &steps[i]})
+      TORCH_CHECK(t->device() == p.device(), op, ": the grad and state of param ", i, " must be on its device ",
+                  p.device(), ", got ", t->device());
+    TORCH_CHECK(g.scalar_type() == p.scalar_type() && g.numel() == p.numel(), op, ": grad ", i, " (",
+                g.scalar_type(), ", ", g.numel(), " elements) does not match its param (", p.scalar_type(), ", ",
+                p.numel(), ")");
+    for (const at::Tensor* st : {&exp_avgs[i], &exp_avg_sqs[i]})
+      TORCH_CHECK(st->scalar_type() == at::kFloat && st->is_contiguous() && st->numel() == p.numel(), op,
+                  ": exp_avg/exp_avg_sq ", i, " must be contiguous float32 with ", p.numel(), " elements");
+    TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1, op, ": step ", i,
+                " must be a one-element float32 tensor");
+  }
+}
+
 at::Tensor grad_norm(at::TensorList grads) {
   const char* op = "nanogpt_ext::grad_norm";
   std::vector<at::Tensor> gs;
@@ -110,10 +134,7 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
             double eps, double weight_decay, double max_grad_norm) {
   const char* op = "nanogpt_ext::adamw_";
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n, op,
-              ": params, grads, exp_avgs, exp_avg_sqs and steps must have the same length (got ", n, ", ",
-              grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size(), ")");
-  TORCH_CHECK(lr.numel() == 1 && norm.numel() == 1, op, ": lr and norm must be one-element tensors");
+  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, steps, lr, norm, op);
   const float normf = norm.item<float>();
   if (!std::isfinite(normf)) return;  // skipped step: nothing is touched
   const double lrd = lr.item<double>();
@@ -129,34 +150,16 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
   };
   std::vector<Item> items;
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i], &s = steps[i];
-    adam::check_grad(p, op, i);
+    adam::check_grad(params[i], op, i);
     adam::check_grad(grads[i], op, i);
-    TORCH_CHECK(p.is_contiguous(), op, ": param ", i, " must be contiguous");
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type() && grads[i].numel() == p.numel(), op, ": grad ", i,
-                " (", grads[i].scalar_type(), ", ", grads[i].numel(), " elements) does not match its param (",
-                p.scalar_type(), ", ", p.numel(), ")");
-    for (const at::Tensor* st : {&m, &v})
-      TORCH_CHECK(st->device().is_cpu() && st->scalar_type() == at::kFloat && st->is_contiguous() &&
-                      st->numel() == p.numel(),
-                  op, ": exp_avg/exp_avg_sq ", i, " must be contiguous float32 CPU tensors with ", p.numel(),
-                  " elements");
-    TORCH_CHECK(s.device().is_cpu() && s.numel() == 1 && s.is_floating_point(), op, ": step ", i,
-                " must be a one-element floating-point CPU tensor");
     gs[i] = grads[i].contiguous();
   }
   // all checks passed: count the step and set up each tensor's scalars
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &p = params[i], &s = steps[i];
-    double step;
-    if (s.scalar_type() == at::kFloat) {  // the usual case: no dispatcher round trips
-      float* sp = s.data_ptr<float>();
-      step = static_cast<double>(*sp) + 1.0;
-      *sp = static_cast<float>(step);
-    } else {
-      step = s.item<double>() + 1.0;
-      s.fill_(step);
-    }
+    float* sp = s.data_ptr<float>();  // float32 (checked): no dispatcher round trips
+    const double step = static_cast<double>(*sp) + 1.0;
+    *sp = static_cast<float>(step);
     const double bc1 = 1.0 - std::pow(beta1, step), bc2 = 1.0 - std::pow(beta2, step);
     hyper[i] = adam::Hyper{clip,
                            static_cast<float>(1.0 - lrd * weight_decay),

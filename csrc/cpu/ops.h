@@ -29,6 +29,10 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
             at::TensorList steps, const at::Tensor& lr, const at::Tensor& norm, double beta1, double beta2,
             double eps, double weight_decay, double max_grad_norm);
 
+// the argument checks the CPU and CUDA adamw_ share (list lengths, each param's grad and state)
+void check_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      at::TensorList steps, const at::Tensor& lr, const at::Tensor& norm, const char* op);
+
 // debug aid: NANOGPT_POISON=1 fills outputs with NaN before the kernels write them
 bool poison_outputs();
 at::Tensor new_output(const at::Tensor& like_or_options_src, at::IntArrayRef sizes, at::ScalarType dtype);

@@ -185,12 +185,10 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
             double eps, double weight_decay, double max_grad_norm) {
   const char* op = "nanogpt_ext::adamw_";
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n, op,
-              ": params, grads, exp_avgs, exp_avg_sqs and steps must have the same length");
+  nanogpt_cpu::check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, steps, lr, norm, op);
   if (n == 0) return;
   const at::Device dev = params[0].device();
   const c10::cuda::CUDAGuard guard(dev);
-  TORCH_CHECK(lr.numel() == 1 && norm.numel() == 1, op, ": lr and norm must be one-element tensors");
   const at::Tensor lr_d = lr.to(dev, at::kDouble);  // async: no host sync
   const at::Tensor norm_d = norm.to(dev, at::kFloat);
   std::vector<at::Tensor> keep;
@@ -204,18 +202,6 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
       const at::Tensor& pi = params[i];
       check_on(pi, dev, op, "every param");
       if (dtype_code(pi.scalar_type(), op, "a param") != code) continue;
-      TORCH_CHECK(pi.is_contiguous(), op, ": param ", i, " must be contiguous");
-      check_on(grads[i], dev, op, "every grad");
-      TORCH_CHECK(grads[i].scalar_type() == pi.scalar_type() && grads[i].numel() == pi.numel(), op, ": grad ", i,
-                  " does not match its param in dtype or size");
-      for (const at::Tensor* st : {&exp_avgs[i], &exp_avg_sqs[i]}) {
-        check_on(*st, dev, op, "every exp_avg/exp_avg_sq");
-        TORCH_CHECK(st->scalar_type() == at::kFloat && st->is_contiguous() && st->numel() == pi.numel(), op,
-                    ": exp_avg/exp_avg_sq ", i, " must be contiguous float32 with ", pi.numel(), " elements");
-      }
-      check_on(steps[i], dev, op, "every step");
-      TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1, op, ": step ", i,
-                  " must be a one-element float32 tensor on the param's device");
       keep.push_back(grads[i].contiguous());
       p.push_back(pi.data_ptr());
       g.push_back(keep.back().data_ptr());
