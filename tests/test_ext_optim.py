@@ -145,3 +145,28 @@ def test_params_without_grad_are_left_alone(device):
     before = params[1].detach().clone()
     opt.step()
     assert torch.equal(params[1].detach(), before) and params[1] not in opt.state
+
+
+def test_adamw_op_rejects_mismatched_arguments_with_clear_errors(device):
+    """The argument checks the CPU and CUDA adamw_ share (csrc/cpu/adamw.cpp check_adamw_args)."""
+    p = torch.randn(10, device=device)
+    p0 = p.clone()
+    g, m, v = torch.randn_like(p), torch.zeros_like(p), torch.zeros_like(p)
+    s = torch.zeros((), device=device)
+    lr, norm = torch.tensor(1e-3, dtype=torch.float64), torch.tensor(1.0)
+    op = torch.ops.nanogpt_ext.adamw_
+
+    def call(**kw):
+        a = dict(params=[p], grads=[g], exp_avgs=[m], exp_avg_sqs=[v], steps=[s])
+        a.update(kw)
+        op(a["params"], a["grads"], a["exp_avgs"], a["exp_avg_sqs"], a["steps"], lr, norm, 0.9, 0.95, 1e-8, 0.1, 1.0)
+
+    with pytest.raises(RuntimeError, match="same length"):
+        call(grads=[])
+    with pytest.raises(RuntimeError, match="does not match its param"):
+        call(grads=[torch.randn(11, device=device)])
+    with pytest.raises(RuntimeError, match="exp_avg/exp_avg_sq 0 must be contiguous float32"):
+        call(exp_avgs=[m.double()])
+    with pytest.raises(RuntimeError, match="step 0 must be a one-element float32"):
+        call(steps=[s.double()])
+    assert torch.equal(p, p0) and s.item() == 0  # nothing was touched by the failed calls
