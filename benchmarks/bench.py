@@ -15,8 +15,8 @@ A mode is `<kernels>[+compile]`:
 A per-op mix goes through --kernels (e.g. --kernels=attention:triton,layer_norm:torch)
 and is then run as the "auto"/"ours" mode. A mode may name its own precision,
 `auto@bfloat16` (else --dtype's): on CPU the default modes add `auto@bfloat16` where the
-CPU quick start trains in bf16 (nanogpt.ops.cpu_train_dtype: bf16 matmul units and the
-extension's attention kernel).
+CPU quick start trains in bf16 (dtype=auto, nanogpt.ops.auto_dtype: bf16 matmul units and
+the extension's attention kernel).
 
 Before timing, every mode takes its first step from the same weights (one
 state_dict, loaded into all) on the same batch; their losses must agree within
@@ -89,7 +89,7 @@ def defaults(device):
         iters=30,                  # timed steps per mode
         per_round=1,               # steps per mode per round
         # where the CPU quick start trains in bf16, also our kernels in bf16: its default path
-        modes=DEFAULT_MODES + (",auto@bfloat16" if device == "cpu" and ops.cpu_train_dtype() == "bfloat16" else ""),
+        modes=DEFAULT_MODES + (",auto@bfloat16" if device == "cpu" and ops.auto_dtype("cpu") == "bfloat16" else ""),
         kernels="auto",            # what "auto"/"ours" modes run
         json="",                   # write the results here too
         profile="",                # mode(s) to profile after timing, e.g. "auto" or "auto,torch+compile"

@@ -2,16 +2,14 @@
 # nanogpt-prepare shakespeare_char && nanogpt-train configs/train_shakespeare_char_cpu.py
 import os
 
-from nanogpt import ops
-
 # start from the GPU settings, then shrink
 exec(open(os.path.join(os.path.dirname(__file__), "train_shakespeare_char.py")).read())
 
 device = "cpu"
-# bf16 autocast where the CPU has bf16 matmul units (AVX512-BF16/AMX) and our CPU attention kernel is
-# built: same val loss, ~1.5x faster. Elsewhere float32: emulated bf16 is slower, and so is torch's
-# CPU attention backward in bf16 (so with --kernels=torch add --dtype=float32)
-dtype = ops.cpu_train_dtype()
+# auto: bf16 autocast where the CPU has bf16 matmul units (AVX512-BF16/AMX) and attention runs on our
+# CPU kernel (same val loss, ~1.5x faster); float32 elsewhere, where bf16 is emulated or torch's CPU
+# attention backward makes it slower
+dtype = "auto"
 compile = False
 eval_iters = 20
 log_interval = 50

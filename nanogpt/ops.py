@@ -136,11 +136,13 @@ def cpu_native_bf16():
                                                                      "_is_amx_tile_supported"))
 
 
-def cpu_train_dtype():
-    """The faster training precision on this CPU with the default kernels: bfloat16 (autocast) where the
-    CPU multiplies bf16 in hardware and `auto` runs attention on the extension's CPU kernel (torch's own
-    CPU attention backward is slow in bf16), else float32."""
-    fast = cpu_native_bf16() and resolve("auto", "cpu")["attention"] == "ext"
+def auto_dtype(device_type, kernels="auto"):
+    """`dtype=auto`: the faster training precision here with these kernels. CUDA: bfloat16 where the GPU has
+    it, else float16. CPU: bfloat16 (autocast) where the CPU multiplies bf16 in hardware and attention runs on
+    the extension's CPU kernel (torch's own CPU attention backward is slow in bf16), else float32."""
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    fast = device_type == "cpu" and cpu_native_bf16() and resolve(kernels, "cpu")["attention"] == "ext"
     return "bfloat16" if fast else "float32"
 
 

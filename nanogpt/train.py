@@ -76,7 +76,8 @@ DEFAULTS = dict(
     # system
     backend="nccl",  # DDP on CUDA; CPU always uses gloo
     device="cuda",  # cpu | cuda | cuda:N | mps
-    # float32 | bfloat16 | float16 (float16 uses a GradScaler)
+    # float32 | bfloat16 | float16 (float16 uses a GradScaler) | auto (nanogpt.ops.auto_dtype: the faster
+    # precision for this device and these kernels)
     dtype="float32" if not torch.cuda.is_available() else "bfloat16" if torch.cuda.is_bf16_supported() else "float16",
     compile=True,
     seed=1337,
@@ -106,8 +107,8 @@ def check_config(c, world):
     if c["init_from"] not in ("scratch", "resume", "auto", *PRETRAINED) and not os.path.isdir(c["init_from"]):
         raise UserError(f"unknown init_from {c['init_from']!r}; use scratch, resume, auto, "
                         f"{', '.join(PRETRAINED)} or a Hugging Face model directory")
-    if c["dtype"] not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"unknown dtype {c['dtype']!r}; use float32, bfloat16 or float16")
+    if c["dtype"] not in ("float32", "bfloat16", "float16", "auto"):
+        raise UserError(f"unknown dtype {c['dtype']!r}; use float32, bfloat16, float16 or auto")
     if c["sampler"] not in ("random", "epoch"):
         raise UserError(f"unknown sampler {c['sampler']!r}; use random or epoch")
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval",
@@ -119,7 +120,10 @@ def check_config(c, world):
                         f"the world size {world}; make it a multiple of {world}")
     if c["device"].startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={c['device']} but CUDA is not available; pass --device=cpu")
-    ops.resolve(c["kernels"], "cuda" if "cuda" in c["device"] else c["device"])  # unknown or unusable kernels
+    device_type = "cuda" if "cuda" in c["device"] else c["device"]
+    ops.resolve(c["kernels"], device_type)  # unknown or unusable kernels
+    if c["dtype"] == "auto":  # resolved here, so the checkpoint's config holds the precision that ran
+        c["dtype"] = ops.auto_dtype(device_type, c["kernels"])
     if c["init_from"] == "scratch" and not c["eval_only"] and checkpoint.exists(c["out_dir"]):
         raise UserError(f"{c['out_dir']} already holds a checkpoint; pass --init_from=resume (or auto) to continue "
                         "it, or a new --out_dir to start over")

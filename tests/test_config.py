@@ -54,23 +54,22 @@ def test_shipped_configs_load():
 
 @pytest.mark.parametrize("native,attention,want", [(True, "ext", "bfloat16"), (False, "ext", "float32"),
                                                    (True, "torch", "float32")])
-def test_cpu_train_dtype_needs_bf16_units_and_our_attention(monkeypatch, native, attention, want):
+def test_auto_dtype_on_cpu_needs_bf16_units_and_our_attention(monkeypatch, native, attention, want):
     from nanogpt import ops
 
+    seen = []
     monkeypatch.setattr(ops, "cpu_native_bf16", lambda: native)
-    monkeypatch.setattr(ops, "resolve", lambda spec, device_type: {"attention": attention})
-    assert ops.cpu_train_dtype() == want
+    monkeypatch.setattr(ops, "resolve", lambda spec, device_type: seen.append(spec) or {"attention": attention})
+    assert ops.auto_dtype("cpu", "attention:torch") == want
+    assert seen in ([], ["attention:torch"])  # the kernels asked for decide, not auto's
 
 
-def test_cpu_quickstart_config_uses_cpu_train_dtype(monkeypatch):
-    import os
+def test_dtype_auto_resolves_before_training(tmp_path, monkeypatch):
+    import copy
 
-    from nanogpt import ops
+    from nanogpt import ops, train
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for dtype in ("bfloat16", "float32"):
-        monkeypatch.setattr(ops, "cpu_train_dtype", lambda d=dtype: d)
-        ns = {}
-        exec(open(os.path.join(root, "configs", "train_shakespeare_char_cpu.py")).read(),
-             {"__file__": os.path.join(root, "configs", "train_shakespeare_char_cpu.py")}, ns)
-        assert ns["dtype"] == dtype and ns["device"] == "cpu"
+    monkeypatch.setattr(train, "check_data", lambda *a: None)  # no prepared dataset needed for this check
+    c = copy.deepcopy(train.DEFAULTS) | dict(device="cpu", dtype="auto", kernels="torch", out_dir=str(tmp_path / "o"))
+    train.check_config(c, 1)
+    assert c["dtype"] == ops.auto_dtype("cpu", "torch") == "float32"  # torch's CPU attention: float32
