@@ -42,6 +42,18 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _head(X, bh, H, stride_b, stride_h):
+    """X's (batch, head) slice for program bh = b * H + h, with int64 offsets (B*H*T*D may pass 2^31)."""
+    return X + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _tile(base, offs_t, offs_d, stride_t):
+    """Pointers to rows offs_t x columns offs_d of a (T, D) slice with unit stride over D."""
+    return base + offs_t[:, None] * stride_t + offs_d[None, :]
+
+
+@triton.jit
 def _dropout_key(SEED, bh):
     # one Philox key per (call, batch*head): the call's random seed plus bh times an odd constant > 2^31, so
     # two heads of two calls never share a key; the counter is the score's position query * T + key
@@ -95,16 +107,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEED, sm_scale, p_drop,
                      DROPOUT: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    o_base = O + b * stride_ob + h * stride_oh
+    k_base = _head(K, bh, H, stride_kb, stride_kh)
+    v_base = _head(V, bh, H, stride_vb, stride_vh)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     qmask = offs_m < T
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qmask[:, None], other=0.0)
+    q = tl.load(_tile(_head(Q, bh, H, stride_qb, stride_qh), offs_m, offs_d, stride_qt), mask=qmask[:, None],
+                other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -126,7 +135,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEED, sm_scale, p_drop,
     acc = acc / l_i[:, None]
     if EMU:
         acc = rne_bf16(acc, EMU)
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=qmask[:, None])
+    tl.store(_tile(_head(O, bh, H, stride_ob, stride_oh), offs_m, offs_d, stride_ot), acc.to(O.dtype.element_ty),
+             mask=qmask[:, None])
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=qmask)
 
 
@@ -135,15 +145,13 @@ def _attn_bwd_pre_kernel(O, DO, Delta, stride_ob, stride_oh, stride_ot, stride_d
                          H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mask = offs_m < T
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-                mask=mask[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=mask[:, None], other=0.0).to(tl.float32)
+    o = tl.load(_tile(_head(O, bh, H, stride_ob, stride_oh), offs_m, offs_d, stride_ot), mask=mask[:, None],
+                other=0.0).to(tl.float32)
+    do = tl.load(_tile(_head(DO, bh, H, stride_dob, stride_doh), offs_m, offs_d, stride_dot), mask=mask[:, None],
+                 other=0.0).to(tl.float32)
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, axis=1), mask=mask)
 
 
@@ -193,17 +201,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, SEED, sm_scale, p_dro
                           DROPOUT: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     nmask = offs_n < T
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=nmask[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=nmask[:, None], other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
+    k = tl.load(_tile(_head(K, bh, H, stride_kb, stride_kh), offs_n, offs_d, stride_kt), mask=nmask[:, None],
+                other=0.0)
+    v = tl.load(_tile(_head(V, bh, H, stride_vb, stride_vh), offs_n, offs_d, stride_vt), mask=nmask[:, None],
+                other=0.0)
+    q_base = _head(Q, bh, H, stride_qb, stride_qh)
+    do_base = _head(DO, bh, H, stride_dob, stride_doh)
     lse_base = LSE + bh.to(tl.int64) * T
     delta_base = Delta + bh.to(tl.int64) * T
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -225,10 +231,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, SEED, sm_scale, p_dro
     if EMU:
         dk = rne_bf16(dk, EMU)
         dv = rne_bf16(dv, EMU)
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=nmask[:, None])
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=nmask[:, None])
+    tl.store(_tile(_head(DK, bh, H, stride_dkb, stride_dkh), offs_n, offs_d, stride_dkt), dk.to(DK.dtype.element_ty),
+             mask=nmask[:, None])
+    tl.store(_tile(_head(DV, bh, H, stride_dvb, stride_dvh), offs_n, offs_d, stride_dvt), dv.to(DV.dtype.element_ty),
+             mask=nmask[:, None])
 
 
 @triton.jit
@@ -270,19 +276,17 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, SEED, sm_scale, p_drop,
                         DROPOUT: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mmask = offs_m < T
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=mmask[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=mmask[:, None], other=0.0)
+    q = tl.load(_tile(_head(Q, bh, H, stride_qb, stride_qh), offs_m, offs_d, stride_qt), mask=mmask[:, None],
+                other=0.0)
+    do = tl.load(_tile(_head(DO, bh, H, stride_dob, stride_doh), offs_m, offs_d, stride_dot), mask=mmask[:, None],
+                 other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=mmask, other=0.0)
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=mmask, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = _head(K, bh, H, stride_kb, stride_kh)
+    v_base = _head(V, bh, H, stride_vb, stride_vh)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     key = _dropout_key(SEED, bh) if DROPOUT else 0
@@ -298,8 +302,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, SEED, sm_scale, p_drop,
     dq = dq * sm_scale
     if EMU:
         dq = rne_bf16(dq, EMU)
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=mmask[:, None])
+    tl.store(_tile(_head(DQ, bh, H, stride_dqb, stride_dqh), offs_m, offs_d, stride_dqt), dq.to(DQ.dtype.element_ty),
+             mask=mmask[:, None])
 
 
 
