@@ -42,6 +42,15 @@ void check_param_dtype(const at::Tensor& x, const at::Tensor& p, const char* op,
 
 int64_t rows_of(const at::Tensor& x) { return x.size(-1) > 0 ? x.numel() / x.size(-1) : 0; }
 
+// bias_gelu's optional bias: [N] on x's device in x's dtype or float32; whether there is one
+bool check_bias(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t N, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return false;
+  check_on(*bias, x.device(), op, "bias");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ", bias->sizes());
+  check_param_dtype(x, *bias, op, "bias");
+  return true;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
@@ -106,12 +115,7 @@ at::Tensor bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& b
   const char* op = "nanogpt_ext::bias_gelu_fwd";
   TORCH_CHECK(x.is_cuda() && x.dim() >= 1, op, ": x must be a CUDA tensor with at least 1 dimension");
   const int64_t N = x.size(-1), M = rows_of(x);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_on(*bias, x.device(), op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ", bias->sizes());
-    check_param_dtype(x, *bias, op, "bias");
-  }
+  const bool has_bias = check_bias(x, bias, N, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
@@ -133,12 +137,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at:
   check_on(dy, x.device(), op, "dy");
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), op, ": dy (", dy.sizes(), ", ",
               dy.scalar_type(), ") must match x (", x.sizes(), ", ", x.scalar_type(), ")");
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_on(*bias, x.device(), op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ", bias->sizes());
-    check_param_dtype(x, *bias, op, "bias");
-  }
+  const bool has_bias = check_bias(x, bias, N, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dyc = dy.contiguous(), xc = x.contiguous();
   const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
