@@ -1,7 +1,9 @@
 """Helpers for the kernel tests: error budgets against a float64 reference (tensors on any device)."""
 import contextlib
+import math
 
 import torch
+import torch.nn.functional as F
 
 # absolute floors per dtype, added to the "2x PyTorch's own error" budget
 ABS_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -34,7 +36,7 @@ def assert_close_to_ref(name, out, torch_out, ref64, dtype, scale_hint=0.0):
 
 @contextlib.contextmanager
 def kernel_test_setup(device):
-    """Around each kernel test (an autouse fixture: `with kernel_test_setup(device): yield`).
+    """Around each Triton kernel test (tests/conftest.py's `triton_kernels` fixture).
 
     Fails the test when the Triton kernels cannot run on the test device (e.g. triton was imported before
     tests/conftest.py set TRITON_INTERPRET=1 on CPU, or TRITON_INTERPRET=1 leaked into a CUDA run), and pins
@@ -80,10 +82,6 @@ def check_attention(attention, device, B, H, T, D, dtype, causal, scale=None, dr
     torch.randint(2**31 - 1, (), device=device) after the same manual_seed; the references are then
     softmax(q k^T * scale [+ causal mask]) * mask @ v, in float64 and in `dtype`.
     """
-    import math
-
-    import torch.nn.functional as F
-
     mask = None
     if dropout is not None:
         torch.manual_seed(1234)

@@ -24,3 +24,13 @@ def device():
     if DEVICE.startswith("cuda") and not torch.cuda.is_available():
         pytest.fail("NANOGPT_TEST_DEVICE asks for CUDA but torch sees no GPU")
     return DEVICE
+
+
+@pytest.fixture
+def triton_kernels(device):
+    """For the Triton backend's test modules (`pytestmark = pytest.mark.usefixtures("triton_kernels")`):
+    fail when the kernels cannot run on the test device, and pin fp32 matmuls to full precision."""
+    from kernels._testing import kernel_test_setup
+
+    with kernel_test_setup(device):
+        yield

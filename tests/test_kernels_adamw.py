@@ -9,13 +9,10 @@ import pytest
 import torch
 
 import kernels
-from kernels._testing import cpu_only, kernel_test_setup
+from kernels._testing import cpu_only
 
 
-@pytest.fixture(autouse=True)
-def _setup(device):
-    with kernel_test_setup(device):
-        yield
+pytestmark = pytest.mark.usefixtures("triton_kernels")  # tests/conftest.py
 
 
 SHAPES = [(64, 33), (70000,), (7,), (3, 5, 2), (1,)]  # (70000,) spans two chunks

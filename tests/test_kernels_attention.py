@@ -10,13 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels._testing import check_attention, kernel_test_setup
+from kernels._testing import check_attention
 
 
-@pytest.fixture(autouse=True)
-def _setup(device):
-    with kernel_test_setup(device):
-        yield
+pytestmark = pytest.mark.usefixtures("triton_kernels")  # tests/conftest.py
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -11,13 +11,9 @@ import pytest
 import torch
 
 import kernels
-from kernels._testing import kernel_test_setup
 
 
-@pytest.fixture(autouse=True)
-def _setup(device):
-    with kernel_test_setup(device):
-        yield
+pytestmark = pytest.mark.usefixtures("triton_kernels")  # tests/conftest.py
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,15 +7,11 @@ import pytest
 import torch
 
 import kernels
-from kernels._testing import kernel_test_setup
 from nanogpt import ops
 from nanogpt.model import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True)
-def _setup(device):
-    with kernel_test_setup(device):
-        yield
+pytestmark = pytest.mark.usefixtures("triton_kernels")  # tests/conftest.py
 
 
 def test_backend_contract_exports():
