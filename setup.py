@@ -1,4 +1,6 @@
-"""Installs the `nanogpt` and `kernels` packages and builds the C++/CUDA extension `nanogpt._C`.
+"""Installs the `nanogpt` package and the kernel library (source folder kernels/, import name
+`nanogpt_kernels`, so it never shadows Hugging Face's `kernels`) and builds its C++/CUDA extension
+`nanogpt_kernels._C`.
 
 The extension build imports torch, so install into an environment that already has torch,
 without build isolation (otherwise pip would build in a fresh environment without torch):
@@ -17,7 +19,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,7 +37,7 @@ def _warn(msg):
 
 
 def _extension():
-    """(ext_modules, cmdclass) for nanogpt._C, or ([], {}) when it is skipped."""
+    """(ext_modules, cmdclass) for nanogpt_kernels._C, or ([], {}) when it is skipped."""
     want = _env_flag("NANOGPT_BUILD_EXT")
     if want is False:
         return [], {}
@@ -43,7 +45,7 @@ def _extension():
         import torch
         from torch.utils import cpp_extension as ce
     except ImportError as e:
-        msg = (f"torch is not importable at build time ({e}); the C++ extension nanogpt._C is not built. "
+        msg = (f"torch is not importable at build time ({e}); the C++ extension nanogpt_kernels._C is not built. "
                "Install torch first, then `pip install --no-build-isolation -e .`")
         if want:
             raise RuntimeError("NANOGPT_BUILD_EXT=1: " + msg)
@@ -70,13 +72,13 @@ def _extension():
     sources = ["csrc/ext.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/bias_gelu.cpp", "csrc/cpu/adamw.cpp",
                "csrc/cpu/attention.cpp", "csrc/cpu/common.cpp"]
     if with_cuda:
-        ext = ce.CUDAExtension("nanogpt._C", sources + ["csrc/cuda/binding.cpp"],
+        ext = ce.CUDAExtension("nanogpt_kernels._C", sources + ["csrc/cuda/binding.cpp"],
                                extra_compile_args={"cxx": cxx + ["-DNANOGPT_WITH_CUDA"]}, extra_link_args=link)
         # the torch-free .cu files are compiled by nvcc directly (see BuildExt) and linked in
         ext.nanogpt_cu = ["csrc/cuda/layer_norm.cu", "csrc/cuda/bias_gelu.cu", "csrc/cuda/adamw.cu"]
         ext.nanogpt_nvcc = nvcc
     else:
-        ext = ce.CppExtension("nanogpt._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        ext = ce.CppExtension("nanogpt_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
         ext.nanogpt_cu = []
 
     class BuildExt(ce.BuildExtension):
@@ -86,7 +88,7 @@ def _extension():
             except Exception as e:  # noqa: BLE001 - any build failure: install without the extension
                 if want:
                     raise
-                _warn(f"building the C++ extension nanogpt._C failed ({type(e).__name__}: {e}). nanogpt installs "
+                _warn(f"building the C++ extension nanogpt_kernels._C failed ({type(e).__name__}: {e}). nanogpt installs "
                       "without it and the 'ext' kernels backend reports itself unavailable. Set "
                       "NANOGPT_BUILD_EXT=1 to make this an error, NANOGPT_BUILD_EXT=0 to skip the build.")
                 self.extensions = []  # nothing to copy or install
@@ -127,7 +129,8 @@ setup(
     name="nanogpt",
     version="0.1.0",
     description="A kernel-centric GPT trainer: nanoGPT with fused Triton and C++/CUDA kernels",
-    packages=find_packages(include=["nanogpt", "nanogpt.*", "kernels", "kernels.*"]),
+    packages=["nanogpt", "nanogpt_kernels", "nanogpt_kernels.triton"],
+    package_dir={"nanogpt_kernels": "kernels"},
     package_data={"nanogpt": ["assets/*.txt"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "tiktoken", "tqdm"],

@@ -1,7 +1,7 @@
 """The GPT language model (GPT-2 architecture), with nanoGPT's API.
 
-Hot ops (attention, layer_norm, the MLP's bias+GELU) go through the backend
-chosen by `GPTConfig.kernels` (see nanogpt.ops); parameter names match nanoGPT
+Hot ops (attention, layer_norm, the MLP's bias+GELU, the AdamW step) go through the backend
+chosen by `GPTConfig.kernels` (see nanogpt_kernels.registry); parameter names match nanoGPT
 and Hugging Face's GPT-2 so checkpoints and pretrained weights load as they are.
 """
 import math
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanogpt import ops
+from nanogpt_kernels import registry
 from nanogpt.mfu import peak_flops
 
 
@@ -25,24 +25,26 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     gelu: str = "none"  # "none" (exact erf) or "tanh"; GPT-2's weights were trained with "tanh"
-    kernels: str = "auto"  # backend selector, see nanogpt.ops
+    kernels: str = "auto"  # backend selector, see nanogpt_kernels.registry
 
 
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+    op = "layer_norm"  # the registry op whose backend GPT.set_backends puts in self.fn
 
-    def __init__(self, ndim, bias, fn):
+    def __init__(self, ndim, bias):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-        self.fn = fn
 
     def forward(self, x):
         return self.fn(x, self.weight, self.bias, 1e-5)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, fn):
+    op = "attention"
+
+    def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -50,28 +52,30 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.fn = fn
 
     def forward(self, x):
-        B, T, C = x.size()
+        B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
+        # query, key, values for all heads in batch, and move head forward to be the batch dim
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # causal self-attention; (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T) -> (B, nh, T, hs), never stored
         y = self.fn(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    def __init__(self, config, fn):
+    op = "bias_gelu"
+
+    def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.approximate = config.gelu
-        self.fn = fn
 
     def forward(self, x):
-        if self.fn is ops.bias_gelu:  # plain PyTorch: let addmm take the bias
+        if self.fn is registry.bias_gelu:  # plain PyTorch: let addmm take the bias
             h = F.gelu(self.c_fc(x), approximate=self.approximate)
         else:
             h = self.fn(F.linear(x, self.c_fc.weight), self.c_fc.bias, self.approximate)
@@ -79,12 +83,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, fns):
+    def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias, fns["layer_norm"])
-        self.attn = CausalSelfAttention(config, fns["attention"])
-        self.ln_2 = LayerNorm(config.n_embd, config.bias, fns["layer_norm"])
-        self.mlp = MLP(config, fns["gelu"])
+        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.mlp = MLP(config)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -100,18 +104,12 @@ class GPT(nn.Module):
             raise ValueError(f"gelu must be 'none' or 'tanh', got {config.gelu!r}")
         self.config = config
         device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.backends = ops.resolve(config.kernels, device_type)
-        fns = {
-            "attention": ops.get(self.backends["attention"]).attention,
-            "layer_norm": ops.get(self.backends["layer_norm"]).layer_norm,
-            "gelu": ops.get(self.backends["gelu"]).bias_gelu,
-        }
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, fns) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias, fns["layer_norm"]),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
@@ -120,6 +118,14 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.set_backends(registry.resolve(config.kernels, device_type))
+
+    def set_backends(self, backends):
+        """Run each op on the backend {op: name} names (e.g. the measured choice); the weights stay as they are."""
+        self.backends = dict(backends)
+        for m in self.modules():
+            if hasattr(m, "op"):
+                m.fn = registry.get(m.op, self.backends[m.op])
 
     def get_num_params(self, non_embedding=True):
         """Parameter count; position embeddings excluded by default (token ones are tied to lm_head)."""
@@ -206,9 +212,8 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        backend = ops.resolve(self.config.kernels, device_type)["optimizer"]
-        return ops.get(backend).FusedAdamW(groups, lr=learning_rate, betas=betas, eps=eps,
-                                           weight_decay=weight_decay, max_grad_norm=grad_clip)
+        return registry.get("adamw", self.backends["adamw"])(groups, lr=learning_rate, betas=betas, eps=eps,
+                                                             weight_decay=weight_decay, max_grad_norm=grad_clip)
 
     def flops_per_token(self):
         """Forward+backward FLOPs per token (PaLM appendix B): 6N + 12 L H Q T."""

@@ -32,7 +32,7 @@ def all_configs():
 
     out = []
     for name in ("layer_norm", "bias_gelu", "attention", "adamw"):
-        out.extend(importlib.import_module(f"kernels.{name}")._compile_configs())
+        out.extend(importlib.import_module(f"nanogpt_kernels.triton.{name}")._compile_configs())
     return out
 
 
@@ -150,7 +150,7 @@ def compile_one(cfg, cc):
 
 def run(archs=(80, 90), sample=None, name_filter=None, jobs=None, out=sys.stdout, fail_on_spills=False):
     """Compile the configs; return (results, errors). `sample`: configs per kernel function (None: all)."""
-    from kernels._utils import jit_interprets
+    from nanogpt_kernels.triton._utils import jit_interprets
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or jit_interprets():
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (kernels must be compiled, not interpreted)")

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import PTR_SIG, emu_bf16, interpreting, nan_like, next_pow2, rne_bf16, sms_for
+from nanogpt_kernels.triton._utils import PTR_SIG, emu_bf16, interpreting, nan_like, next_pow2, rne_bf16, sms_for
 
 _SQRT1_2 = 0.7071067811865476
 _SQRT2_PI = 0.7978845608028654  # sqrt(2 / pi)

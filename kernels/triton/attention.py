@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._utils import PTR_SIG, emu_bf16, nan_like, rne_bf16
-from nanogpt.ops import sdpa_fallback
+from nanogpt_kernels.triton._utils import PTR_SIG, emu_bf16, nan_like, rne_bf16
+from nanogpt_kernels.contract import sdpa_fallback
 
 HEAD_DIMS = (32, 64, 128)
 LOG2E = 1.4426950408889634

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanogpt.ops import FusedAdamWBase
-from kernels._utils import TL_DTYPE, PTR_SIG, emu_bf16, interpreting, rne_bf16
+from nanogpt_kernels.contract import FusedAdamWBase
+from nanogpt_kernels.triton._utils import TL_DTYPE, PTR_SIG, emu_bf16, interpreting, rne_bf16
 
 BLOCK = 1024
 CHUNK = 65536

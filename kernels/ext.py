@@ -1,10 +1,10 @@
-"""The "ext" kernels backend: nanogpt's C++/CUDA extension `nanogpt._C`.
+"""The "ext" backend: the C++/CUDA extension `nanogpt_kernels._C` (sources in csrc/).
 
 The extension registers torch custom ops in the `nanogpt_ext` namespace
 (torch.ops.nanogpt_ext.*) with CPU kernels (vectorized, multi-threaded C++) and, when built
 with CUDA, CUDA kernels; layer_norm, bias_gelu and attention carry C++ autograd formulas. This module
 adds fake (meta) kernels so they work under torch.compile(fullgraph=True), and exposes the
-backend contract of nanogpt.ops: layer_norm, bias_gelu, attention, FusedAdamW, unavailable.
+backend contract (nanogpt_kernels.contract): layer_norm, bias_gelu, attention, FusedAdamW, unavailable.
 
 Build: `pip install --no-build-isolation -e .` with torch installed (see setup.py).
 """
@@ -12,9 +12,8 @@ import importlib
 import math
 
 import torch
-import torch.nn.functional as F
 
-from nanogpt.ops import FusedAdamWBase, sdpa_fallback
+from nanogpt_kernels.contract import FusedAdamWBase, sdpa_fallback
 
 _C = None
 _IMPORT_ERROR = None
@@ -24,7 +23,7 @@ def _load():
     global _C, _IMPORT_ERROR
     if _C is None and _IMPORT_ERROR is None:
         try:
-            mod = importlib.import_module("nanogpt._C")
+            mod = importlib.import_module("nanogpt_kernels._C")
         except ImportError as e:  # not built (ModuleNotFoundError), or built against another torch
             _IMPORT_ERROR = e
         else:
@@ -38,16 +37,16 @@ def unavailable(device_type):
     C = _load()
     if C is None:
         if isinstance(_IMPORT_ERROR, ModuleNotFoundError):
-            return ("the C++ extension nanogpt._C is not built (pip install --no-build-isolation -e . "
+            return ("the C++ extension nanogpt_kernels._C is not built (pip install --no-build-isolation -e . "
                     "with a C++ compiler; see README)")
-        return (f"the C++ extension nanogpt._C does not load ({_IMPORT_ERROR}); rebuild it against this torch "
+        return (f"the C++ extension nanogpt_kernels._C does not load ({_IMPORT_ERROR}); rebuild it against this torch "
                 "with pip install --no-build-isolation -e .")
     if device_type == "cpu":
         return None
     if device_type == "cuda":
-        return None if C.has_cuda() else ("nanogpt._C was built without CUDA (rebuild with a CUDA torch and nvcc, "
+        return None if C.has_cuda() else ("nanogpt_kernels._C was built without CUDA (rebuild with a CUDA torch and nvcc, "
                                           "or NANOGPT_BUILD_CUDA=1 to make that an error)")
-    return f"nanogpt._C has no kernels for device type {device_type!r}"
+    return f"nanogpt_kernels._C has no kernels for device type {device_type!r}"
 
 
 # ------------------------------------------------------------ op registration (fake + autograd)
@@ -132,13 +131,11 @@ def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     D, exact softmax per query row, causal rows stop at the diagonal, output stored (B, T, H, D) so the
     transpose back is free). dropout_p in [0, 1) is applied in the kernel with the Triton kernels' mask
     (same Philox stream: a seed drawn from torch's generator gives the same mask on both backends).
-    Other CPU dtypes fall back to SDPA with a one-time warning. CUDA: torch's SDPA (flash kernels);
-    the extension has no CUDA attention."""
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+    Other CPU dtypes fall back to SDPA with a one-time warning. There is no CUDA kernel: the registry
+    sends CUDA attention to another backend."""
     if q.dtype not in (torch.float32, torch.bfloat16):
         return sdpa_fallback(q, k, v, causal, scale, dropout_p,
-                             f"nanogpt.ext.attention: the CPU kernel takes float32/bfloat16, not {q.dtype}")
+                             f"nanogpt_kernels.ext.attention: the CPU kernel takes float32/bfloat16, not {q.dtype}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
