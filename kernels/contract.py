@@ -15,6 +15,7 @@ A kernel is correct when its error against a float64 reference is at most twice 
 op in the same dtype, plus one unit roundoff at the output's scale (`budget`). The kernel tests and the
 measured `auto` (nanogpt_kernels.autotune) use this one rule.
 """
+import math
 import warnings
 from typing import Optional, Protocol
 
@@ -60,6 +61,15 @@ def budget(torch_out, ref64, dtype, scale_hint=0.0):
     eps = torch.finfo(dtype).eps
     scale = max(ref64.detach().abs().max().item() if ref64.numel() else 0.0, scale_hint)
     return 2.0 * max_err(torch_out, ref64) + max(ABS_FLOOR[dtype], eps * scale)
+
+
+def attention_grad_hints(q, k, v, dout, scale=None):
+    """Scale hints for attention's dq and dk: sums of p * (dp - delta) terms that cancel, so their rounding
+    error scales with |dp| (and sqrt(D) terms per dot), not with the (possibly ~0, e.g. T=1) exact result."""
+    sm = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
+    dp = (dout.double() @ v.detach().double().transpose(-1, -2)).abs().max().item()
+    root_d = math.sqrt(q.shape[-1])
+    return (root_d * dp * k.detach().abs().max().item() * sm, root_d * dp * q.detach().abs().max().item() * sm)
 
 
 def within_budget(out, torch_out, ref64, dtype, scale_hint=0.0):

@@ -205,15 +205,19 @@ class GPT(nn.Module):
             model.crop_block_size(override_args["block_size"])
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8, grad_clip=0.0):
-        """AdamW from the optimizer backend: weight decay on 2-D tensors (matmuls, embeddings) only."""
+    def optimizer_groups(self, weight_decay):
+        """AdamW's parameter groups: weight decay on 2-D tensors (matmuls, embeddings) only."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
+        return [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return registry.get("adamw", self.backends["adamw"])(groups, lr=learning_rate, betas=betas, eps=eps,
-                                                             weight_decay=weight_decay, max_grad_norm=grad_clip)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type=None, eps=1e-8, grad_clip=0.0):
+        """AdamW from the model's adamw backend (device_type: unused, kept for nanoGPT's signature)."""
+        return registry.get("adamw", self.backends["adamw"])(self.optimizer_groups(weight_decay), lr=learning_rate,
+                                                             betas=betas, eps=eps, weight_decay=weight_decay,
+                                                             max_grad_norm=grad_clip)
 
     def flops_per_token(self):
         """Forward+backward FLOPs per token (PaLM appendix B): 6N + 12 L H Q T."""

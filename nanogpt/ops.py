@@ -6,7 +6,8 @@ The selector string (`GPTConfig.kernels`, `--kernels=...`) is one backend name f
 """
 import torch
 
-from nanogpt_kernels.registry import KernelError, describe, resolve  # noqa: F401  (the trainer's entry points)
+import nanogpt_kernels.autotune as kernel_autotune
+from nanogpt_kernels.registry import KernelError, describe, parse, resolve, unavailable  # noqa: F401
 
 
 def cpu_native_bf16():
@@ -23,3 +24,68 @@ def auto_dtype(device_type, kernels="auto"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     fast = device_type == "cpu" and cpu_native_bf16() and resolve(kernels, "cpu")["attention"] == "ext"
     return "bfloat16" if fast else "float32"
+
+
+def capture_calls(model, X, Y, ctx):
+    """One forward of `model` on (X, Y) under ctx, recording each layer op's first call (every layer of a GPT
+    calls an op with the same shapes). The torch MLP path is bypassed here so bias_gelu's call is seen too."""
+    calls, backends = {}, dict(model.backends)
+
+    def recorder(op, fn):
+        def record(*args, **kwargs):
+            if op not in calls:
+                calls[op] = kernel_autotune.Call(args, kwargs)
+            return fn(*args, **kwargs)
+        return record
+
+    for m in model.modules():
+        if hasattr(m, "op"):
+            m.fn = recorder(m.op, m.fn)
+    try:
+        with torch.no_grad(), ctx:
+            model(X, Y)
+    finally:
+        model.set_backends(backends)
+    return calls
+
+
+def select_kernels(model, X, Y, ctx, kernels="auto", autotune=True, optim=None, log=print, recorded=None):
+    """Choose each op's backend, set it on the model and return {op: backend}.
+
+    Ops the selector names keep their backend. With autotune the `auto` ones are measured on this model's
+    real calls (nanogpt_kernels.autotune: fastest correct backend, torch unless another is 3% faster),
+    or read from its cache; without it they take the fixed order. `recorded` is what a checkpoint says
+    it trained with ({"device": ..., "backends": ...}): on the same machine a resume reuses it. Under
+    DDP rank 0 decides and broadcasts, so every rank runs the same backends. `optim`: the keyword
+    arguments of model.configure_optimizers (weight_decay, learning_rate, betas, eps, grad_clip)."""
+    device = X.device
+    wanted, fixed = parse(kernels), resolve(kernels, device.type)
+    auto = [op for op, name in wanted.items() if name == "auto" and (op != "adamw" or optim is not None)]
+    dist = torch.distributed
+    ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    choice, report = dict(fixed), None
+    if autotune and auto and (not ddp or dist.get_rank() == 0):
+        key = kernel_autotune.device_key(device)
+        if recorded and recorded.get("device") == key and all(
+                unavailable(op, recorded["backends"].get(op, ""), device.type) is None for op in auto):
+            choice.update({op: recorded["backends"][op] for op in auto})
+            report = f"kernels from the checkpoint (trained on this machine: {key})"
+        else:
+            groups = hyper = None
+            if "adamw" in auto:
+                groups = model.optimizer_groups(optim["weight_decay"])
+                hyper = dict(lr=optim["learning_rate"], betas=tuple(optim["betas"]), eps=optim.get("eps", 1e-8),
+                             weight_decay=optim["weight_decay"], max_grad_norm=optim.get("grad_clip", 0.0))
+            layer_ops = [op for op in auto if op != "adamw"]
+            calls = capture_calls(model, X, Y, ctx) if layer_ops else {}
+            sel = kernel_autotune.select(auto, device, calls, groups, hyper, ctx, getattr(ctx, "fast_dtype", None))
+            choice.update(sel.choice)
+            report = kernel_autotune.format_table(sel)
+    if ddp and autotune and auto:
+        box = [choice, report]
+        dist.broadcast_object_list(box, src=0)
+        choice, report = box
+    model.set_backends(choice)
+    if report:
+        log(report)
+    return choice
