@@ -13,14 +13,11 @@ last. A crash or kill -9 at any moment leaves the previous pointers and the
 files they name intact. Files no pointer names (and temp files a killed
 process left behind) are deleted after a save.
 
-Also here: the trainer's other run-state helpers (metrics log trimming on
-resume, stop-on-signal) and its test hooks (NANOGPT_TEST_* environment
-variables, inert unless set).
+Also here: loading a model's weights (load_model_state) and OpenAI's GPT-2 or
+a Hugging Face directory (load_pretrained), with one-line errors.
 """
 import json
 import os
-import signal
-import time
 
 import torch
 
@@ -41,7 +38,7 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _atomic_write(path, write, pause=False):
+def atomic_write(path, write):
     """write(f) into a temp file beside `path`, fsync, rename over `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -49,9 +46,6 @@ def _atomic_write(path, write, pause=False):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-            if pause:  # test hook: lets a test kill -9 the process in the middle of a save
-                print(f"pausing inside save of {os.path.basename(path)}", flush=True)
-                time.sleep(3600)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -64,16 +58,12 @@ def save(out_dir, iter_num, model_payload, state_payload, best=False):
     entry = {"iter": iter_num,
              "model": f"checkpoints/iter_{iter_num:06d}.model.pt",
              "state": f"checkpoints/iter_{iter_num:06d}.state.pt"}
-    # test hook NANOGPT_TEST_PAUSE_IN_SAVE=ITER[:model|state|latest]: pause inside that file's write (default state)
-    at, _, what = os.environ.get("NANOGPT_TEST_PAUSE_IN_SAVE", "").partition(":")
-    pause = (what or "state") if at == str(iter_num) else None
     try:
         os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
         for key, payload in (("model", model_payload), ("state", state_payload)):
-            _atomic_write(os.path.join(out_dir, entry[key]), lambda f, p=payload: torch.save(p, f), pause == key)
+            atomic_write(os.path.join(out_dir, entry[key]), lambda f, p=payload: torch.save(p, f))
         for name in ("latest", "best") if best else ("latest",):
-            _atomic_write(os.path.join(out_dir, f"{name}.json"), lambda f: f.write(json.dumps(entry).encode()),
-                          pause == name)
+            atomic_write(os.path.join(out_dir, f"{name}.json"), lambda f: f.write(json.dumps(entry).encode()))
     except (OSError, RuntimeError) as e:  # disk full, permissions, ... (torch.save raises RuntimeError)
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot write the iter {iter_num} checkpoint to {out_dir} ({why}): free disk space "
@@ -206,85 +196,3 @@ def load_model_state(model, state_dict, source):
     if extra:
         raise CheckpointError(f"{source}: unexpected key {extra[0]!r}; the checkpoint is from a different model")
     model.load_state_dict(state_dict)
-
-
-# ---------------------------------------------------------------- run state
-
-def trim_log(path, iter_num):
-    """Drop the records of iterations >= iter_num from a JSON-lines log (atomically), so that after a
-    resume from iter_num the log reads as if the run had never stopped."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb") as f:
-        lines = f.read().splitlines(keepends=True)
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["iter"] < iter_num:
-                keep.append(line if line.endswith(b"\n") else line + b"\n")
-        except (ValueError, KeyError, TypeError):  # a line torn by a crash: drop it
-            pass
-    if len(keep) != len(lines):
-        _atomic_write(path, lambda f: f.write(b"".join(keep)))
-
-
-class StopOnSignal:
-    """SIGTERM/SIGINT (preemption, Ctrl-C) set `.signal` instead of killing the process, so the trainer can
-    save at the next step boundary and exit 0. A second signal is expected (torchrun forwards the one it got
-    to its workers, which a Ctrl-C or a scheduler may have signalled already); a third kills as usual."""
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.signal, self.count = None, 0
-        self.previous = {s: signal.signal(s, self._handle) for s in signals}
-
-    def _handle(self, signum, frame):
-        self.count += 1
-        if self.count >= 3:  # insisted: stop now (checkpoints are atomic, nothing is torn)
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        if self.signal is None:
-            self.signal = signum
-            print(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step",
-                  flush=True)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-# ---------------------------------------------------------------- test hooks (inert unless set)
-
-def _iters(spec):
-    """'5' -> {5}; '5:8' -> 5..7; '5:' -> 5 onwards."""
-    lo, colon, hi = spec.partition(":")
-    if not colon:
-        return lambda it: it == int(lo)
-    return lambda it: it >= int(lo) and (not hi or it < int(hi))
-
-
-def inject_faults(iter_num, rank):
-    """Fault injection for the reliability tests, called once per training step; returns True when this
-    step's loss should be made NaN.
-
-    NANOGPT_TEST_NAN_AT=A[:B]   the loss of iterations A..B-1 (A onwards if B is empty) is NaN
-    NANOGPT_TEST_OOM_AT=I       iteration I raises torch.OutOfMemoryError
-    NANOGPT_TEST_DIE_AT=I[@R]   rank R (default 1, or 0 when single-process) calls os._exit(1) at iteration I,
-                                only on torchrun's first attempt (TORCHELASTIC_RESTART_COUNT unset or 0)
-    (NANOGPT_TEST_PAUSE_IN_SAVE=I[:model|state|latest], in save(): print "pausing inside save of FILE" and
-    sleep inside the write of that file of iteration I's checkpoint, after the data is written and fsynced but
-    before the rename; default state.)
-    """
-    env = os.environ
-    die = env.get("NANOGPT_TEST_DIE_AT")
-    if die and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        at, _, who = die.partition("@")
-        who = int(who) if who else min(1, int(env.get("WORLD_SIZE", 1)) - 1)
-        if int(at) == iter_num and who == rank:
-            print(f"NANOGPT_TEST_DIE_AT: rank {rank} dies at iter {iter_num}", flush=True)
-            os._exit(1)
-    oom = env.get("NANOGPT_TEST_OOM_AT")
-    if oom and int(oom) == iter_num:
-        raise torch.OutOfMemoryError("NANOGPT_TEST_OOM_AT: simulated out of memory")
-    nan = env.get("NANOGPT_TEST_NAN_AT")
-    return bool(nan) and _iters(nan)(iter_num)

@@ -14,13 +14,13 @@ Nothing is lost on a crash, kill or preemption: checkpoints are atomic
 bitwise-exactly (with --deterministic=True), metrics.jsonl included. Bad input
 is a one-line `error: ...` and exit 2 before anything is written.
 """
-import json
 import math
 import os
 import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,7 +31,9 @@ from nanogpt import checkpoint, ops
 from nanogpt.configurator import configure
 from nanogpt.data import Batcher, check_data
 from nanogpt.errors import UserError, run_cli
+from nanogpt.metrics import MetricsLog, trim_log
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.signals import StopOnSignal
 
 DEFAULTS = dict(
     # I/O
@@ -157,8 +159,91 @@ def init_process_group(backend, rank, world):
                             rank=rank, world_size=world)
 
 
+@dataclass
+class Process:
+    """Where this process runs: rank `rank` of `world` (under torchrun, `ddp`), on `device`."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world: int
+    device: str
+
+    @property
+    def master(self):  # the rank that prints and writes out_dir
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return "cuda" if "cuda" in self.device else self.device
+
+
+@dataclass
+class Run:
+    """What the steps of the loop share: the model and its training state (iter_num, best_val_loss, skipped,
+    and the sampler state in batch_state are checkpointed), the batch in hand and per-process counters."""
+    c: dict
+    proc: Process
+    ctx: object  # autocast, or nullcontext for float32
+    gas: int  # micro-steps per update on this rank
+    raw_model: GPT
+    model: torch.nn.Module  # raw_model, compiled and/or wrapped in DDP: what runs forward and backward
+    margs: dict
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batcher: Batcher
+    iter_num: int = 0
+    best_val_loss: float = 1e9
+    skipped: int = 0  # steps skipped over a non-finite loss or gradient, in all
+    consecutive: int = 0  # ... in a row, up to this step
+    batch_state: dict = None  # the sampler as it was before fetching the batch in hand (X, Y)
+    X: torch.Tensor = None
+    Y: torch.Tensor = None
+    local_iter: int = 0  # steps this process ran (MFU waits for the loop to settle)
+    running_mfu: float = -1.0
+
+
 def train(c):
-    # ------------------------------------------------------------ distributed setup
+    proc = setup_distributed(c)
+    gas, B, T = c["gradient_accumulation_steps"] // proc.world, c["batch_size"], c["block_size"]
+    tokens_per_iter = gas * proc.world * B * T
+    if proc.master:
+        print(f"tokens per iteration: {tokens_per_iter:,} ({proc.world} ranks x {gas} micro-steps x {B} x {T})")
+    ctx = seed_and_precision(c, proc)
+    run = init_run(c, proc, ctx, gas)
+    with open_metrics(c, run) as metrics, StopOnSignal() as stop:
+        run.batch_state = run.batcher.state_dict()
+        run.X, run.Y = run.batcher.get_batch("train")
+        t0 = time.time()
+        while True:
+            lr = set_lr(run)
+            if run.iter_num % c["eval_interval"] == 0:
+                evaluate(run, lr, metrics)
+            if c["eval_only"]:
+                break
+            loss, grad_norm, stopping = train_step(run, stop)
+            count_skip(run, grad_norm)
+            t1 = time.time()
+            dt, t0 = t1 - t0, t1
+            if run.iter_num % c["log_interval"] == 0 and proc.master:
+                log_step(run, loss, grad_norm, lr, dt, tokens_per_iter, metrics)
+            run.iter_num += 1
+            run.local_iter += 1
+            if stopping:
+                save(run, best=False)
+                if proc.master:
+                    print(f"stopped by signal at iter {run.iter_num}; rerun with --init_from=resume to continue")
+                break
+            if run.iter_num > c["max_iters"]:
+                break
+    if proc.ddp:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------ setup
+
+def setup_distributed(c):
+    """Read torchrun's environment, check the config (before joining: a bad config is one line per rank), join
+    the process group."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     check_config(c, world)
@@ -168,29 +253,32 @@ def train(c):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         init_process_group(c["backend"] if device.startswith("cuda") else "gloo", rank, world)
-    master = rank == 0
-    device_type = "cuda" if "cuda" in device else device
-    gas, B, T = c["gradient_accumulation_steps"] // world, c["batch_size"], c["block_size"]
-    tokens_per_iter = gas * world * B * T
-    if master:
-        print(f"tokens per iteration: {tokens_per_iter:,} ({world} ranks x {gas} micro-steps x {B} x {T})")
-    random.seed(c["seed"] + rank)
-    np.random.seed(c["seed"] + rank)
-    torch.manual_seed(c["seed"] + rank)
+    return Process(ddp, rank, local_rank, world, device)
+
+
+def seed_and_precision(c, proc):
+    """Seed this rank, set determinism and TF32; returns the autocast context the forward passes run in."""
+    random.seed(c["seed"] + proc.rank)
+    np.random.seed(c["seed"] + proc.rank)
+    torch.manual_seed(c["seed"] + proc.rank)
     if c["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    ptdtype = getattr(torch, c["dtype"])
-    ctx = nullcontext() if c["dtype"] == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    if c["dtype"] == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=proc.device_type, dtype=getattr(torch, c["dtype"]))
 
-    # ------------------------------------------------------------ model
-    data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
-    init_from = c["init_from"]
-    if init_from == "auto":
-        init_from = "resume" if checkpoint.exists(c["out_dir"]) else "scratch"
-    state = None
+
+def build_model(c, device_type, margs):
+    """The GPT with model args `margs` (on the CPU), running the ops on the kernels c["kernels"] asks for."""
+    return GPT(GPTConfig(**margs, kernels=c["kernels"]), device_type)
+
+
+def load_model(c, device_type, init_from, data_dir):
+    """(model, the checkpoint's state payload or None): a new model, out_dir's latest checkpoint, or pretrained
+    weights."""
     if init_from == "scratch":
         meta = os.path.join(data_dir, "meta.pkl")
         vocab_size = 50304
@@ -199,196 +287,215 @@ def train(c):
             with open(meta, "rb") as f:
                 vocab_size = pickle.load(f)["vocab_size"]
         margs = {k: c[k] for k in MODEL_KEYS if k != "vocab_size"} | {"vocab_size": vocab_size}
-        model = GPT(GPTConfig(**margs, kernels=c["kernels"]), device_type)
-    elif init_from == "resume":
+        return build_model(c, device_type, margs), None
+    if init_from == "resume":
         mp, state = checkpoint.load(c["out_dir"])
         margs = mp["model_args"]
         for k in MODEL_KEYS:
             if k not in ("vocab_size", "dropout") and k in margs and margs[k] != c[k]:
                 raise UserError(f"the checkpoint in {c['out_dir']} has {k}={margs[k]!r} but the config says "
                                 f"{c[k]!r}; pass --{k}={margs[k]!r} (the run's config) or use a new out_dir")
-        model = GPT(GPTConfig(**margs, kernels=c["kernels"]), device_type)
+        model = build_model(c, device_type, margs)
         checkpoint.load_model_state(model, mp["model"], c["out_dir"])
-    else:
-        model = checkpoint.load_pretrained(init_from, T, dict(dropout=c["dropout"], kernels=c["kernels"]))
+        return model, state
+    model = checkpoint.load_pretrained(init_from, c["block_size"], dict(dropout=c["dropout"], kernels=c["kernels"]))
+    return model, None
+
+
+def report_kernels(c, model, proc):
+    """Print the backend each op runs on (the model is built and on its device here)."""
+    if proc.master:
+        print(f"kernels ({proc.device_type}, {c['dtype']}): {ops.describe(model.backends, proc.device_type)}")
+
+
+def init_run(c, proc, ctx, gas):
+    """Model, data, optimizer and GradScaler, restored from out_dir's checkpoint when resuming; the model compiled
+    and wrapped in DDP last."""
+    data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
+    init_from = c["init_from"]
+    if init_from == "auto":
+        init_from = "resume" if checkpoint.exists(c["out_dir"]) else "scratch"
+    model, state = load_model(c, proc.device_type, init_from, data_dir)
     margs = {k: getattr(model.config, k) for k in MODEL_KEYS}
-    if master:
+    model.to(proc.device)
+    if proc.master:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {margs}")
-        print(f"kernels ({device_type}, {c['dtype']}): {ops.describe(model.backends, device_type)}")
-    model.to(device)
-    batcher = Batcher(data_dir, c["dataset"], T, B, margs["vocab_size"], device, c["sampler"], c["seed"], rank, world)
-
-    scaler = torch.amp.GradScaler(device_type, enabled=(c["dtype"] == "float16"))
+    report_kernels(c, model, proc)
+    batcher = Batcher(data_dir, c["dataset"], c["block_size"], c["batch_size"], margs["vocab_size"], proc.device,
+                      c["sampler"], c["seed"], proc.rank, proc.world)
+    scaler = torch.amp.GradScaler(proc.device_type, enabled=(c["dtype"] == "float16"))
     optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
-                                           device_type, grad_clip=c["grad_clip"])
-    iter_num, best_val_loss, skipped = 0, 1e9, 0
+                                           proc.device_type, grad_clip=c["grad_clip"])
+    run = Run(c, proc, ctx, gas, raw_model=model, model=model, margs=margs, optimizer=optimizer, scaler=scaler,
+              batcher=batcher)
     if state is not None:
-        if len(state["ranks"]) != world:
-            raise UserError(f"the checkpoint was written by {len(state['ranks'])} ranks, this run has {world}; "
-                            "resume with the same number of ranks")
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        iter_num, best_val_loss, skipped = state["iter_num"], state["best_val_loss"], state.get("skipped", 0)
-        set_rng_state(state["ranks"][rank]["rng"])
-        batcher.load_state_dict(state["ranks"][rank]["batcher"])
-        if master:
-            print(f"resuming from iter {iter_num} (best val loss {best_val_loss:.4f})")
-    raw_model = model
+        restore(run, state)
     if c["compile"]:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        run.model = torch.compile(run.model)
+    if proc.ddp:
+        run.model = DDP(run.model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
+    return run
 
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss over eval_iters batches per split, the same batches at every eval, averaged over ranks."""
-        out = {}
-        model.eval()
-        for split in ("train", "val"):
-            gen = torch.Generator().manual_seed(c["seed"] + 1)
-            losses = torch.zeros(c["eval_iters"], device=device)
-            for k in range(c["eval_iters"]):
-                X, Y = batcher.get_batch(split, gen)
-                with ctx:
-                    losses[k] = model(X, Y)[1]
-            mean = losses.mean()
-            if ddp:
-                dist.all_reduce(mean, op=dist.ReduceOp.AVG)
-            out[split] = mean.item()
-        model.train()
-        return out
 
-    def save(best):
-        ranks = [{"rng": rng_state(), "batcher": batch_state}]
-        if ddp:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, ranks[0])
-            ranks = gathered
-        if master:
-            model_payload = {"model": raw_model.state_dict(), "model_args": margs, "iter_num": iter_num, "config": c}
-            state_payload = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
-                             "iter_num": iter_num, "best_val_loss": best_val_loss, "skipped": skipped, "ranks": ranks}
-            checkpoint.save(c["out_dir"], iter_num, model_payload, state_payload, best=best)
-            print(f"saved checkpoint at iter {iter_num} to {c['out_dir']}{' (best)' if best else ''}")
-        if ddp:
-            dist.barrier()
+def restore(run, state):
+    """Continue from a checkpoint's state payload: optimizer, GradScaler, counters, this rank's RNG and sampler."""
+    if len(state["ranks"]) != run.proc.world:
+        raise UserError(f"the checkpoint was written by {len(state['ranks'])} ranks, this run has {run.proc.world}; "
+                        "resume with the same number of ranks")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.iter_num, run.best_val_loss, run.skipped = state["iter_num"], state["best_val_loss"], state.get("skipped", 0)
+    set_rng_state(state["ranks"][run.proc.rank]["rng"])
+    run.batcher.load_state_dict(state["ranks"][run.proc.rank]["batcher"])
+    if run.proc.master:
+        print(f"resuming from iter {run.iter_num} (best val loss {run.best_val_loss:.4f})")
 
-    if c["wandb_log"] and master:
+
+def open_metrics(c, run):
+    """The metrics log (on the master; wandb too when enabled), going on from the restored iteration. Everything
+    is checked by now: from here on the run writes to out_dir."""
+    if not run.proc.master:
+        return MetricsLog()
+    wandb = None
+    if c["wandb_log"]:
         import wandb
         wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c)
-    metrics = None
-    if master:  # everything is checked: from here on the run writes to out_dir
-        try:
-            os.makedirs(c["out_dir"], exist_ok=True)
-            if not c["eval_only"]:  # the log goes on from the checkpoint (a new run: from scratch)
-                checkpoint.trim_log(os.path.join(c["out_dir"], "metrics.jsonl"), iter_num)
-            metrics = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a")
-        except OSError as e:
-            raise UserError(f"cannot write to out_dir {c['out_dir']} ({e.strerror}); pass a writable --out_dir") from None
+    try:
+        os.makedirs(c["out_dir"], exist_ok=True)
+        path = os.path.join(c["out_dir"], "metrics.jsonl")
+        if not c["eval_only"]:  # the log goes on from the checkpoint (a new run: from scratch)
+            trim_log(path, run.iter_num)
+        return MetricsLog(path, wandb)
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {c['out_dir']} ({e.strerror}); pass a writable --out_dir") from None
 
-    def log(record):
-        if master:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            if c["wandb_log"]:
-                wandb.log(record)
 
-    # ------------------------------------------------------------ training loop
-    batch_state = batcher.state_dict()  # the sampler as it was before fetching the batch in hand
-    X, Y = batcher.get_batch("train")
-    t0 = time.time()
-    local_iter, running_mfu, consecutive = 0, -1.0, 0
-    stop = checkpoint.StopOnSignal()  # SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, save, exit 0
-    while True:
-        lr = get_lr(iter_num, c) if c["decay_lr"] else c["learning_rate"]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+# ------------------------------------------------------------ the steps of the loop
 
-        if iter_num % c["eval_interval"] == 0:
-            losses = estimate_loss()
-            if master:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
-            improved = losses["val"] < best_val_loss
-            if improved:
-                best_val_loss = losses["val"]
-            if (improved or c["always_save_checkpoint"]) and iter_num > 0 and not c["eval_only"]:
-                save(best=improved)
-        if c["eval_only"]:
-            break
+def set_lr(run):
+    lr = get_lr(run.iter_num, run.c) if run.c["decay_lr"] else run.c["learning_rate"]
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
-        poison = checkpoint.inject_faults(iter_num, rank)  # test hooks, inert unless NANOGPT_TEST_* is set
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(gas):
-            if ddp:  # sync gradients on the last micro-step only
-                model.require_backward_grad_sync = micro_step == gas - 1
-            with ctx:
-                _, loss = model(X, Y)
-                loss = loss / gas
-                if poison:
-                    loss = loss * float("nan")
-            loss_sum += loss.detach()
-            batch_state = batcher.state_dict()
-            X, Y = batcher.get_batch("train")  # prefetch while the GPU works
-            scaler.scale(loss).backward()
-        # a non-finite loss or gradient norm skips the update (the optimizer and GradScaler skip
-        # non-finite gradients themselves); a signal stops the run after this step. Under DDP one
-        # all_reduce carries both flags, so every rank skips and stops at the same step.
-        stopping = stop.signal is not None
-        if ddp:
-            flags = torch.stack([(~torch.isfinite(loss_sum)).float(), torch.full((), float(stopping), device=device)])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            nonfinite, stopping = (bool(f) for f in flags.tolist())
-        else:
-            nonfinite = not torch.isfinite(loss_sum).item()
-        grad_norm = None
-        if not nonfinite:
-            grad_norm = scaler.step(optimizer)  # unscales, clips inside; None or non-finite: skipped
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if grad_norm is None or not torch.isfinite(grad_norm):
-            skipped += 1
-            consecutive += 1
-            if consecutive >= c["max_skips"]:
-                kept = (f"the last good checkpoint (iter {checkpoint.latest_iter(c['out_dir'])}) in {c['out_dir']} is "
-                        "intact" if checkpoint.exists(c["out_dir"]) else "no checkpoint was written")
-                raise TrainingError(f"{consecutive} consecutive steps had a non-finite loss or gradient (iters "
-                                    f"{iter_num - consecutive + 1}-{iter_num}): lower learning_rate or raise "
-                                    f"warmup_iters{' (or use bfloat16)' if c['dtype'] == 'float16' else ''}; {kept}")
-        else:
-            consecutive = 0
 
-        t1 = time.time()
-        dt, t0 = t1 - t0, t1
-        if iter_num % c["log_interval"] == 0 and master:
-            lossf = loss_sum.item()  # a sync point: the mean loss over the micro-steps
-            record = {"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt,
-                      "grad_norm": None if grad_norm is None else grad_norm.item(), "skipped": skipped, "mfu": None}
-            line = f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s"
-            if device_type == "cuda" and local_iter >= 5:  # let the loop settle before measuring MFU
-                mfu = raw_model.estimate_mfu(B * gas, dt, c["dtype"])  # per GPU
-                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-                record["mfu"] = running_mfu
-                line += f", mfu {running_mfu * 100:.2f}%"
-            if skipped:
-                line += f", {skipped} skipped steps"
-            print(line)
-            log(record)
-        iter_num += 1
-        local_iter += 1
-        if stopping:
-            save(best=False)
-            if master:
-                print(f"stopped by signal at iter {iter_num}; rerun with --init_from=resume to continue")
-            break
-        if iter_num > c["max_iters"]:
-            break
+def train_step(run, stop):
+    """One update over gas micro-steps; returns (the mean loss, the gradient norm or None when the update was
+    skipped, whether to stop after this step)."""
+    loss_sum = torch.zeros((), device=run.proc.device)
+    for micro_step in range(run.gas):
+        if run.proc.ddp:  # sync gradients on the last micro-step only
+            run.model.require_backward_grad_sync = micro_step == run.gas - 1
+        with run.ctx:
+            _, loss = run.model(run.X, run.Y)
+            loss = loss / run.gas
+        loss_sum += loss.detach()
+        run.batch_state = run.batcher.state_dict()
+        run.X, run.Y = run.batcher.get_batch("train")  # prefetch while the GPU works
+        run.scaler.scale(loss).backward()
+    # a non-finite loss or gradient norm skips the update (the optimizer and GradScaler skip
+    # non-finite gradients themselves); a signal stops the run after this step. Under DDP one
+    # all_reduce carries both flags, so every rank skips and stops at the same step.
+    stopping = stop.signal is not None
+    if run.proc.ddp:
+        flags = torch.stack([(~torch.isfinite(loss_sum)).float(),
+                             torch.full((), float(stopping), device=run.proc.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, stopping = (bool(f) for f in flags.tolist())
+    else:
+        nonfinite = not torch.isfinite(loss_sum).item()
+    grad_norm = None
+    if not nonfinite:
+        grad_norm = run.scaler.step(run.optimizer)  # unscales, clips inside; None or non-finite: skipped
+        run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, stopping
 
-    stop.restore()
-    if metrics:
-        metrics.close()
-    if ddp:
-        dist.destroy_process_group()
+
+def count_skip(run, grad_norm):
+    """Count a skipped update; max_skips in a row stop the run, with the last good checkpoint intact."""
+    if grad_norm is not None and torch.isfinite(grad_norm):
+        run.consecutive = 0
+        return
+    run.skipped += 1
+    run.consecutive += 1
+    c, n = run.c, run.consecutive
+    if n >= c["max_skips"]:
+        kept = (f"the last good checkpoint (iter {checkpoint.latest_iter(c['out_dir'])}) in {c['out_dir']} is "
+                "intact" if checkpoint.exists(c["out_dir"]) else "no checkpoint was written")
+        raise TrainingError(f"{n} consecutive steps had a non-finite loss or gradient (iters "
+                            f"{run.iter_num - n + 1}-{run.iter_num}): lower learning_rate or raise "
+                            f"warmup_iters{' (or use bfloat16)' if c['dtype'] == 'float16' else ''}; {kept}")
+
+
+@torch.no_grad()
+def estimate_loss(run):
+    """Mean loss over eval_iters batches per split, the same batches at every eval, averaged over ranks."""
+    out = {}
+    run.model.eval()
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(run.c["seed"] + 1)
+        losses = torch.zeros(run.c["eval_iters"], device=run.proc.device)
+        for k in range(run.c["eval_iters"]):
+            X, Y = run.batcher.get_batch(split, gen)
+            with run.ctx:
+                losses[k] = run.model(X, Y)[1]
+        mean = losses.mean()
+        if run.proc.ddp:
+            dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+        out[split] = mean.item()
+    run.model.train()
+    return out
+
+
+def evaluate(run, lr, metrics):
+    """Print and log both splits' losses; save when val improved (every eval with always_save_checkpoint)."""
+    losses = estimate_loss(run)
+    if run.proc.master:
+        print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    metrics.write({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+    improved = losses["val"] < run.best_val_loss
+    if improved:
+        run.best_val_loss = losses["val"]
+    if (improved or run.c["always_save_checkpoint"]) and run.iter_num > 0 and not run.c["eval_only"]:
+        save(run, best=improved)
+
+
+def log_step(run, loss, grad_norm, lr, dt, tokens_per_iter, metrics):
+    """Print the step's line and log its record (master only)."""
+    lossf = loss.item()  # a sync point: the mean loss over the micro-steps
+    record = {"iter": run.iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt,
+              "grad_norm": None if grad_norm is None else grad_norm.item(), "skipped": run.skipped, "mfu": None}
+    line = f"iter {run.iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s"
+    if run.proc.device_type == "cuda" and run.local_iter >= 5:  # let the loop settle before measuring MFU
+        mfu = run.raw_model.estimate_mfu(run.c["batch_size"] * run.gas, dt, run.c["dtype"])  # per GPU
+        run.running_mfu = mfu if run.running_mfu == -1.0 else 0.9 * run.running_mfu + 0.1 * mfu
+        record["mfu"] = run.running_mfu
+        line += f", mfu {run.running_mfu * 100:.2f}%"
+    if run.skipped:
+        line += f", {run.skipped} skipped steps"
+    print(line)
+    metrics.write(record)
+
+
+def save(run, best):
+    """Checkpoint iter_num: the weights, and the training state with every rank's RNG and sampler states."""
+    ranks = [{"rng": rng_state(), "batcher": run.batch_state}]
+    if run.proc.ddp:
+        gathered = [None] * run.proc.world
+        dist.all_gather_object(gathered, ranks[0])
+        ranks = gathered
+    if run.proc.master:
+        c = run.c
+        model_payload = {"model": run.raw_model.state_dict(), "model_args": run.margs, "iter_num": run.iter_num,
+                         "config": c}
+        state_payload = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "config": c,
+                         "iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "skipped": run.skipped,
+                         "ranks": ranks}
+        checkpoint.save(c["out_dir"], run.iter_num, model_payload, state_payload, best=best)
+        print(f"saved checkpoint at iter {run.iter_num} to {c['out_dir']}{' (best)' if best else ''}")
+    if run.proc.ddp:
+        dist.barrier()
 
 
 def _main(argv):

@@ -10,7 +10,9 @@
 - sampler=epoch: disjoint across ranks within an epoch, every window once per epoch;
 - bad input: one line `error: ...` on stderr, exit 2, no traceback, nothing written or lost.
 
-Faults are injected with the trainer's NANOGPT_TEST_* hooks (inert unless set; see checkpoint.inject_faults).
+Faults are injected from outside the product code: the trainer runs under FAULTY_TRAIN, a driver that
+monkeypatches its seams (train.train_step, GPT.forward, checkpoint.save and checkpoint.atomic_write) and
+then calls train.main, as `python faulty_train.py FAULTS --key=value ...` or a torchrun script.
 """
 import hashlib
 import json
@@ -41,27 +43,89 @@ BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_it
             learning_rate=1e-2, warmup_iters=5, lr_decay_iters=40, max_iters=40)
 
 
-def _env(**extra):
+FAULTY_TRAIN = """
+import json, os, sys, time
+import torch
+from nanogpt import checkpoint, train
+from nanogpt.model import GPT
+
+faults = json.loads(sys.argv[1])
+rank = int(os.environ.get("RANK", 0))
+first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"  # torchrun restarts with count 1, 2, ...
+poison = False  # make the losses of this step's forward passes NaN
+saving = None  # the iteration being saved
+
+real_step = train.train_step
+def train_step(run, stop):  # at the start of a step, after that iteration's eval (and save)
+    global poison
+    it = run.iter_num
+    if "die_at" in faults and faults["die_at"] == [it, rank] and first_attempt:
+        print(f"rank {rank} dies at iter {it}", flush=True)
+        os._exit(1)
+    if faults.get("oom_at") == it:
+        raise torch.OutOfMemoryError("simulated out of memory")
+    lo, hi = faults.get("nan_at", (None, None))  # iterations lo..hi-1, lo onwards when hi is None
+    poison = lo is not None and lo <= it and (hi is None or it < hi)
+    try:
+        return real_step(run, stop)
+    finally:
+        poison = False
+
+real_forward = GPT.forward
+def forward(self, *args, **kwargs):
+    logits, loss = real_forward(self, *args, **kwargs)
+    return logits, loss * float("nan") if poison and loss is not None else loss
+
+real_save = checkpoint.save
+def save(out_dir, iter_num, *args, **kwargs):
+    global saving
+    saving = iter_num
+    return real_save(out_dir, iter_num, *args, **kwargs)
+
+real_write = checkpoint.atomic_write
+def atomic_write(path, write):  # pause_in_save [I, model|state|latest]: after the data is fsynced, before the rename
+    at, what = faults.get("pause_in_save", (None, None))
+    name = os.path.basename(path)
+    if saving != at or not name.endswith((f".{what}.pt", f"{what}.json")):
+        return real_write(path, write)
+    def write_and_pause(f):
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+        print(f"pausing inside save of {name}", flush=True)
+        time.sleep(3600)
+    return real_write(path, write_and_pause)
+
+train.train_step, GPT.forward, checkpoint.save, checkpoint.atomic_write = train_step, forward, save, atomic_write
+train.main(sys.argv[2:])
+"""
+
+
+def _env():
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NANOGPT_TEST_", "TORCHELASTIC_")) and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+           if not k.startswith("TORCHELASTIC_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
-def _args(default_data_dir, **over):
-    return [f"--{k}={v}" for k, v in (BASE | {"data_dir": default_data_dir} | over).items()]
+def _args(wd, **over):
+    return [f"--{k}={v}" for k, v in (BASE | {"data_dir": wd.data} | over).items()]
 
 
-def train(wd, env=None, timeout=TIMEOUT, **over):
-    return subprocess.run([sys.executable, "-m", "nanogpt.train", *_args(wd.data, **over)], cwd=wd.path,
-                          env=_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+def _trainer(wd, faults):
+    """The trainer's entry point for python or torchrun: FAULTY_TRAIN when there are faults to inject."""
+    return [str(wd.faulty_train), json.dumps(faults)] if faults else ["-m", "nanogpt.train"]
 
 
-def torchrun(wd, env=None, nproc=2, max_restarts=1, **over):
+def train(wd, faults=None, timeout=TIMEOUT, **over):
+    return subprocess.run([sys.executable, *_trainer(wd, faults), *_args(wd, **over)], cwd=wd.path, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(wd, faults=None, nproc=2, max_restarts=1, **over):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           f"--max-restarts={max_restarts}", "-m", "nanogpt.train", *_args(wd.data, **over)]
-    return subprocess.run(cmd, cwd=wd.path, env=_env(**(env or {})), capture_output=True, text=True, timeout=TIMEOUT)
+           f"--max-restarts={max_restarts}", *_trainer(wd, faults), *_args(wd, **over)]
+    return subprocess.run(cmd, cwd=wd.path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def ok(proc):
@@ -72,9 +136,9 @@ def ok(proc):
 class Live:
     """A trainer subprocess whose stdout is read line by line while it runs."""
 
-    def __init__(self, wd, env=None, **over):
-        self.proc = subprocess.Popen([sys.executable, "-m", "nanogpt.train", *_args(wd.data, **over)], cwd=wd.path,
-                                     env=_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def __init__(self, wd, faults=None, **over):
+        self.proc = subprocess.Popen([sys.executable, *_trainer(wd, faults), *_args(wd, **over)], cwd=wd.path,
+                                     env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines, self._q = [], queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -140,6 +204,8 @@ class Workdir:
     def __init__(self, path):
         self.path = path
         self.data = str(path / "data" / "sc")
+        self.faulty_train = path / "faulty_train.py"
+        self.faulty_train.write_text(FAULTY_TRAIN)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +267,7 @@ def test_kill9_inside_checkpoint_write(wd, ref, where):
     """kill -9 while iter 20's checkpoint is being written: after the weights file is in place and the optimizer
     state file is half-way to its name (state), before either (model), or before latest.json moves (latest)."""
     out = wd.path / f"killed-{where}"
-    live = Live(wd, env={"NANOGPT_TEST_PAUSE_IN_SAVE": f"20:{where}"}, out_dir=out)
+    live = Live(wd, faults={"pause_in_save": [20, where]}, out_dir=out)
     live.wait_for("pausing inside save")
     live.proc.kill()
     live.finish()
@@ -249,8 +315,8 @@ def ddp_ref(wd):
 
 
 def test_ddp_rank_dies_torchrun_restarts_and_resumes(wd, ddp_ref):
-    proc = ok(torchrun(wd, env={"NANOGPT_TEST_DIE_AT": 15}, out_dir="ddp-died", **DDP))
-    assert "NANOGPT_TEST_DIE_AT: rank 1 dies at iter 15" in proc.stdout
+    proc = ok(torchrun(wd, faults={"die_at": [15, 1]}, out_dir="ddp-died", **DDP))
+    assert "rank 1 dies at iter 15" in proc.stdout
     assert "resuming from iter 10" in proc.stdout  # init_from=auto on the restart: no hand edit
     assert_same_run(wd.path / "ddp-died", ddp_ref)
 
@@ -258,7 +324,7 @@ def test_ddp_rank_dies_torchrun_restarts_and_resumes(wd, ddp_ref):
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
 def test_ddp_sigterm_to_one_rank_stops_all_ranks_together(wd, ddp_ref):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt.train",
-           *_args(wd.data, out_dir="ddp-term", **DDP)]
+           *_args(wd, out_dir="ddp-term", **DDP)]
     proc = subprocess.Popen(cmd, cwd=wd.path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, watchdog = [], threading.Timer(TIMEOUT, proc.kill)  # never hang the suite
     watchdog.start()
@@ -289,7 +355,7 @@ def test_ddp_sigterm_to_one_rank_stops_all_ranks_together(wd, ddp_ref):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16: autocast + GradScaler
 def test_nonfinite_steps_are_skipped_and_counted(wd, dtype):
     out = wd.path / f"nan-{dtype}"
-    proc = ok(train(wd, env={"NANOGPT_TEST_NAN_AT": "5:8"}, out_dir=out, max_iters=12, dtype=dtype))
+    proc = ok(train(wd, faults={"nan_at": [5, 8]}, out_dir=out, max_iters=12, dtype=dtype))
     steps = {r["iter"]: r for r in records(out) if "loss" in r}
     assert [steps[i]["grad_norm"] for i in (5, 6, 7)] == [None] * 3
     assert [steps[i]["skipped"] for i in range(3, 13)] == [0, 0, 1, 2, 3, 3, 3, 3, 3, 3]
@@ -302,7 +368,7 @@ def test_nonfinite_steps_are_skipped_and_counted(wd, dtype):
 
 def test_max_skips_stops_with_error_and_last_checkpoint_intact(wd, ref):
     out = wd.path / "nanstop"
-    proc = train(wd, env={"NANOGPT_TEST_NAN_AT": "12:"}, out_dir="nanstop", max_skips=3)
+    proc = train(wd, faults={"nan_at": [12, None]}, out_dir="nanstop", max_skips=3)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: 3 consecutive steps had a non-finite loss") and proc.stderr.count("\n") == 1
     assert "iters 12-14" in proc.stderr and "the last good checkpoint (iter 10)" in proc.stderr
@@ -377,7 +443,7 @@ def bad(wd, capsys, *expect, **over):
     capsys.readouterr()
     try:
         with pytest.raises(SystemExit) as e:
-            main(_args(wd.data, **(dict(deterministic=False) | over)))
+            main(_args(wd, **(dict(deterministic=False) | over)))
     finally:
         random.setstate(saved[0])
         np.random.set_state(saved[1])
@@ -499,7 +565,7 @@ def test_bad_scratch_over_existing_checkpoint(wd, ref, capsys, tmp_path):
 
 def test_out_of_memory_is_one_line_with_advice(wd, tmp_path):
     out = tmp_path / "o"
-    bad_subprocess(train(wd, env={"NANOGPT_TEST_OOM_AT": 13}, out_dir=out),
+    bad_subprocess(train(wd, faults={"oom_at": 13}, out_dir=out),
                    "out of memory with batch_size=4 x block_size=32 per micro-step: lower batch_size")
     # the checkpoint written before stays as it is
     assert checkpoint.latest_iter(out) == 10 and checkpoint.load(str(out))[1]["iter_num"] == 10
