@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from nanogpt_kernels import registry
+from nanogpt import generate as engine
 from nanogpt.mfu import peak_flops
 
 
@@ -53,13 +54,18 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, kv=None):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         # query, key, values for all heads in batch, and move head forward to be the batch dim
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        # causal self-attention; (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T) -> (B, nh, T, hs), never stored
-        y = self.fn(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        mask = None
+        if kv is not None:  # generation (nanogpt.generate.LayerKV): attend over every cached token
+            k, v, mask = kv.append(k, v)
+        if mask is None:  # causal self-attention over this call's tokens, on the backend's kernel
+            y = self.fn(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        else:  # queries at the end of the cache, or left padding: the backends take no mask, SDPA does
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -90,8 +96,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv=None):
+        x = x + self.attn(self.ln_1(x), kv)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -142,15 +148,16 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
+        """cache: a nanogpt.generate.KVCache that idx's tokens are appended to (generation)."""
         b, t = idx.size()
         if t > self.config.block_size:
             raise ValueError(f"sequence of length {t} exceeds block_size {self.config.block_size}; "
                              "crop the input or raise block_size")
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device) if cache is None else cache.begin(t)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for block, kv in zip(self.transformer.h, [None] * len(self.transformer.h) if cache is None else cache.layers):
+            x = block(x, kv)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -230,16 +237,9 @@ class GPT(nn.Module):
         flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops(dtype)
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens tokens after the (b, t) prompt idx."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("Inf")
-            probs = F.softmax(logits, dim=-1)
-            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
-        return idx
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None, use_cache=True):
+        """Sample max_new_tokens tokens after the (b, t) prompt idx, or after each prompt of a list of token-id
+        lists (any lengths, batched); see nanogpt.generate.generate. use_cache=False recomputes the whole context
+        for every token, as nanoGPT does."""
+        return engine.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               eos_token=eos_token, use_cache=use_cache)
