@@ -1,20 +1,27 @@
-"""Installs the `nanogpt` package and the kernel library (source folder kernels/, import name
-`nanogpt_kernels`, so it never shadows Hugging Face's `kernels`) and builds its C++/CUDA extension
-`nanogpt_kernels._C`.
+"""Builds the C++/CUDA extension `nanogpt_kernels._C`; the package metadata is in pyproject.toml.
 
-The extension build imports torch, so install into an environment that already has torch,
-without build isolation (otherwise pip would build in a fresh environment without torch):
+The build imports torch, so install into an environment that already has torch, without build
+isolation (otherwise pip would build in a fresh environment with a torch of its own):
 
     pip install --no-build-isolation -e .        # or: pip install --no-build-isolation .
+
+Sources are found by glob, so a new op's file needs no edit here: csrc/*.cpp and csrc/cpu/*.cpp
+always; with CUDA also csrc/cuda/*.cpp (compiled against torch with NANOGPT_WITH_CUDA) and the
+torch-free csrc/cuda/*.cu (compiled by nvcc on their own and linked in).
 
 Environment variables (1/0; unset = auto):
     NANOGPT_BUILD_EXT   build the C++ extension (auto: when torch and a C++ compiler are there;
                         a failed auto build prints a warning and installs the pure-Python package)
     NANOGPT_BUILD_CUDA  compile the CUDA kernels in (auto: when torch has CUDA and nvcc is found)
     NANOGPT_CUDA_ARCHS  nvcc SASS targets, default "80;90a" (plus PTX of the last, e.g. compute_90)
-    MAX_JOBS            parallel compile jobs for torch's ninja builder
+    MAX_JOBS            parallel compile jobs (torch's ninja builder and the nvcc step)
+    PYTORCH_NVCC        the nvcc command, as for torch's own builds (e.g. "ccache /usr/local/cuda/bin/nvcc")
+A build asked for by NANOGPT_BUILD_EXT=1 or NANOGPT_BUILD_CUDA=1 that cannot be made is an error.
 """
+import concurrent.futures as cf
+import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,10 +43,19 @@ def _warn(msg):
     print(f"\n{bar}\nWARNING (nanogpt): {msg}\n{bar}\n", file=sys.stderr, flush=True)
 
 
+def _sources(*patterns):
+    # relative to this file: setuptools wants relative source paths
+    return [p for pat in patterns for p in sorted(glob.glob(pat, root_dir=HERE))]
+
+
 def _extension():
     """(ext_modules, cmdclass) for nanogpt_kernels._C, or ([], {}) when it is skipped."""
     want = _env_flag("NANOGPT_BUILD_EXT")
+    want_cuda = _env_flag("NANOGPT_BUILD_CUDA")
+    required = bool(want or want_cuda)
     if want is False:
+        if want_cuda:
+            raise RuntimeError("NANOGPT_BUILD_CUDA=1 asks for the CUDA kernels but NANOGPT_BUILD_EXT=0 skips the extension")
         return [], {}
     try:
         import torch
@@ -47,12 +63,11 @@ def _extension():
     except ImportError as e:
         msg = (f"torch is not importable at build time ({e}); the C++ extension nanogpt_kernels._C is not built. "
                "Install torch first, then `pip install --no-build-isolation -e .`")
-        if want:
-            raise RuntimeError("NANOGPT_BUILD_EXT=1: " + msg)
+        if required:
+            raise RuntimeError("NANOGPT_BUILD_EXT=1 / NANOGPT_BUILD_CUDA=1: " + msg) from e
         _warn(msg)
         return [], {}
 
-    want_cuda = _env_flag("NANOGPT_BUILD_CUDA")
     nvcc = os.path.join(ce.CUDA_HOME, "bin", "nvcc") if ce.CUDA_HOME else None
     can_cuda = torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
     if want_cuda and not can_cuda:
@@ -69,14 +84,12 @@ def _extension():
         # runtime torch itself has loaded (same soname), so there is one OpenMP pool.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    sources = ["csrc/ext.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/bias_gelu.cpp", "csrc/cpu/adamw.cpp",
-               "csrc/cpu/attention.cpp", "csrc/cpu/common.cpp"]
+    sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     if with_cuda:
-        ext = ce.CUDAExtension("nanogpt_kernels._C", sources + ["csrc/cuda/binding.cpp"],
+        ext = ce.CUDAExtension("nanogpt_kernels._C", sources + _sources("csrc/cuda/*.cpp"),
                                extra_compile_args={"cxx": cxx + ["-DNANOGPT_WITH_CUDA"]}, extra_link_args=link)
-        # the torch-free .cu files are compiled by nvcc directly (see BuildExt) and linked in
-        ext.nanogpt_cu = ["csrc/cuda/layer_norm.cu", "csrc/cuda/bias_gelu.cu", "csrc/cuda/adamw.cu"]
-        ext.nanogpt_nvcc = nvcc
+        ext.nanogpt_cu = _sources("csrc/cuda/*.cu")  # compiled by nvcc directly (see BuildExt) and linked in
+        ext.nanogpt_nvcc = shlex.split(os.environ.get("PYTORCH_NVCC", "")) or [nvcc]
     else:
         ext = ce.CppExtension("nanogpt_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
         ext.nanogpt_cu = []
@@ -86,7 +99,7 @@ def _extension():
             try:
                 super().run()
             except Exception as e:  # noqa: BLE001 - any build failure: install without the extension
-                if want:
+                if required:
                     raise
                 _warn(f"building the C++ extension nanogpt_kernels._C failed ({type(e).__name__}: {e}). nanogpt installs "
                       "without it and the 'ext' kernels backend reports itself unavailable. Set "
@@ -101,51 +114,29 @@ def _extension():
         def _nvcc(self, ext):
             archs = [a.strip() for a in os.environ.get("NANOGPT_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
                      if a.strip()]
-            flags = []
-            for a in archs:
-                flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
+            flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
             ptx = archs[-1].rstrip("af")  # portable PTX (no arch-specific 'a'/'f' features) for newer GPUs
             flags.append(f"-gencode=arch=compute_{ptx},code=compute_{ptx}")
             out_dir = os.path.join(os.path.abspath(self.build_temp), "nvcc")
             os.makedirs(out_dir, exist_ok=True)
-            objs = []
-            for src in ext.nanogpt_cu:
+
+            def compile_one(src):
                 obj = os.path.join(out_dir, os.path.basename(src) + (".obj" if msvc else ".o"))
-                cmd = [ext.nanogpt_nvcc, "-c", os.path.join(HERE, src), "-o", obj, "-O3", "-std=c++17",
+                cmd = [*ext.nanogpt_nvcc, "-c", os.path.join(HERE, src), "-o", obj, "-O3", "-std=c++17",
                        "-lineinfo", *flags]
                 if not msvc:
                     cmd += ["-Xcompiler", "-fPIC"]
                 print(" ".join(cmd), flush=True)
                 subprocess.check_call(cmd)
-                objs.append(obj)
-            return objs
+                return obj
+
+            # one nvcc per file, in parallel like torch's ninja build of the .cpp files
+            jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+            with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+                return list(pool.map(compile_one, ext.nanogpt_cu))
 
     return [ext], {"build_ext": BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
 ext_modules, cmdclass = _extension()
-
-setup(
-    name="nanogpt",
-    version="0.1.0",
-    description="A kernel-centric GPT trainer: nanoGPT with fused Triton and C++/CUDA kernels",
-    packages=["nanogpt", "nanogpt_kernels", "nanogpt_kernels.triton"],
-    package_dir={"nanogpt_kernels": "kernels"},
-    package_data={"nanogpt": ["assets/*.txt"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy", "tiktoken", "tqdm"],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "hf": ["transformers"],
-        "data": ["datasets"],
-        "wandb": ["wandb"],
-        "dev": ["pytest", "pytest-benchmark", "transformers", "datasets", "triton>=3.6", "matplotlib"],
-    },
-    entry_points={"console_scripts": [
-        "nanogpt-prepare=nanogpt.prepare:main",
-        "nanogpt-train=nanogpt.train:main",
-        "nanogpt-sample=nanogpt.sample:main",
-    ]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -144,22 +144,12 @@ cudaError_t bwd(const void* dy, const void* x, const void* b, void* dx, void* db
 }  // namespace
 }  // namespace ng
 
-#define NG_DISPATCH_XB(XD, BD, CALL)                                                  \
-  do {                                                                                \
-    if ((XD) == NG_F32 && (BD) == NG_F32) return CALL(float, float);                  \
-    if ((XD) == NG_BF16 && (BD) == NG_BF16) return CALL(__nv_bfloat16, __nv_bfloat16); \
-    if ((XD) == NG_BF16 && (BD) == NG_F32) return CALL(__nv_bfloat16, float);         \
-    if ((XD) == NG_F16 && (BD) == NG_F16) return CALL(__half, __half);                \
-    if ((XD) == NG_F16 && (BD) == NG_F32) return CALL(__half, float);                 \
-    return cudaErrorInvalidValue;                                                     \
-  } while (0)
-
 extern "C" cudaError_t ng_bias_gelu_fwd(const void* x, const void* bias, void* y, int64_t rows, int64_t cols,
                                         int tanh, int x_dtype, int b_dtype, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   if (cols <= 0 || cols > (1 << 30)) return cudaErrorInvalidValue;
 #define NG_CALL(T, B) ng::fwd<T, B>(x, bias, y, rows, static_cast<int>(cols), tanh != 0, stream)
-  NG_DISPATCH_XB(x_dtype, bias ? b_dtype : x_dtype, NG_CALL);
+  NG_DISPATCH_XP(x_dtype, bias ? b_dtype : x_dtype, NG_CALL);
 #undef NG_CALL
 }
 
@@ -169,6 +159,6 @@ extern "C" cudaError_t ng_bias_gelu_bwd(const void* dy, const void* x, const voi
   if (cols <= 0 || cols > (1 << 30)) return cudaErrorInvalidValue;
   if (rows == 0 && !bias) return cudaSuccess;
 #define NG_CALL(T, B) ng::bwd<T, B>(dy, x, bias, dx, dbias, workspace, rows, static_cast<int>(cols), tanh != 0, stream)
-  NG_DISPATCH_XB(x_dtype, bias ? b_dtype : x_dtype, NG_CALL);
+  NG_DISPATCH_XP(x_dtype, bias ? b_dtype : x_dtype, NG_CALL);
 #undef NG_CALL
 }

@@ -1,4 +1,5 @@
-// Device helpers shared by the .cu files: dtype conversion, 16-byte vectors, warp/block sums.
+// Device helpers shared by the .cu files: dtype conversion, 16-byte vectors, warp/block sums, and the
+// launchers' (activation, parameter) dtype dispatch.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -76,3 +77,15 @@ __device__ __forceinline__ float gelu_grad(float u) {
 }
 
 }  // namespace ng
+
+// Dispatches a launcher on (activation dtype XD, parameter dtype PD): CALL(T, P) with the
+// activations in T and the weight/bias in P (T or float32); other pairs are invalid.
+#define NG_DISPATCH_XP(XD, PD, CALL)                                                  \
+  do {                                                                                \
+    if ((XD) == NG_F32 && (PD) == NG_F32) return CALL(float, float);                  \
+    if ((XD) == NG_BF16 && (PD) == NG_BF16) return CALL(__nv_bfloat16, __nv_bfloat16); \
+    if ((XD) == NG_BF16 && (PD) == NG_F32) return CALL(__nv_bfloat16, float);         \
+    if ((XD) == NG_F16 && (PD) == NG_F16) return CALL(__half, __half);                \
+    if ((XD) == NG_F16 && (PD) == NG_F32) return CALL(__half, float);                 \
+    return cudaErrorInvalidValue;                                                     \
+  } while (0)

@@ -210,23 +210,13 @@ cudaError_t bwd(const void* dy, const void* x, const void* w, const float* mean,
 
 extern "C" int64_t ng_colsum_chunks(int64_t rows) { return ng::colsum_chunks(rows); }
 
-#define NG_DISPATCH_XW(XD, WD, CALL)                                                  \
-  do {                                                                                \
-    if ((XD) == NG_F32 && (WD) == NG_F32) return CALL(float, float);                  \
-    if ((XD) == NG_BF16 && (WD) == NG_BF16) return CALL(__nv_bfloat16, __nv_bfloat16); \
-    if ((XD) == NG_BF16 && (WD) == NG_F32) return CALL(__nv_bfloat16, float);         \
-    if ((XD) == NG_F16 && (WD) == NG_F16) return CALL(__half, __half);                \
-    if ((XD) == NG_F16 && (WD) == NG_F32) return CALL(__half, float);                 \
-    return cudaErrorInvalidValue;                                                     \
-  } while (0)
-
 extern "C" cudaError_t ng_layer_norm_fwd(const void* x, const void* w, const void* b, void* y, float* mean,
                                          float* rstd, int64_t rows, int64_t cols, float eps, int x_dtype,
                                          int w_dtype, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   if (cols <= 0 || cols > (1 << 30)) return cudaErrorInvalidValue;
 #define NG_CALL(T, W) ng::fwd<T, W>(x, w, b, y, mean, rstd, rows, static_cast<int>(cols), eps, stream)
-  NG_DISPATCH_XW(x_dtype, w_dtype, NG_CALL);
+  NG_DISPATCH_XP(x_dtype, w_dtype, NG_CALL);
 #undef NG_CALL
 }
 
@@ -235,6 +225,6 @@ extern "C" cudaError_t ng_layer_norm_bwd(const void* dy, const void* x, const vo
                                          int64_t rows, int64_t cols, int x_dtype, int w_dtype, cudaStream_t stream) {
   if (cols <= 0 || cols > (1 << 30)) return cudaErrorInvalidValue;
 #define NG_CALL(T, W) ng::bwd<T, W>(dy, x, w, mean, rstd, dx, dw, db, workspace, rows, static_cast<int>(cols), stream)
-  NG_DISPATCH_XW(x_dtype, w_dtype, NG_CALL);
+  NG_DISPATCH_XP(x_dtype, w_dtype, NG_CALL);
 #undef NG_CALL
 }
