@@ -22,14 +22,15 @@ class LayerKV:
         self.k = self.v = None
 
     def append(self, k, v):
-        """Store this forward's keys/values; returns all cached keys, values and the mask for its queries."""
+        """Store this forward's keys/values; returns all cached keys and values, and how to attend: causal (the
+        tokens are the whole sequence) and the mask (None: none needed)."""
         c = self.cache
         if self.k is None:
             B, H, _, D = k.shape
             self.k, self.v = k.new_empty(B, H, c.max_len, D), v.new_empty(B, H, c.max_len, D)
         self.k[:, :, c.start:c.pos] = k
         self.v[:, :, c.start:c.pos] = v
-        return self.k[:, :, :c.pos], self.v[:, :, :c.pos], c.mask
+        return self.k[:, :, :c.pos], self.v[:, :, :c.pos], c.causal, c.mask
 
 
 class KVCache:
@@ -52,14 +53,15 @@ class KVCache:
         self.padded = bool(pad.any())
 
     def begin(self, t):
-        """(B, t) positions of the t tokens this forward appends; sets the mask their queries attend with."""
+        """(B, t) positions of the t tokens this forward appends; sets how their queries attend."""
         self.start, self.pos = self.pos, self.pos + t
         if self.pos > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {self.pos} asked for")
         q = torch.arange(self.start, self.pos, device=self.pad.device)[:, None]
         k = torch.arange(self.pos, device=self.pad.device)
-        if self.start == 0 and not self.padded:
-            self.mask = None  # the tokens are the whole sequence: plain causal (the backend's kernel)
+        self.causal = self.start == 0 and not self.padded  # the tokens are the whole sequence
+        if self.causal or (t == 1 and not self.padded):  # (one query at the end sees every key)
+            self.mask = None
         else:  # causal over real tokens; a padding query sees itself, else its all -inf row makes NaN values
             self.mask = ((k <= q) & (self.real[:, None, :self.pos] | (k == q)))[:, None]  # (B, 1, t, pos)
         return (q[:, 0] - self.pad[:, None]).clamp(min=0)

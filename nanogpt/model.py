@@ -59,12 +59,12 @@ class CausalSelfAttention(nn.Module):
         # query, key, values for all heads in batch, and move head forward to be the batch dim
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        mask = None
+        causal, mask = True, None
         if kv is not None:  # generation (nanogpt.generate.LayerKV): attend over every cached token
-            k, v, mask = kv.append(k, v)
-        if mask is None:  # causal self-attention over this call's tokens, on the backend's kernel
+            k, v, causal, mask = kv.append(k, v)
+        if causal:  # causal self-attention over this call's tokens, on the backend's kernel
             y = self.fn(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
-        else:  # queries at the end of the cache, or left padding: the backends take no mask, SDPA does
+        else:  # queries at the end of the cache, maybe a padding mask: the backends take neither, SDPA does
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
