@@ -10,7 +10,8 @@ mode order rotated every round) so machine drift hits every mode alike.
 A mode is `<kernels>[+compile]`:
   torch            every op on the PyTorch backend, eager
   torch+compile    the same under torch.compile: the baseline the ratios use
-  auto / ours      `--kernels` (default "auto": the best backend per op on this device)
+  auto / ours      `--kernels` (default "auto": each op's backend measured on this model, in the mode's
+                   dtype, by nanogpt.ops.select_kernels; --autotune=False takes the fixed order)
   triton, ext      one backend for every op (skipped, with the reason, when it cannot run here)
 A per-op mix goes through --kernels (e.g. --kernels=attention:triton,layer_norm:torch)
 and is then run as the "auto"/"ours" mode. A mode may name its own precision,
@@ -22,6 +23,9 @@ Before timing, every mode takes its first step from the same weights (one
 state_dict, loaded into all) on the same batch; their losses must agree within
 the dtype's tolerance (fp32 1e-4 relative, bf16/fp16 2e-2) or the run fails
 with exit code 1 (with modes in several dtypes, the loosest tolerance).
+After timing, `auto` (eager, --kernels=auto) must not be more than
+`max_auto_slowdown` (3%) slower than `torch` (eager) in the same dtype (median
+ms/step), else exit code 1 as well.
 
 Peak memory, per mode:
   cuda  (params + optimizer state) + (max_memory_allocated during one step -
@@ -55,6 +59,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_cases import device_name  # noqa: E402
 from nanogpt import ops  # noqa: E402
+from nanogpt_kernels import registry  # noqa: E402
 from nanogpt.configurator import configure  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.mfu import peak_flops  # noqa: E402
@@ -91,6 +96,8 @@ def defaults(device):
         # where the CPU quick start trains in bf16, also our kernels in bf16: its default path
         modes=DEFAULT_MODES + (",auto@bfloat16" if device == "cpu" and ops.auto_dtype("cpu") == "bfloat16" else ""),
         kernels="auto",            # what "auto"/"ours" modes run
+        autotune=True,             # measure auto's backends (nanogpt.ops.select_kernels); False: the fixed order
+        max_auto_slowdown=0.03,    # gate: auto (eager) at most this much slower than torch (eager), same dtype
         json="",                   # write the results here too
         profile="",                # mode(s) to profile after timing, e.g. "auto" or "auto,torch+compile"
         profile_dir="benchmarks/profiles",
@@ -131,11 +138,11 @@ def parse_modes(spec, kernels, dtype):
             raise UserError(f"mode {name!r}: expected <kernels>[+compile][@dtype], e.g. torch+compile")
         if base in ("auto", "ours"):
             sel = kernels
-        elif base in ops.BACKENDS:
+        elif base in registry.BACKENDS:
             sel = base
         else:
             raise UserError(f"mode {name!r}: kernels part must be torch, auto, ours, "
-                            f"{', '.join(b for b in ops.BACKENDS if b != 'torch')}; "
+                            f"{', '.join(b for b in registry.BACKENDS if b != 'torch')}; "
                             "per-op mixes go through --kernels=... and the auto mode")
         out.append((name, sel, bool(plus), mode_dtype or dtype))
     if not out:
@@ -144,12 +151,16 @@ def parse_modes(spec, kernels, dtype):
 
 
 def describe(choice):
-    return ", ".join(f"{op}={name}" for op, name in choice.items())
+    """`ext (every op)`, or each op's backend when they differ."""
+    names = set(choice.values())
+    return f"{names.pop()} (every op)" if len(names) == 1 else ", ".join(f"{op}={b}" for op, b in choice.items())
 
 
-def backend_status(device_type):
-    """{backend: None if it can run here else the reason}."""
-    return {name: ops._backend(name, device_type)[1] for name in ops.BACKENDS}
+def optim_args(cfg):
+    """model.configure_optimizers' keywords (less device_type): the step every mode times, and what the
+    measured auto times AdamW with."""
+    return dict(weight_decay=cfg["weight_decay"], learning_rate=cfg["learning_rate"],
+                betas=(cfg["beta1"], cfg["beta2"]), eps=1e-8, grad_clip=1.0)
 
 
 # ---------------------------------------------------------------- data
@@ -182,7 +193,7 @@ def make_batches(cfg, device, n=8):
 class Runner:
     """One mode: its model, optimizer and (maybe compiled) forward."""
 
-    def __init__(self, name, kernels, compiled, dtype, cfg, state_dict, batches, init_seed=None):
+    def __init__(self, name, kernels, compiled, dtype, cfg, state_dict, batches, init_seed=None, choose=None):
         self.name, self.kernels, self.compiled, self.dtype = name, kernels, compiled, dtype
         self.device = torch.device(cfg["device"])
         mconf = GPTConfig(**{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size",
@@ -192,13 +203,14 @@ class Runner:
         if init_seed is None:
             self.model.load_state_dict(state_dict)
         self.model.to(self.device)
-        self.backends = dict(self.model.backends)
-        self.opt = self.model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
-                                                   (cfg["beta1"], cfg["beta2"]), self.device.type, grad_clip=1.0)
-        self.fwd = torch.compile(self.model) if compiled else self.model
         dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
         self.ctx = (lambda: torch.autocast(self.device.type, dtype=dt)) if dt else contextlib.nullcontext
         self.batches, self.i = batches, 0
+        if choose:  # the measured auto: on the device, and before configure_optimizers reads backends["adamw"]
+            choose(self)
+        self.backends = dict(self.model.backends)
+        self.opt = self.model.configure_optimizers(device_type=self.device.type, **optim_args(cfg))
+        self.fwd = torch.compile(self.model) if compiled else self.model
         self.times = []
 
     def step(self):
@@ -264,10 +276,13 @@ def peak_rss_mb(method):
     return r / 2**20 if sys.platform == "darwin" else r / 2**10
 
 
-def probe_memory_cpu(cfg, argv, name):
-    """Run this mode alone in a fresh process; its peak-RSS growth in MiB (None + reason on failure)."""
-    args = [a for a in argv if not a.startswith(("--probe=", "--json=", "--profile="))]
-    cmd = [sys.executable, os.path.abspath(__file__), *args, f"--probe={name}", "--json=", "--profile="]
+def probe_memory_cpu(cfg, argv, name, backends):
+    """Run this mode alone in a fresh process, on the backends it was timed with (an auto mode is not
+    measured again there); its peak-RSS growth in MiB (None + reason on failure)."""
+    args = [a for a in argv if not a.startswith(("--probe=", "--json=", "--profile=", "--kernels="))]
+    kernels = ",".join(f"{op}:{b}" for op, b in backends.items())
+    cmd = [sys.executable, os.path.abspath(__file__), *args, f"--probe={name}", "--json=", "--profile=",
+           f"--kernels={kernels}"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
@@ -368,7 +383,7 @@ def run(cfg, argv=(), perturb=None, log=print):
     torch.backends.cudnn.allow_tf32 = True
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
-    status = backend_status(device.type)
+    status = {b: registry.backend_unavailable(b, device.type) for b in registry.BACKENDS}
     modes = parse_modes(cfg["modes"], cfg["kernels"], cfg["dtype"])
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -402,23 +417,38 @@ def run(cfg, argv=(), perturb=None, log=print):
     del ref
     result["n_params"] = n_params
 
+    measured = {}  # (selector, dtype) -> {op: backend}: auto and auto+compile share one measurement
+
+    def choose(r):
+        key = (r.kernels, r.dtype)
+        if key in measured:
+            r.model.set_backends(measured[key])
+            return
+        log(f"mode {r.name}: choosing {r.kernels!r} kernels in {r.dtype}" + (" (measured):" if cfg["autotune"] else ""))
+        measured[key] = ops.select_kernels(r.model, *batches[0], r.ctx(), r.kernels, autotune=cfg["autotune"],
+                                           optim=optim_args(cfg), log=log)
+
     runners, entries = [], {}
     for name, sel, comp, dtype in modes:
         entry = {"mode": name, "kernels": sel, "compile": comp, "dtype": dtype, "status": "ok", "reason": None}
         entries[name] = entry
         result["modes"].append(entry)
         try:
-            choice = ops.resolve(sel, device.type)
-        except UserError as e:
+            entry["backends"] = registry.resolve(sel, device.type)
+        except registry.KernelError as e:
             entry.update(status="skipped", reason=str(e))
             log(f"mode {name}: skipped: {e}")
             continue
-        entry["backends"] = choice
+        auto = "auto" in registry.parse(sel).values()
         try:
-            runners.append(Runner(name, sel, comp, dtype, cfg, state, batches, init_seed=perturb.get(name)))
+            r = Runner(name, sel, comp, dtype, cfg, state, batches, init_seed=perturb.get(name),
+                       choose=choose if auto else None)
         except Exception as e:  # noqa: BLE001 - a broken backend must not stop the others
             entry.update(status="skipped", reason=f"setup failed: {type(e).__name__}: {e}")
             log(f"mode {name}: skipped: setup failed: {type(e).__name__}: {e}")
+            continue
+        runners.append(r)
+        entry.update(backends=r.backends, measured=auto and cfg["autotune"])
     if not runners:
         raise UserError("no mode can run here: " + "; ".join(f"{e['mode']}: {e['reason']}" for e in entries.values()))
 
@@ -502,7 +532,7 @@ def run(cfg, argv=(), perturb=None, log=print):
                                        f"the model) after {cfg['mem_steps']} steps minus the RSS at that reset; "
                                        "includes compilation for +compile modes")
             for r in runners:
-                mb, why = probe_memory_cpu(cfg, list(argv), r.name)
+                mb, why = probe_memory_cpu(cfg, list(argv), r.name, r.backends)
                 entries[r.name]["peak_mem_mb"] = mb
                 if why:
                     entries[r.name]["peak_mem_note"] = why
@@ -529,9 +559,12 @@ def run(cfg, argv=(), perturb=None, log=print):
         e["ratio_to_baseline"] = e["ms_median"] / entries[base]["ms_median"]
 
     result["loadavg_after"] = _loadavg()
+    result["auto_gate"] = gate = auto_gate(result["modes"], cfg["max_auto_slowdown"])
     _write_json(cfg, result, None)
     log("")
     log(format_table(result))
+    for msg in gate["failed"]:
+        log("ERROR: " + msg)
 
     # ---- profile
     if cfg["profile"]:
@@ -551,6 +584,24 @@ def run(cfg, argv=(), perturb=None, log=print):
     result["complete"] = True
     _write_json(cfg, result, log)
     return result
+
+
+def auto_gate(modes, max_slowdown):
+    """Eager auto (--kernels=auto) against eager torch in each dtype both ran in: a failure message when
+    auto's median ms/step is more than max_slowdown slower."""
+    timed = [e for e in modes if "ms_median" in e and not e["compile"]]
+    torch_ms = {e["dtype"]: e["ms_median"] for e in timed if e["kernels"] == "torch"}
+    checked, failed = [], []
+    for e in timed:
+        if e["kernels"] != "auto" or e["dtype"] not in torch_ms:
+            continue
+        ratio = e["ms_median"] / torch_ms[e["dtype"]]
+        checked.append({"mode": e["mode"], "dtype": e["dtype"], "ratio_to_torch": ratio})
+        if ratio > 1 + max_slowdown:
+            failed.append(f"{e['mode']} is {100 * (ratio - 1):.1f}% slower than torch (eager) in {e['dtype']}: "
+                          f"{e['ms_median']:.2f} vs {torch_ms[e['dtype']]:.2f} median ms/step "
+                          f"(limit {100 * max_slowdown:g}%; backends {describe(e['backends'])})")
+    return {"max_slowdown": max_slowdown, "checked": checked, "failed": failed}
 
 
 def _loadavg():
@@ -581,7 +632,6 @@ def _write_json(cfg, result, log):
 
 
 def format_table(result):
-    short = {"attention": "attn", "layer_norm": "ln", "gelu": "gelu", "optimizer": "opt"}
     head = ["mode", "backends", "median ms", "p10 ms", "p90 ms", "tokens/s", "MFU", "peak MiB",
             f"vs {result['baseline']}"]
     rows = []
@@ -589,7 +639,7 @@ def format_table(result):
         if "ms_median" not in e:
             rows.append([e["mode"], e["status"] + ": " + (e["reason"] or "")[:70], "", "", "", "", "", "", ""])
             continue
-        be = " ".join(f"{short.get(k, k)}={v}" for k, v in e["backends"].items())
+        be = describe(e["backends"])
         mem = "-" if e.get("peak_mem_mb") is None else f"{e['peak_mem_mb']:.0f}"
         rows.append([e["mode"], be, f"{e['ms_median']:.2f}", f"{e['ms_p10']:.2f}", f"{e['ms_p90']:.2f}",
                      f"{e['tokens_per_s']:,.0f}", f"{100 * e['mfu']:.3g}%", mem, f"{e['ratio_to_baseline']:.2f}x"])
@@ -611,15 +661,25 @@ def main(argv=None):
     return run(cfg, argv)
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() as a command: its exit code (0; 1 a failed gate or a crashed mode; 2 bad input), errors on stderr."""
     try:
-        res = main()
-        if res and res.get("failed_modes"):
-            print(f"error: mode(s) {', '.join(res['failed_modes'])} crashed (see above)", file=sys.stderr)
-            sys.exit(1)
+        res = main(argv)
     except LossMismatch as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except UserError as e:
+        return 1
+    except (UserError, registry.KernelError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    errors = []
+    if res:  # None after a memory probe
+        if res["failed_modes"]:
+            errors.append(f"mode(s) {', '.join(res['failed_modes'])} crashed (see above)")
+        errors += res["auto_gate"]["failed"]
+    for msg in errors:
+        print(f"error: {msg}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

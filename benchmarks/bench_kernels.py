@@ -1,4 +1,4 @@
-"""Kernel regression benchmarks (pytest-benchmark): every op x pass x backend available here.
+"""Kernel regression benchmarks (pytest-benchmark): every registry op x pass x backend available here.
 
     pytest benchmarks/bench_kernels.py --benchmark-only -p no:cacheprovider \
         --benchmark-storage=benchmarks/baselines/<machine> --benchmark-compare --benchmark-compare-fail=median:10%
@@ -14,7 +14,8 @@ import os
 import pytest
 import torch
 
-from kernel_cases import OPS, PASSES, PRESETS, backend_or_reason, default_device, default_preset, make_case, sync
+from kernel_cases import CASES, PRESETS, default_device, default_preset, make_case, sync, unavailable
+from nanogpt_kernels.registry import BACKENDS
 
 DEVICE = default_device()
 PRESET = os.environ.get("NANOGPT_BENCH_PRESET") or default_preset(DEVICE)
@@ -23,17 +24,15 @@ PRESET = os.environ.get("NANOGPT_BENCH_PRESET") or default_preset(DEVICE)
 THREADS = int(os.environ.get("NANOGPT_BENCH_THREADS", "1" if DEVICE.startswith("cpu") else "0"))
 if THREADS > 0:
     torch.set_num_threads(THREADS)
-BACKENDS = ("torch", "triton", "ext")
-CASES = [(op, p) for op in OPS for p in PASSES[op]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op,pass_", CASES, ids=[f"{o}-{p}" for o, p in CASES])
 def test_kernel(benchmark, op, pass_, backend):
-    mod, why = backend_or_reason(backend, DEVICE)
-    if mod is None:
-        pytest.skip(f"{backend} cannot run on {DEVICE}: {why}")
-    fn, work, unit = make_case(op, pass_, mod, PRESET, DEVICE)
+    why = unavailable(op, backend, DEVICE)
+    if why:
+        pytest.skip(f"{backend} cannot run {op} on {DEVICE}: {why}")
+    fn, work, unit = make_case(op, pass_, backend, PRESET, DEVICE)
     fn()  # warm-up: autotuning, lazy init, allocation
 
     def call():

@@ -1,27 +1,31 @@
 """Kernel benchmark cases shared by bench_kernels.py (pytest-benchmark) and kernel_roofline.py.
 
-A case is one op x pass x backend at one shape preset:
-  ops     layer_norm, bias_gelu, attention (causal), adamw (clip + AdamW step, the optimizer contract)
-  passes  fwd, bwd (torch.autograd.grad of a retained graph), full (fwd + bwd); adamw has only "step"
-and comes with the work it does, for rates:
+A case is one op x pass x backend at one shape preset. The ops and backends are the registry's
+(nanogpt_kernels.registry); the passes follow the op's kind:
+  layer      fwd, bwd (torch.autograd.grad of a retained graph), full (fwd + bwd)
+  optimizer  step (clip + AdamW step over a GPT's parameter list, the optimizer contract)
+A layer op needs a row in LAYER_CASES (its inputs and its work, for rates); an optimizer op needs nothing.
+The work is
   layer_norm, bias_gelu   bytes: the minimum DRAM traffic (fwd reads x and writes y = 2 tensors;
                           bwd reads x and dy and writes dx = 3; full = 5; weights/stats ignored)
   attention               FLOPs: fwd 4*B*H*T*T*D/2 (causal half), bwd 2.5x fwd, full 3.5x fwd
-  adamw                   bytes: 32 per fp32 parameter (norm pass reads g; fused update reads g,p,m,v
+  optimizer (adamw)       bytes: 32 per fp32 parameter (norm pass reads g; fused update reads g,p,m,v
                           and writes p,m,v)
 """
 import os
 import platform
+from dataclasses import dataclass
 
 import torch
 
-from nanogpt import ops
+from nanogpt_kernels import registry
 
-OPS = ("layer_norm", "bias_gelu", "attention", "adamw")
-PASSES = {"layer_norm": ("fwd", "bwd", "full"), "bias_gelu": ("fwd", "bwd", "full"),
-          "attention": ("fwd", "bwd", "full"), "adamw": ("step",)}
+OPS = registry.OPS
+PASSES_BY_KIND = {"layer": ("fwd", "bwd", "full"), "optimizer": ("step",)}
+PASSES = {op: PASSES_BY_KIND[spec.kind] for op, spec in registry.REGISTRY.items()}
+CASES = [(op, p) for op in OPS for p in PASSES[op]]
 
-# model shape each preset's AdamW case takes its parameter list from
+# model shape each preset's optimizer case takes its parameter list from
 _GPT2 = dict(n_layer=12, n_embd=768, vocab_size=50304, block_size=1024)
 _QUICK = dict(n_layer=4, n_embd=128, vocab_size=65, block_size=64)
 PRESETS = {
@@ -32,6 +36,32 @@ PRESETS = {
                                                                          block_size=256), dtype="float32"),
     # tests: seconds
     "tiny": dict(rows=64, C=64, B=1, H=2, T=32, D=32, model=_QUICK, dtype="float32"),
+}
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    inputs: object  # (preset, rnd) -> the differentiable input tensors
+    call: object    # (backend's function, *inputs) -> output
+    work: object    # (preset, element size) -> (unit, fwd work, bwd work)
+
+
+def _attention_flops(p, esize):
+    fwd = 4 * p["B"] * p["H"] * p["T"] * p["T"] * p["D"] // 2
+    return "flop", fwd, int(2.5 * fwd)
+
+
+def _traffic(cols):  # memory-bound row ops: fwd moves 2 tensors of rows x cols, bwd 3
+    return lambda p, esize: ("byte", 2 * p["rows"] * cols(p) * esize, 3 * p["rows"] * cols(p) * esize)
+
+
+LAYER_CASES = {
+    "layer_norm": LayerCase(lambda p, rnd: (rnd(p["rows"], p["C"]), rnd(p["C"]), rnd(p["C"])),
+                            lambda fn, x, w, b: fn(x, w, b, 1e-5), _traffic(lambda p: p["C"])),
+    "bias_gelu": LayerCase(lambda p, rnd: (rnd(p["rows"], 4 * p["C"]), rnd(4 * p["C"])),
+                           lambda fn, x, b: fn(x, b, "none"), _traffic(lambda p: 4 * p["C"])),
+    "attention": LayerCase(lambda p, rnd: tuple(rnd(p["B"], p["H"], p["T"], p["D"]) for _ in range(3)),
+                           lambda fn, q, k, v: fn(q, k, v, causal=True), _attention_flops),
 }
 
 
@@ -53,9 +83,9 @@ def gpt_param_shapes(n_layer, n_embd, vocab_size, block_size):
     return shapes + [(C,), (C,)]
 
 
-def backend_or_reason(name, device):
-    """(module, None) or (None, why it cannot run on device)."""
-    return ops._backend(name, torch.device(device).type)
+def unavailable(op, backend, device):
+    """None when `backend` runs `op` on device, else why not."""
+    return registry.unavailable(op, backend, torch.device(device).type)
 
 
 def sync(device):
@@ -63,52 +93,41 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def make_case(op, pass_, mod, preset, device, compile_fn=False):
+def make_case(op, pass_, backend, preset, device, compile_fn=False):
     """(fn, work, unit): fn() runs the case once (not synchronized); work is FLOPs or bytes per call."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     dev = torch.device(device)
     dt = getattr(torch, p["dtype"])
     g = torch.Generator(device="cpu").manual_seed(0)
+    impl = registry.get(op, backend)
 
     def rnd(*shape, dtype=dt, grad=True, scale=1.0):
         t = (torch.randn(*shape, generator=g) * scale).to(device=dev, dtype=dtype)
         return t.requires_grad_(grad)
 
-    if op == "adamw":
+    if pass_ not in PASSES[op]:
+        raise ValueError(f"{op}: unknown pass {pass_!r}; passes are {', '.join(PASSES[op])}")
+    if registry.REGISTRY[op].kind == "optimizer":
         params = [rnd(*s, dtype=torch.float32, grad=False, scale=0.02) for s in gpt_param_shapes(**p["model"])]
         for q in params:
             q.grad = torch.randn(q.shape, generator=g).to(dev) * 1e-2
         groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": 0.1},
                   {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
-        opt = mod.FusedAdamW(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)
+        opt = impl(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)
         opt.step()  # allocate state outside the timed calls
         n = sum(q.numel() for q in params)
         return opt.step, 32 * n, "byte"
 
-    esize = torch.empty((), dtype=dt).element_size()
-    if op == "layer_norm":
-        x, w, b = rnd(p["rows"], p["C"]), rnd(p["C"]), rnd(p["C"])
-        f = lambda: mod.layer_norm(x, w, b, 1e-5)  # noqa: E731
-        inputs, elems, unit = (x, w, b), p["rows"] * p["C"], "byte"
-        per_pass = {"fwd": 2 * elems * esize, "bwd": 3 * elems * esize}
-    elif op == "bias_gelu":
-        F4 = 4 * p["C"]
-        x, b = rnd(p["rows"], F4), rnd(F4)
-        f = lambda: mod.bias_gelu(x, b, "none")  # noqa: E731
-        inputs, elems, unit = (x, b), p["rows"] * F4, "byte"
-        per_pass = {"fwd": 2 * elems * esize, "bwd": 3 * elems * esize}
-    elif op == "attention":
-        shape = (p["B"], p["H"], p["T"], p["D"])
-        q, k, v = rnd(*shape), rnd(*shape), rnd(*shape)
-        f = lambda: mod.attention(q, k, v, causal=True)  # noqa: E731
-        inputs, unit = (q, k, v), "flop"
-        fwd = 4 * p["B"] * p["H"] * p["T"] * p["T"] * p["D"] // 2
-        per_pass = {"fwd": fwd, "bwd": int(2.5 * fwd)}
-    else:
-        raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+    if op not in LAYER_CASES:
+        raise NotImplementedError(f"no benchmark case for {op}: add its inputs and work to "
+                                  "LAYER_CASES in benchmarks/kernel_cases.py")
+    case = LAYER_CASES[op]
+    inputs = case.inputs(p, rnd)
+    f = lambda: case.call(impl, *inputs)  # noqa: E731
     if compile_fn:
         f = torch.compile(f)
-    per_pass["full"] = per_pass["fwd"] + per_pass["bwd"]
+    unit, fwd, bwd = case.work(p, torch.empty((), dtype=dt).element_size())
+    work = {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[pass_]
 
     if pass_ == "fwd":
         def run():
@@ -120,14 +139,12 @@ def make_case(op, pass_, mod, preset, device, compile_fn=False):
 
         def run():
             return torch.autograd.grad(out, inputs, dy, retain_graph=True)
-    elif pass_ == "full":
+    else:
         dy = torch.randn(f().shape, generator=g).to(device=dev, dtype=dt)
 
         def run():
             return torch.autograd.grad(f(), inputs, dy)
-    else:
-        raise ValueError(f"{op}: unknown pass {pass_!r}; passes are {', '.join(PASSES[op])}")
-    return run, per_pass[pass_], unit
+    return run, work, unit
 
 
 def device_name(device):

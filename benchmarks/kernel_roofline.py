@@ -24,9 +24,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_cases import (OPS, PASSES, PRESETS, backend_or_reason, default_device, default_preset,  # noqa: E402
-                          device_name, make_case, sync)
-from nanogpt import ops  # noqa: E402
+from kernel_cases import (OPS, PASSES, PRESETS, default_device, default_preset, device_name,  # noqa: E402
+                          make_case, sync, unavailable)
+from nanogpt_kernels import registry  # noqa: E402
 from nanogpt.configurator import configure  # noqa: E402
 from nanogpt.errors import run_cli  # noqa: E402
 
@@ -118,28 +118,31 @@ def run(cfg, argv=(), log=print):
     log(f"ceilings: copy {ceil['copy_GBps']:.1f} GB/s ({ceil['copy_bytes'] / 2**20:.0f} MiB copy), "
         f"matmul {ceil['matmul_TFLOPs']:.2f} TFLOP/s ({ceil['matmul_dtype']} {ceil['matmul_n']}^3)")
 
-    backends = {}
-    for name in ops.BACKENDS:
-        mod, why = backend_or_reason(name, device)
+    for name in registry.BACKENDS:
+        why = registry.backend_unavailable(name, torch.device(device).type)
         res["backends"][name] = why or "available"
-        if mod is None:
+        if why:
             log(f"backend {name}: skipped: {why}")
-        else:
-            backends[name] = mod
-    if compile_ref:
-        backends["torch.compile"] = backends["torch"]
+    # (row label, backend, compiled?): "torch.compile" is the torch backend under torch.compile
+    columns = [(name, name, False) for name in registry.BACKENDS] + ([("torch.compile", "torch", True)]
+                                                                     if compile_ref else [])
     wanted = [o.strip() for o in cfg["ops"].split(",")] if cfg["ops"] else list(OPS)
     for op in wanted:
         if op not in OPS:
             raise SystemExit(f"error: unknown op {op!r}; ops are {', '.join(OPS)}")
+        runnable = []
+        for name, backend, compiled in columns:
+            why = unavailable(op, backend, device)
+            if why and res["backends"][backend] == "available":  # the backend runs, but not this op
+                log(f"{op:10s} {name}: skipped: {why}")
+            elif not why and not (compiled and registry.REGISTRY[op].kind == "optimizer"):
+                runnable.append((name, backend, compiled))
         for pass_ in PASSES[op]:
             base_ms = None
-            for name, mod in backends.items():
-                if name == "torch.compile" and op == "adamw":
-                    continue
+            for name, backend, compiled in runnable:
                 row = {"op": op, "pass": pass_, "backend": name}
                 try:
-                    fn, work, unit = make_case(op, pass_, mod, preset, device, compile_fn=name == "torch.compile")
+                    fn, work, unit = make_case(op, pass_, backend, preset, device, compile_fn=compiled)
                     ms = time_ms(fn, device, rep_ms=cfg["rep_ms"])
                 except Exception as e:  # noqa: BLE001 - one broken kernel must not hide the rest
                     row.update(error=f"{type(e).__name__}: {str(e)[:300]}")

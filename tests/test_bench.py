@@ -5,6 +5,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+
+from nanogpt_kernels import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -19,6 +22,14 @@ def _load(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _autotune_cache(tmp_path_factory):
+    """The measured auto's verdicts go to a throw-away cache, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOGPT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +55,7 @@ def test_bench_writes_json_and_losses_agree(tiny_result):
         assert m["status"] == "ok" and m["n"] == 3
         assert m["ms_p10"] <= m["ms_median"] <= m["ms_p90"]
         assert m["tokens_per_s"] > 0 and m["mfu"] > 0 and math.isfinite(m["first_loss"])
-        assert set(m["backends"]) == {"attention", "layer_norm", "gelu", "optimizer"}
+        assert set(m["backends"]) == set(registry.OPS)
     by = {m["mode"]: m for m in res["modes"]}
     assert by["torch+compile"]["ratio_to_baseline"] == 1.0
     assert set(by["torch"]["backends"].values()) == {"torch"}
@@ -67,9 +78,9 @@ def test_bench_fails_loudly_when_modes_disagree(bench, tmp_path):
 
 
 def test_bench_skips_unavailable_backend_and_profiles(bench, monkeypatch, tmp_path):
-    real = bench.ops._backend
-    monkeypatch.setattr(bench.ops, "_backend",
-                        lambda name, dev: (None, "not built in this test") if name == "ext" else real(name, dev))
+    real = registry.backend_unavailable
+    monkeypatch.setattr(registry, "backend_unavailable",
+                        lambda name, dev: "not built in this test" if name == "ext" else real(name, dev))
     cfg = bench.load_config(TINY + ["--modes=torch,ext,auto", "--iters=2", "--memory=False", "--profile=auto",
                                     "--profile_steps=2", f"--profile_dir={tmp_path}"])
     lines = []
@@ -179,3 +190,42 @@ def test_bench_reports_a_crashing_mode_and_goes_on(bench, monkeypatch):
     assert by["auto"]["status"] == "failed" and "kernel exploded" in by["auto"]["reason"]
     assert by["torch"]["status"] == "ok" and by["torch"]["n"] == 3
     assert res["failed_modes"] == ["auto"] and res["complete"]
+
+
+def _fake_times(bench, monkeypatch, ms):
+    """Runner.timed_step records ms[mode] instead of timing: the gate's input, exactly."""
+    monkeypatch.setattr(bench.Runner, "timed_step", lambda self: self.times.append(ms[self.name]))
+
+
+def test_bench_auto_measured_once_per_dtype(bench, monkeypatch):
+    # auto and ours share one measurement per dtype, taken in the mode's own autocast context
+    calls = []
+
+    def select_kernels(model, X, Y, ctx, kernels, autotune, optim, log):
+        calls.append((kernels, getattr(ctx, "fast_dtype", None), autotune, optim["grad_clip"]))
+        choice = dict(model.backends, layer_norm="torch")
+        model.set_backends(choice)
+        return choice
+
+    monkeypatch.setattr(bench.ops, "select_kernels", select_kernels)
+    cfg = bench.load_config(TINY + ["--modes=torch,auto,ours,auto@bfloat16", "--memory=False", "--iters=1"])
+    res = bench.run(cfg, log=lambda *a: None)
+    assert [c[0] for c in calls] == ["auto", "auto"] and calls[1][1] == torch.bfloat16
+    assert all(c[2:] == (True, 1.0) for c in calls)
+    by = {m["mode"]: m for m in res["modes"]}
+    for mode in ("auto", "ours", "auto@bfloat16"):
+        assert by[mode]["measured"] and by[mode]["backends"]["layer_norm"] == "torch", by[mode]
+    assert not by["torch"]["measured"]
+
+
+@pytest.mark.parametrize("auto_ms,rc", [(10.5, 1), (10.2, 0)])
+def test_bench_gate_auto_not_slower_than_torch(bench, monkeypatch, capsys, auto_ms, rc):
+    # auto (eager) more than 3% slower than torch (eager) in the same dtype: exit code 1 and one line why;
+    # auto@bfloat16 has no torch@bfloat16 to be compared with, so its slowness is not a failure
+    _fake_times(bench, monkeypatch, {"torch": 10.0, "auto": auto_ms, "auto@bfloat16": 50.0})
+    assert bench.cli(TINY + ["--modes=torch,auto,auto@bfloat16", "--memory=False"]) == rc
+    err = capsys.readouterr().err.strip().splitlines()
+    if rc:
+        assert err == [err[0]] and "auto is 5.0% slower than torch (eager) in float32" in err[0]
+    else:
+        assert err == []
