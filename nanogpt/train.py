@@ -145,20 +145,6 @@ def set_rng_state(s):
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def init_process_group(backend, rank, world):
-    """dist.init_process_group, but with a fresh key space in the rendezvous store for every torchrun attempt.
-    torchrun (2.4+) reuses its agent's TCPStore across --max-restarts restarts, so a restarted rank could read
-    the dead attempt's addresses (gloo: "Connection refused"; NCCL: a stale unique id) and fail again."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return dist.init_process_group(backend=backend)
-    from datetime import timedelta
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timedelta(minutes=30))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"nanogpt/attempt_{attempt}", store),
-                            rank=rank, world_size=world)
-
-
 @dataclass
 class Process:
     """Where this process runs: rank `rank` of `world` (under torchrun, `ddp`), on `device`."""
@@ -203,6 +189,8 @@ class Run:
 
 
 def train(c):
+    """nanoGPT's loop: every eval_interval evaluate (and save), then one update per iteration, logged; a signal
+    saves and stops at the end of its step."""
     proc = setup_distributed(c)
     gas, B, T = c["gradient_accumulation_steps"] // proc.world, c["batch_size"], c["block_size"]
     tokens_per_iter = gas * proc.world * B * T
@@ -212,7 +200,7 @@ def train(c):
     run = init_run(c, proc, ctx, gas)
     with open_metrics(c, run) as metrics, StopOnSignal() as stop:
         run.batch_state = run.batcher.state_dict()
-        run.X, run.Y = run.batcher.get_batch("train")
+        run.X, run.Y = run.batcher.get_batch("train")  # each step fetches the next step's batch
         t0 = time.time()
         while True:
             lr = set_lr(run)
@@ -254,6 +242,20 @@ def setup_distributed(c):
             torch.cuda.set_device(device)
         init_process_group(c["backend"] if device.startswith("cuda") else "gloo", rank, world)
     return Process(ddp, rank, local_rank, world, device)
+
+
+def init_process_group(backend, rank, world):
+    """dist.init_process_group, but with a fresh key space in the rendezvous store for every torchrun attempt.
+    torchrun (2.4+) reuses its agent's TCPStore across --max-restarts restarts, so a restarted rank could read
+    the dead attempt's addresses (gloo: "Connection refused"; NCCL: a stale unique id) and fail again."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return dist.init_process_group(backend=backend)
+    from datetime import timedelta
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=30))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"nanogpt/attempt_{attempt}", store),
+                            rank=rank, world_size=world)
 
 
 def seed_and_precision(c, proc):
@@ -303,7 +305,8 @@ def load_model(c, device_type, init_from, data_dir):
 
 
 def report_kernels(c, model, proc):
-    """Print the backend each op runs on (the model is built and on its device here)."""
+    """Print the backend each op runs on: chosen from c["kernels"] when the model was built (nanogpt.ops); here
+    the model is built and on its device, ready for a forward pass."""
     if proc.master:
         print(f"kernels ({proc.device_type}, {c['dtype']}): {ops.describe(model.backends, proc.device_type)}")
 
@@ -379,6 +382,39 @@ def set_lr(run):
     return lr
 
 
+@torch.no_grad()
+def estimate_loss(run):
+    """Mean loss over eval_iters batches per split, the same batches at every eval, averaged over ranks."""
+    out = {}
+    run.model.eval()
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(run.c["seed"] + 1)
+        losses = torch.zeros(run.c["eval_iters"], device=run.proc.device)
+        for k in range(run.c["eval_iters"]):
+            X, Y = run.batcher.get_batch(split, gen)
+            with run.ctx:
+                losses[k] = run.model(X, Y)[1]
+        mean = losses.mean()
+        if run.proc.ddp:
+            dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+        out[split] = mean.item()
+    run.model.train()
+    return out
+
+
+def evaluate(run, lr, metrics):
+    """Print and log both splits' losses; save when val improved (every eval with always_save_checkpoint)."""
+    losses = estimate_loss(run)
+    if run.proc.master:
+        print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    metrics.write({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+    improved = losses["val"] < run.best_val_loss
+    if improved:
+        run.best_val_loss = losses["val"]
+    if (improved or run.c["always_save_checkpoint"]) and run.iter_num > 0 and not run.c["eval_only"]:
+        save(run, best=improved)
+
+
 def train_step(run, stop):
     """One update over gas micro-steps; returns (the mean loss, the gradient norm or None when the update was
     skipped, whether to stop after this step)."""
@@ -426,39 +462,6 @@ def count_skip(run, grad_norm):
         raise TrainingError(f"{n} consecutive steps had a non-finite loss or gradient (iters "
                             f"{run.iter_num - n + 1}-{run.iter_num}): lower learning_rate or raise "
                             f"warmup_iters{' (or use bfloat16)' if c['dtype'] == 'float16' else ''}; {kept}")
-
-
-@torch.no_grad()
-def estimate_loss(run):
-    """Mean loss over eval_iters batches per split, the same batches at every eval, averaged over ranks."""
-    out = {}
-    run.model.eval()
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(run.c["seed"] + 1)
-        losses = torch.zeros(run.c["eval_iters"], device=run.proc.device)
-        for k in range(run.c["eval_iters"]):
-            X, Y = run.batcher.get_batch(split, gen)
-            with run.ctx:
-                losses[k] = run.model(X, Y)[1]
-        mean = losses.mean()
-        if run.proc.ddp:
-            dist.all_reduce(mean, op=dist.ReduceOp.AVG)
-        out[split] = mean.item()
-    run.model.train()
-    return out
-
-
-def evaluate(run, lr, metrics):
-    """Print and log both splits' losses; save when val improved (every eval with always_save_checkpoint)."""
-    losses = estimate_loss(run)
-    if run.proc.master:
-        print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-    metrics.write({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
-    improved = losses["val"] < run.best_val_loss
-    if improved:
-        run.best_val_loss = losses["val"]
-    if (improved or run.c["always_save_checkpoint"]) and run.iter_num > 0 and not run.c["eval_only"]:
-        save(run, best=improved)
 
 
 def log_step(run, loss, grad_norm, lr, dt, tokens_per_iter, metrics):
