@@ -6,20 +6,25 @@
 # Stages (each one's failure or time-out is recorded and the suite goes on):
 #   env        device, driver, torch/triton/python versions (nvidia-smi, torch)
 #   build      NANOGPT_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e .  (the CUDA extension, in place)
-#   backends   which kernel backends can run on cuda, and why not
-#   tests      NANOGPT_TEST_DEVICE=cuda pytest on the device-aware tests (pass/fail/skip counts from JUnit XML)
+#   backends   which kernel backends (nanogpt_kernels.registry) can run on cuda, which ops they lack, and why
+#   tests      NANOGPT_TEST_DEVICE=cuda pytest on the device-aware tests (suite_report.py tests: one file per
+#              registry op, the extension's, the model's, the measured auto's; counts from JUnit XML)
 #   bench      benchmarks/bench.py on GPT-2 124M (batch 12, block 1024, bf16), modes
-#              torch, torch+compile, auto, auto+compile, interleaved
+#              torch, torch+compile, auto, auto+compile, interleaved; auto is measured on the model
+#              (nanogpt.ops.select_kernels) and must not be >3% slower than torch (else rc 1, "failed")
 #   roofline   benchmarks/kernel_roofline.py --device=cuda: copy GB/s and bf16 8192^3 matmul TFLOP/s
 #              ceilings, every kernel's GB/s or TFLOP/s, fraction of the ceiling, speed-up vs PyTorch
 #              (last: it gets whatever time is left; its JSON is rewritten after every row)
 #   regression (only with SUITE_KERNEL_REGRESSION=1) pytest-benchmark kernel suite against
 #              benchmarks/baselines/<gpu>/ (saves a first baseline when none is there)
+#   compile    (only with SUITE_COMPILE_CHECK=1) python -m nanogpt_kernels.triton.compile_check --sample 2 for
+#              this GPU's compute capability: registers, shared memory and spills per Triton kernel
 # and writes benchmarks/results/<date>-<gpu>.json and .md (stage logs in benchmarks/results/logs/<date>-<gpu>/).
 #
 # Environment: PYTHON (default python), SUITE_BUDGET_S (total seconds for the stages, default 500),
 # SUITE_BENCH_ARGS (extra bench.py args), SUITE_COMPILE_REF=1 (roofline also times torch.compile'd ops),
-# SUITE_KERNEL_REGRESSION=1, SUITE_SKIP=build,tests (comma-separated stages to skip, recorded as skipped).
+# SUITE_KERNEL_REGRESSION=1, SUITE_COMPILE_CHECK=1, SUITE_SKIP=build,tests (comma-separated stages to skip,
+# recorded as skipped). The autotune verdicts go to the run's folder (NANOGPT_CACHE_DIR), so each suite measures.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -36,6 +41,7 @@ n=2
 while [ -e "benchmarks/results/$NAME.json" ]; do NAME="$DAY-$GPU_TAG-$n"; n=$((n + 1)); done
 RUN="benchmarks/results/logs/$NAME"
 mkdir -p "$RUN"
+export NANOGPT_CACHE_DIR="$ROOT/$RUN/cache"
 : > "$RUN/stages.jsonl"
 
 echo "== gpu_suite: $GPU -> benchmarks/results/$NAME.{json,md} (logs in $RUN, budget ${BUDGET}s)"
@@ -82,7 +88,7 @@ EOF
     return 0
 }
 
-stage env 15 bash -c "nvidia-smi; $PY benchmarks/suite_report.py env --run=$RUN"
+stage env 15 bash -c "nvidia-smi; $PY -m nanogpt_kernels; $PY benchmarks/suite_report.py env --run=$RUN"
 
 stage build 150 env NANOGPT_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e .
 
@@ -90,8 +96,8 @@ stage backends 10 $PY benchmarks/suite_report.py backends --run="$RUN"
 
 # the device-aware tests (kernels, extension, model); the CPU-only rest is what CI runs. No -x: one
 # call should report every failure.
-stage tests 100 env NANOGPT_TEST_DEVICE=cuda $PY -m pytest tests/test_kernels_*.py tests/test_ext_*.py \
-    tests/test_model.py -q -p no:cacheprovider --junitxml="$RUN/pytest.xml"
+stage tests 100 env NANOGPT_TEST_DEVICE=cuda $PY -m pytest $($PY benchmarks/suite_report.py tests) \
+    -q -p no:cacheprovider --junitxml="$RUN/pytest.xml"
 
 stage bench 180 $PY benchmarks/bench.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 \
     --batch_size=12 --vocab_size=50304 --dtype=bfloat16 --modes=torch,torch+compile,auto,auto+compile \
@@ -111,6 +117,11 @@ if [ "${SUITE_KERNEL_REGRESSION:-0}" = 1 ]; then
     fi
     stage regression 120 $PY -m pytest benchmarks/bench_kernels.py --benchmark-only -p no:cacheprovider -q \
         --benchmark-storage="$STORE" $CMP --benchmark-json="$RUN/kernels.json"
+fi
+
+if [ "${SUITE_COMPILE_CHECK:-0}" = 1 ]; then
+    CC=$($PY -c "import torch; a, b = torch.cuda.get_device_capability(); print(10 * a + b)")
+    stage compile 120 $PY -m nanogpt_kernels.triton.compile_check --sample 2 --arch "$CC"
 fi
 
 echo "== report"

@@ -2,6 +2,7 @@
 
     python benchmarks/suite_report.py env --run=DIR        # DIR/env.json: versions, device
     python benchmarks/suite_report.py backends --run=DIR   # DIR/backends.json: which backends run on cuda
+    python benchmarks/suite_report.py tests                # the device-aware test files, one line
     python benchmarks/suite_report.py report --run=DIR --out=benchmarks/results/NAME [--gpu=...] [--total_s=...]
         # NAME.json and NAME.md from DIR/{stages.jsonl,env.json,backends.json,pytest.xml,roofline.json,
         #                                   bench.json,kernels.json} (whatever the stages left)
@@ -15,6 +16,9 @@ import os
 import platform
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _read_json(path):
@@ -27,6 +31,7 @@ def _read_json(path):
 
 def cmd_env(run):
     import torch
+    from nanogpt_kernels import registry
     cuda = torch.cuda.is_available()
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "device": torch.cuda.get_device_name(0) if cuda else None,
@@ -39,22 +44,40 @@ def cmd_env(run):
         info["triton"] = triton.__version__
     except Exception:  # noqa: BLE001
         info["triton"] = None
+    why = registry.backend_unavailable("ext", "cpu")  # the extension loads at all
+    if why is None:
+        from nanogpt_kernels import ext
+        info["ext"] = {"cuda": ext._C.has_cuda(), "cpu_isa": ext._C.cpu_isa()}
+    else:
+        info["ext"] = why
     print(json.dumps(info, indent=1))
     with open(os.path.join(run, "env.json"), "w") as f:
         json.dump(info, f, indent=1)
 
 
 def cmd_backends(run):
-    from nanogpt import ops
-    status = {b: (ops._backend(b, "cuda")[1] or "available") for b in ops.BACKENDS}
+    from nanogpt_kernels import registry
+    status = {b: (registry.backend_unavailable(b, "cuda") or "available") for b in registry.BACKENDS}
+    # ops a backend that runs here still lacks (e.g. ext's attention is CPU only)
+    missing = {f"{op} on {b}": why for op in registry.OPS for b in registry.BACKENDS
+               if status[b] == "available" and (why := registry.unavailable(op, b, "cuda"))}
     try:
-        auto = ops.resolve("auto", "cuda")
+        auto = registry.resolve("auto", "cuda")
     except Exception as e:  # noqa: BLE001
         auto = f"{type(e).__name__}: {e}"
-    out = {"status": status, "auto": auto}
+    out = {"status": status, "missing_ops": missing, "auto": auto}
     print(json.dumps(out, indent=1))
     with open(os.path.join(run, "backends.json"), "w") as f:
         json.dump(out, f, indent=1)
+
+
+def device_tests():
+    """The test files that run on NANOGPT_TEST_DEVICE: one per registry op (tests/test_<op>.py), the
+    extension's, the model's and the measured auto's; the rest is CPU-only and CI runs it."""
+    from nanogpt_kernels import registry
+    patterns = [f"test_{op}.py" for op in registry.OPS] + ["test_kernels_*.py", "test_ext_*.py", "test_model.py",
+                                                          "test_autotune.py"]
+    return sorted({str(p.relative_to(ROOT)) for pat in patterns for p in (ROOT / "tests").glob(pat)})
 
 
 def parse_junit(path):
@@ -120,6 +143,12 @@ def _f(x, fmt):
     return "-" if x is None else format(x, fmt)
 
 
+def _ext_line(ext):
+    if isinstance(ext, dict):
+        return f"{'built with CUDA' if ext['cuda'] else 'built WITHOUT CUDA'}, CPU ISA clone {ext['cpu_isa']}"
+    return ext or "not probed"
+
+
 def build_report(run, gpu=None, total_s=None):
     stages = []
     try:
@@ -149,6 +178,7 @@ def markdown(rep, run):
           f"{env.get('memory_GiB')} GiB)",
           f"- torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}, "
           f"python {env.get('python')}",
+          f"- extension nanogpt_kernels._C: {_ext_line(env.get('ext'))}",
           f"- date (UTC): {rep['date']}; suite time {rep['total_s']} s; command `{rep['command']}`",
           f"- stage logs: `{run}`", ""]
     L += ["## Stages", "", "| stage | status | rc | seconds | command |", "|---|---|---|---|---|"]
@@ -156,10 +186,10 @@ def markdown(rep, run):
         L.append(f"| {s['stage']} | {s['status']} | {s.get('rc')} | {s.get('seconds')} | `{s['cmd'][:160]}` |")
     L.append("")
     t = rep["tests"]
-    L += ["## Tests (`NANOGPT_TEST_DEVICE=cuda pytest tests -x -q`)", ""]
+    L += ["## Tests (`NANOGPT_TEST_DEVICE=cuda pytest` on the device-aware files, `suite_report.py tests`)", ""]
     if t:
         L.append(f"{t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped "
-                 f"({t['tests']} run before `-x` stopped or the suite ended, {t['time_s']:.0f} s)"
+                 f"({t['tests']} run, {t['time_s']:.0f} s)"
                  + (" (from the log, the run did not finish)" if t.get("incomplete") else ""))
         for f in t["failed"][:20]:
             L.append(f"- FAILED `{f['test']}`: {f['message']}")
@@ -170,7 +200,9 @@ def markdown(rep, run):
     if b:
         L += ["## Backends on cuda", ""]
         L += [f"- {k}: {v}" for k, v in b["status"].items()]
-        L += [f"- auto resolves to: {b['auto']}", ""]
+        L += [f"- {k}: {v}" for k, v in b.get("missing_ops", {}).items()]
+        L += [f"- auto's fixed order (--autotune=False) gives: {b['auto']}; the measured auto's choice is in the "
+              "training-step table", ""]
     r = rep["roofline"]
     L += ["## Kernels (`benchmarks/kernel_roofline.py --device=cuda`)", ""]
     if r and not r.get("complete", True):
@@ -216,6 +248,11 @@ def markdown(rep, run):
                      f"{e['ratio_to_baseline']:.2f}x |")
         L.append(f"\nPeak memory: {bench.get('memory_method')}. MFU against {bench.get('peak_flops', 0) / 1e12:.0f} "
                  f"TFLOP/s (nanogpt.mfu).")
+        gate = bench.get("auto_gate") or {}
+        for c in gate.get("checked", []):
+            L.append(f"\nGate: {c['mode']} takes {c['ratio_to_torch']:.3f}x torch's (eager) time in {c['dtype']} "
+                     f"(fails above {1 + gate['max_slowdown']:.2f}x)")
+        L += [f"\n**Gate FAILED**: {msg}" for msg in gate.get("failed", [])]
     else:
         L.append("no result (see the bench stage log)")
     L.append("")
@@ -249,12 +286,17 @@ def cmd_report(run, out, gpu, total_s):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("env", "backends", "report"))
-    ap.add_argument("--run", required=True, help="the suite's stage-output directory")
+    ap.add_argument("what", choices=("env", "backends", "tests", "report"))
+    ap.add_argument("--run", help="the suite's stage-output directory")
     ap.add_argument("--out", help="report path without extension")
     ap.add_argument("--gpu")
     ap.add_argument("--total_s", type=int)
     a = ap.parse_args(argv)
+    if a.what == "tests":
+        print(" ".join(device_tests()))
+        return
+    if not a.run:
+        sys.exit(f"error: {a.what} needs --run=DIR")
     os.makedirs(a.run, exist_ok=True)
     if a.what == "env":
         cmd_env(a.run)

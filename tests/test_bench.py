@@ -165,6 +165,7 @@ def test_suite_report_from_partial_run(tiny_result, tmp_path):
     md = (tmp_path / "res.md").read_text()
     assert "3 passed, 1 failed" in md and "tests.test_x::test_a" in md and "torch+compile" in md
     assert "no result (see the roofline stage log)" in md and "E   boom" in md
+    assert "Gate: auto takes" in md  # the measured auto against eager torch, float32
     data = json.loads((tmp_path / "res.json").read_text())
     assert data["tests"]["passed"] == 3 and data["bench"]["check"]["ok"]
     # no JUnit XML (the tests stage timed out): counts come from the log
@@ -173,6 +174,8 @@ def test_suite_report_from_partial_run(tiny_result, tmp_path):
     rep.main(["report", f"--run={run}", f"--out={tmp_path / 'res2'}"])
     t = json.loads((tmp_path / "res2.json").read_text())["tests"]
     assert (t["passed"], t["failures"], t["skipped"]) == (5, 1, 1) and t["failed"][0]["test"] == "tests/test_x.py::test_a"
+    # the GPU suite's test files: the device-aware ones, by registry op among them
+    assert "tests/test_model.py" in rep.device_tests() and "tests/test_bench.py" not in rep.device_tests()
 
 
 def test_bench_reports_a_crashing_mode_and_goes_on(bench, monkeypatch):
