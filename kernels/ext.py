@@ -14,6 +14,7 @@ import math
 import torch
 
 from nanogpt_kernels.contract import FusedAdamWBase, sdpa_fallback
+from nanogpt_kernels.registry import lce_args, lce_fake
 
 _C = None
 _IMPORT_ERROR = None
@@ -103,6 +104,14 @@ def _register():
     def _(x, bias, tanh):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    if not hasattr(ops, "linear_cross_entropy"):  # a build from before the op: the other ops still load
+        return
+    torch.library.register_fake("nanogpt_ext::linear_cross_entropy_fwd", lce_fake)
+
+    @torch.library.register_fake("nanogpt_ext::linear_cross_entropy")
+    def _(x, weight, targets, bias, ignore_index, reduction, softcap, chunk):
+        return x.new_empty((), dtype=torch.float32)
+
 
 # ------------------------------------------------------------ the backend contract
 
@@ -124,6 +133,13 @@ def bias_gelu(x, bias=None, approximate="none"):
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         bias = bias.to(x.dtype)
     return torch.ops.nanogpt_ext.bias_gelu(x, bias, approximate == "tanh")
+
+
+def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-1, reduction="mean", softcap=None):
+    """Cross-entropy of x W^T + b against targets, one chunk of logits at a time (csrc/cpu/linear_cross_entropy.cpp);
+    CPU, x, weight and bias in one dtype, float32 or bfloat16. The loss is float32."""
+    *args, _with_grad = lce_args(x, weight, targets, bias, ignore_index, reduction, softcap)  # decided in C++
+    return torch.ops.nanogpt_ext.linear_cross_entropy(*args)
 
 
 def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
@@ -188,4 +204,5 @@ class FusedAdamW(FusedAdamWBase):
         return norm
 
 
-_load()
+if _load() is not None and not hasattr(torch.ops.nanogpt_ext, "linear_cross_entropy"):
+    linear_cross_entropy = None  # a build from before the op: registry.unavailable asks for a rebuild

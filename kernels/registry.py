@@ -5,6 +5,7 @@
     layer_norm  F.layer_norm                      triton/layer_norm.py           csrc/cpu|cuda/layer_norm
     bias_gelu   F.gelu(x + bias)                  triton/bias_gelu.py            csrc/cpu|cuda/bias_gelu
     adamw       torch.optim.AdamW + clipping      triton/adamw.py                csrc/cpu|cuda/adamw
+    linear_cross_entropy  chunked (below)         triton/linear_cross_entropy.py csrc/cpu/linear_cross_entropy
 
 `REGISTRY` is the one table of that: everything else (the model, the compile check, the benchmark cases,
 the tests, `python -m nanogpt_kernels`) reads it. The torch reference implementations live here, beside it.
@@ -12,11 +13,14 @@ the tests, `python -m nanogpt_kernels`) reads it. The torch reference implementa
 A selector (`--kernels=...`) is one name for every op (`auto`, `torch`, `triton`, `ext`) or a per-op list
 such as `attention:triton,layer_norm:torch` (ops not named take `auto`). A backend named for every op that
 lacks one of them there falls back for that op, and `describe` says so; a backend named for one op that
-cannot run it is a `KernelError`. `auto` here is the fixed order `AUTO_ORDER`; the measured `auto`
+cannot run it is a `KernelError`. An op marked `optional` also takes `none` (`linear_cross_entropy:none`):
+the model then runs its unfused path. `auto` here is the fixed order `AUTO_ORDER`; the measured `auto`
 (nanogpt_kernels.autotune) times and checks the same candidates instead.
 """
 import importlib
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +49,7 @@ class Impl:
 class OpSpec:
     kind: str            # "layer" (forward + backward) or "optimizer" (one step)
     impls: dict          # backend -> Impl
+    optional: bool = False  # the selector may name "none" for it: the model then does without the op
 
 
 _T, _E = "nanogpt_kernels.triton", "nanogpt_kernels.ext"
@@ -57,7 +62,11 @@ REGISTRY = {
                                   "ext": Impl(f"{_E}:bias_gelu")}),
     "adamw": OpSpec("optimizer", {"torch": Impl(f"{__name__}:FusedAdamW"), "triton": Impl(f"{_T}.adamw:FusedAdamW"),
                                   "ext": Impl(f"{_E}:FusedAdamW")}),
+    "linear_cross_entropy": OpSpec("layer", {"torch": Impl(f"{__name__}:linear_cross_entropy"),
+                                             "triton": Impl(f"{_T}.linear_cross_entropy:linear_cross_entropy"),
+                                             "ext": Impl(f"{_E}:linear_cross_entropy", ("cpu",))}, optional=True),
 }
+NONE = "none"
 OPS = tuple(REGISTRY)
 
 
@@ -96,6 +105,131 @@ class FusedAdamW(torch.optim.AdamW):
         return norm
 
 
+# ---------------------------------------------------------------- linear + cross-entropy, chunked
+
+def lce_chunk_rows(n, c, v):
+    """Rows per logits chunk: about as many logits as x has elements (Liger's rule), a power of 2, >= 32."""
+    rows = math.ceil(n / max(1, math.ceil(v / max(c, 1))))
+    return max(1, min(n, max(32, 1 << max(rows - 1, 0).bit_length())))
+
+
+def lce_args(x, weight, targets, bias, ignore_index, reduction, softcap):
+    """The public arguments as every backend's kernel takes them: x (N, C) and targets (N,) flattened, softcap
+    0.0 for none, the chunk's rows, and whether the forward should take the gradient (only when one is wanted)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"linear_cross_entropy: softcap must be None or > 0, got {softcap}")
+    C = x.shape[-1]
+    x2, t2 = x.reshape(-1, C), targets.reshape(-1).long()
+    if weight.dim() != 2 or weight.shape[1] != C or t2.numel() != x2.shape[0] or (
+            bias is not None and tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"linear_cross_entropy: x {tuple(x.shape)}, weight {tuple(weight.shape)}, targets "
+                         f"{tuple(targets.shape)} and bias {None if bias is None else tuple(bias.shape)} do not fit "
+                         "x (..., C), weight (V, C), targets (...), bias (V,)")
+    with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return (x2, weight, t2, bias, int(ignore_index), reduction, float(softcap or 0.0),
+            lce_chunk_rows(x2.shape[0], C, weight.shape[0]), with_grad)
+
+
+def _ce_pass(logits, targets, ignore_index, softcap, scale):
+    """The rows' fp32 losses; with a `scale`, also logits <- scale * d loss / d logits (0 on ignored rows)."""
+    z = logits.float()  # logits itself when fp32: overwritten below, after the last read
+    if softcap:
+        t = torch.tanh(z / softcap)
+        z = t * softcap
+    lse = torch.logsumexp(z, 1)
+    valid = targets != ignore_index
+    tgt = torch.where(valid, targets, 0).unsqueeze(1)
+    loss = torch.where(valid, lse - z.gather(1, tgt).squeeze(1), 0.0)
+    if scale is not None:
+        p = z.sub_(lse[:, None]).exp_()
+        p.scatter_add_(1, tgt, p.new_full(tgt.shape, -1.0))
+        p.mul_((valid * scale)[:, None])
+        if softcap:
+            p.mul_(1.0 - t * t)
+        logits.copy_(p)
+    return loss
+
+
+def chunked_linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction, softcap, chunk, with_grad,
+                                 ce_pass=_ce_pass):
+    """(loss, dx, dweight, dbias) with at most `chunk` rows of logits alive: per chunk, logits = x_c W^T + b in x's
+    dtype, ce_pass gives the rows' losses and turns the logits into their gradient, then dx_c = dlogits W and
+    dW += dlogits^T x_c (fp32). The gradient is taken here, in the forward (as Liger does), so the backward only
+    scales it: the logits are computed once, 3 matmuls in all like the unfused loss (recomputing them in the
+    backward would take 4). Without with_grad the gradients are empty and only the loss is computed."""
+    N, C = x.shape
+    V = weight.shape[0]
+    count = (targets != ignore_index).sum()
+    # mean over the rows that count, 1/count kept on the device (no sync); no row counts: loss 0/0 = nan and
+    # zero gradients, as F.cross_entropy gives
+    scale = 1.0 / count.clamp(min=1) if reduction == "mean" else torch.ones((), device=x.device)
+    losses = torch.empty(N, dtype=torch.float32, device=x.device)
+    g = N if with_grad else 0
+    dx = x.new_empty((g, C))
+    dw = weight.new_zeros((V if with_grad else 0, C), dtype=torch.float32)
+    db = weight.new_zeros((V if with_grad and bias is not None else 0,), dtype=torch.float32)
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        xc, logits = x[r0:r1], F.linear(x[r0:r1], weight, bias)
+        losses[r0:r1] = ce_pass(logits, targets[r0:r1], ignore_index, softcap, scale if with_grad else None)
+        if with_grad:
+            torch.mm(logits, weight, out=dx[r0:r1])
+            if logits.dtype == torch.float32:
+                dw.addmm_(logits.t(), xc)
+            else:  # low precision: each chunk's product rounded once, summed in fp32
+                dw += logits.t() @ xc
+            if bias is not None:
+                db += logits.sum(0, dtype=torch.float32)
+    loss = losses.sum() / count if reduction == "mean" else losses.sum()
+    return loss, dx, dw.to(weight.dtype), db.to(weight.dtype if bias is None else bias.dtype)
+
+
+def lce_fake(x, weight, targets, bias, ignore_index, reduction, softcap, chunk, with_grad):
+    g = with_grad
+    return (x.new_empty((), dtype=torch.float32), x.new_empty((x.shape[0] if g else 0, x.shape[1])),
+            weight.new_empty((weight.shape[0] if g else 0, weight.shape[1])),
+            weight.new_empty((weight.shape[0] if g and bias is not None else 0,)))
+
+
+def _lce_setup_context(ctx, inputs, output):
+    ctx.with_grad, ctx.has_bias = inputs[8], inputs[3] is not None
+    ctx.save_for_backward(*output[1:])
+
+
+def _lce_backward(ctx, g, *_):
+    if not ctx.with_grad:
+        raise RuntimeError("linear_cross_entropy: the forward ran with with_grad=False; call the public function")
+    dx, dw, db = ctx.saved_tensors
+    return dx * g, dw * g, None, db * g if ctx.has_bias else None, None, None, None, None, None
+
+
+def define_linear_cross_entropy(qualname, ce_pass):
+    """The public op over a custom op `qualname` (fake and autograd registered) that runs the chunk loop above
+    with `ce_pass` for each chunk's softmax, loss and gradient (the torch and Triton backends share it)."""
+    @torch.library.custom_op(qualname, mutates_args=())
+    def fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
+            ignore_index: int, reduction: str, softcap: float, chunk: int,
+            with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return chunked_linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction, softcap, chunk,
+                                            with_grad, ce_pass)
+
+    fwd.register_fake(lce_fake)
+    fwd.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+    def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-1, reduction="mean", softcap=None):
+        """Cross-entropy of the logits x W^T + b against targets, never holding more than one chunk of them;
+        softcap applies softcap * tanh(logits / softcap) first. The loss is float32."""
+        return fwd(*lce_args(x, weight, targets, bias, ignore_index, reduction, softcap))[0]
+
+    linear_cross_entropy.op = fwd
+    return linear_cross_entropy
+
+
+linear_cross_entropy = define_linear_cross_entropy("nanogpt_torch::linear_cross_entropy", _ce_pass)
+
+
 # ---------------------------------------------------------------- lookup and selection
 
 def backend_unavailable(backend, device_type):
@@ -111,16 +245,23 @@ def backend_unavailable(backend, device_type):
 
 def unavailable(op, backend, device_type):
     """None when `backend` runs `op` on device_type, else why not."""
+    if backend == NONE:
+        return None if REGISTRY[op].optional else f"{op} cannot be turned off"
     impl = REGISTRY[op].impls.get(backend)
     if impl is None:
         return f"{backend} has no {op} kernel"
     if impl.devices and device_type not in impl.devices:
         return f"{backend} has no {op} kernel on {device_type}"
-    return backend_unavailable(backend, device_type)
+    why = backend_unavailable(backend, device_type)
+    if why is None and get(op, backend) is None:
+        return f"{backend} was built without {op} (rebuild it: pip install --no-build-isolation -e .)"
+    return why
 
 
 def get(op, backend):
-    """The function (or, for the optimizer, the class) implementing `op` in `backend`."""
+    """The function (or, for the optimizer, the class) implementing `op` in `backend`; None for "none"."""
+    if backend == NONE:
+        return None
     module, _, attr = REGISTRY[op].impls[backend].target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -145,7 +286,7 @@ def parse(spec):
                 raise KernelError(f"kernels: unknown op {op!r} in {spec!r}; ops are {', '.join(OPS)}")
             choice[op] = name
     for op, name in choice.items():
-        if name != "auto" and name not in BACKENDS:
+        if name != "auto" and name not in BACKENDS and not (name == NONE and REGISTRY[op].optional):
             raise KernelError(f"kernels: unknown backend {name!r} for {op}; use one of auto, {', '.join(BACKENDS)}")
     return choice
 

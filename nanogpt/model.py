@@ -103,6 +103,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    op = "linear_cross_entropy"  # the training loss; its fn is None when the selector says linear_cross_entropy:none
+
     def __init__(self, config, device_type=None):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
@@ -159,6 +161,12 @@ class GPT(nn.Module):
         for block, kv in zip(self.transformer.h, [None] * len(self.transformer.h) if cache is None else cache.layers):
             x = block(x, kv)
         x = self.transformer.ln_f(x)
+        if targets is not None and self.fn is not None:  # fused: the (b, t, vocab) logits are never built
+            w = self.lm_head.weight
+            if torch.is_autocast_enabled(x.device.type):  # as autocast would have run lm_head
+                x, w = (a.to(torch.get_autocast_dtype(x.device.type)) for a in (x, w))
+            # targets by keyword: the measured auto keeps keyword arguments as they are (no float copies)
+            return None, self.fn(x.reshape(-1, x.size(-1)), w, targets=targets.reshape(-1), ignore_index=-1)
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
