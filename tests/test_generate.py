@@ -1,0 +1,182 @@
+"""The generation engine (nanogpt.generate): KV cache, batched prompts, top-p, eos, streaming, the benchmark."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanogpt import generate as engine
+from nanogpt.configurator import configure
+from nanogpt.model import GPT, GPTConfig
+from nanogpt_kernels import registry
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=71, dropout=0.0)
+BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(registry.unavailable("attention", b, "cpu") is not None,
+                                                     reason=f"{b} attention cannot run here")) for b in ("torch", "ext")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: a second thread only adds hand-offs (and waits for a core on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(kernels="torch", **kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**(TINY | kw), kernels=kernels), device_type="cpu").eval()
+
+
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_cache_equals_recomputing_past_block_size(kernels, monkeypatch):
+    """Greedy: the same tokens, and logits within 1e-5 at every step, 200 tokens past block_size; the cache's
+    buffers are allocated once per layer for the whole generation."""
+    model = tiny_model(kernels)
+    buffers, append = set(), engine.LayerKV.append
+
+    def spy(self, k, v):
+        out = append(self, k, v)
+        buffers.add(self.k.data_ptr())
+        return out
+    monkeypatch.setattr(engine.LayerKV, "append", spy)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 5))
+    n = TINY["block_size"] - 5 + 200
+    cached = list(engine.stream(model, idx, n, top_k=1))
+    assert len(buffers) == TINY["n_layer"]
+    plain = list(engine.stream(model, idx, n, top_k=1, use_cache=False))
+    assert len(cached) == len(plain) == n
+    for step, ((t1, l1), (t2, l2)) in enumerate(zip(cached, plain)):
+        torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0, msg=f"step {step}")
+        assert torch.equal(t1, t2), step
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=97,
+                                  resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # fresh biases are zero: randomize so a missed bias fails
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path), dict(kernels="torch")).eval()
+    idx = torch.randint(0, 97, (2, 7))
+    ref = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=50,
+                      min_new_tokens=50, pad_token_id=0)
+    assert torch.equal(model.generate(idx, 50, top_k=1), ref)
+
+
+def test_batched_prompts_of_different_lengths_equal_each_alone():
+    """Left-padded rows, across the re-prefills past block_size, with and without the cache, and eos per row."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in (3, 17, 9)]
+    alone = [model.generate([p], 40, top_k=1)[0] for p in prompts]
+    assert model.generate(prompts, 40, top_k=1) == alone
+    assert model.generate(prompts, 40, top_k=1, use_cache=False) == alone
+    eos = alone[1][len(prompts[1]) + 4]  # row 1 stops at its 5th new token
+    stopped = [model.generate([p], 40, top_k=1, eos_token=eos)[0] for p in prompts]
+    assert len(stopped[1]) <= len(prompts[1]) + 5 and stopped[1][-1] == eos
+    assert model.generate(prompts, 40, top_k=1, eos_token=eos) == stopped
+
+
+def test_tensor_prompts_and_eos():
+    """(B, T) in, (B, T + n) out; rows that stopped are filled with eos; all rows stopped ends the stream."""
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 4))
+    out = model.generate(idx, 10, top_k=1)
+    assert out.shape == (2, 14) and torch.equal(out[:, :4], idx)
+    eos = int(out[0, 5])  # row 0's second new token
+    stopped = model.generate(idx, 10, top_k=1, eos_token=eos)
+    ends = [ref.index(eos) + 1 if eos in ref else len(ref) for ref in out[:, 4:].tolist()]
+    for row, ref, end in zip(stopped[:, 4:].tolist(), out[:, 4:].tolist(), ends):
+        assert row[:end] == ref[:end] and set(row[end:]) <= {eos}
+    assert model.generate(idx[:1], 10, top_k=1, eos_token=eos).shape == (1, 4 + ends[0])
+
+
+def test_seeded_sampling_is_reproducible():
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (3, 4))
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        runs.append(model.generate(idx, 40, temperature=0.9, top_k=20, top_p=0.9))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.1, 0.2, 0.3, 0.4]])
+    logits = probs.log()
+    kept = lambda p: [set(torch.nonzero(row.isfinite()).flatten().tolist()) for row in engine.top_p_filter(logits, p)]  # noqa: E731
+    assert kept(0.3) == [{0}, {3}]
+    assert kept(0.75) == [{0, 2}, {3, 2, 1}]
+    assert kept(0.85) == [{0, 2, 3}, {3, 2, 1}]
+    assert kept(0.97) == [{0, 1, 2, 3}, {0, 1, 2, 3}]
+    torch.manual_seed(0)
+    draws = torch.stack([engine.sample(logits, top_p=0.75) for _ in range(300)])
+    assert set(draws[:, 0].tolist()) == {0, 2} and set(draws[:, 1].tolist()) == {1, 2, 3}
+
+
+def test_streamed_text_keeps_incomplete_characters_back(capsys):
+    """A token may end inside a UTF-8 character: nothing is printed that a later token would change."""
+    from nanogpt.sample import print_streamed
+    data = "né €x".encode()
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
+    steps = ((torch.tensor([b]), None) for b in data[2:])
+    assert print_streamed(list(data[:2]), steps, decode) == list(data)
+    assert capsys.readouterr().out == "né €x\n"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("gen") / "tiny-gpt2"
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32,
+                                                         vocab_size=50257)).save_pretrained(d)
+    return d
+
+
+def run_sample(capsys, hf_dir, *args):
+    from nanogpt.sample import DEFAULTS, sample
+    base = [f"--init_from={hf_dir}", "--device=cpu", "--dtype=float32", "--kernels=torch", "--max_new_tokens=40"]
+    samples = sample(configure(DEFAULTS, [*base, *args]))
+    out = capsys.readouterr()
+    return samples, out.out, out.err
+
+
+def test_sample_streams_the_same_text(capsys, hf_dir):
+    streamed = run_sample(capsys, hf_dir, "--start=Hello world", "--num_samples=2")
+    plain = run_sample(capsys, hf_dir, "--start=Hello world", "--num_samples=2", "--stream=False")
+    assert streamed[:2] == plain[:2] and len(streamed[0]) == 2 and streamed[0][0] != streamed[0][1]
+    assert "prefill:" in streamed[2] and "tokens/s" in streamed[2]
+
+
+def test_sample_prompts_file_is_batched(capsys, hf_dir, tmp_path):
+    lines = ["Hello world", "Once upon a time there was", "The"]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines[:2]) + "\n\n" + lines[2] + "\n")
+    batched, out, _ = run_sample(capsys, hf_dir, f"--prompts={tmp_path / 'prompts.txt'}", "--num_samples=1",
+                                 "--top_k=1")
+    assert out.count("---------------") == 3
+    assert batched == [run_sample(capsys, hf_dir, f"--start={line}", "--num_samples=1", "--top_k=1")[0][0]
+                       for line in lines]
+
+
+def test_bench_generate_runs(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_generate",
+                                                  Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--vocab_size=65",
+            "--prompt_len=4", "--max_new_tokens=20", "--batch_sizes=1,2", "--no_cache_batch_sizes=2",
+            "--kernels=torch", f"--json={tmp_path / 'gen.json'}"]
+    bench.main(argv)
+    result = json.loads((tmp_path / "gen.json").read_text())
+    assert [(r["cache"], r["batch"]) for r in result["runs"]] == [(True, 1), (True, 2), (False, 2)]
+    assert all(r["decode_tokens"] == 19 * r["batch"] and r["ms_per_token"] > 0 for r in result["runs"])
+    assert set(result["cache_speedup"]) == {"2"} and "error" not in json.dumps(result["runs"])
