@@ -9,6 +9,8 @@ The work is
   layer_norm, bias_gelu   bytes: the minimum DRAM traffic (fwd reads x and writes y = 2 tensors;
                           bwd reads x and dy and writes dx = 3; full = 5; weights/stats ignored)
   attention               FLOPs: fwd 4*B*H*T*T*D/2 (causal half), bwd 2.5x fwd, full 3.5x fwd
+  linear_cross_entropy    FLOPs: fwd 2*N*V*C (the logits), full 3x fwd (plus dx and dW); no bwd pass:
+                          the kernels take the gradient in the forward, the backward only scales it
   optimizer (adamw)       bytes: 32 per fp32 parameter (norm pass reads g; fused update reads g,p,m,v
                           and writes p,m,v)
 """
@@ -21,34 +23,37 @@ import torch
 from nanogpt_kernels import registry
 
 OPS = registry.OPS
-PASSES_BY_KIND = {"layer": ("fwd", "bwd", "full"), "optimizer": ("step",)}
-PASSES = {op: PASSES_BY_KIND[spec.kind] for op, spec in registry.REGISTRY.items()}
-CASES = [(op, p) for op in OPS for p in PASSES[op]]
 
 # model shape each preset's optimizer case takes its parameter list from
 _GPT2 = dict(n_layer=12, n_embd=768, vocab_size=50304, block_size=1024)
 _QUICK = dict(n_layer=4, n_embd=128, vocab_size=65, block_size=64)
 PRESETS = {
     # GPT-2 124M at batch 12 x block 1024
-    "gpt2": dict(rows=12 * 1024, C=768, B=12, H=12, T=1024, D=64, model=_GPT2, dtype="bfloat16"),
+    "gpt2": dict(rows=12 * 1024, C=768, V=50304, B=12, H=12, T=1024, D=64, model=_GPT2, dtype="bfloat16"),
     # CPU: big enough to leave the caches, small enough for a 2-core machine
-    "cpu": dict(rows=2048, C=768, B=4, H=4, T=256, D=32, model=dict(n_layer=4, n_embd=384, vocab_size=65,
-                                                                         block_size=256), dtype="float32"),
+    "cpu": dict(rows=2048, C=768, V=4096, B=4, H=4, T=256, D=32,
+                model=dict(n_layer=4, n_embd=384, vocab_size=65, block_size=256), dtype="float32"),
     # tests: seconds
-    "tiny": dict(rows=64, C=64, B=1, H=2, T=32, D=32, model=_QUICK, dtype="float32"),
+    "tiny": dict(rows=64, C=64, V=65, B=1, H=2, T=32, D=32, model=_QUICK, dtype="float32"),
 }
 
 
 @dataclass(frozen=True)
 class LayerCase:
-    inputs: object  # (preset, rnd) -> the differentiable input tensors
+    inputs: object  # (preset, rnd) -> the input tensors (gradients are taken for the floating ones)
     call: object    # (backend's function, *inputs) -> output
     work: object    # (preset, element size) -> (unit, fwd work, bwd work)
+    passes: tuple = ("fwd", "bwd", "full")
 
 
 def _attention_flops(p, esize):
     fwd = 4 * p["B"] * p["H"] * p["T"] * p["T"] * p["D"] // 2
     return "flop", fwd, int(2.5 * fwd)
+
+
+def _logits_flops(p, esize):
+    fwd = 2 * p["rows"] * p["V"] * p["C"]
+    return "flop", fwd, 2 * fwd
 
 
 def _traffic(cols):  # memory-bound row ops: fwd moves 2 tensors of rows x cols, bwd 3
@@ -62,7 +67,21 @@ LAYER_CASES = {
                            lambda fn, x, b: fn(x, b, "none"), _traffic(lambda p: 4 * p["C"])),
     "attention": LayerCase(lambda p, rnd: tuple(rnd(p["B"], p["H"], p["T"], p["D"]) for _ in range(3)),
                            lambda fn, q, k, v: fn(q, k, v, causal=True), _attention_flops),
+    "linear_cross_entropy": LayerCase(
+        lambda p, rnd: (rnd(p["rows"], p["C"]), rnd(p["V"], p["C"], scale=0.02), rnd(p["rows"], high=p["V"])),
+        lambda fn, x, w, t: fn(x, w, t), _logits_flops, ("fwd", "full")),
 }
+
+
+def _passes(op, kind):
+    if kind == "optimizer":
+        return ("step",)
+    # a layer op without a case yet keeps the usual passes: it shows up, and make_case says what is missing
+    return LAYER_CASES[op].passes if op in LAYER_CASES else LayerCase.passes
+
+
+PASSES = {op: _passes(op, spec.kind) for op, spec in registry.REGISTRY.items()}
+CASES = [(op, p) for op in OPS for p in PASSES[op]]
 
 
 def default_device():
@@ -101,7 +120,10 @@ def make_case(op, pass_, backend, preset, device, compile_fn=False):
     g = torch.Generator(device="cpu").manual_seed(0)
     impl = registry.get(op, backend)
 
-    def rnd(*shape, dtype=dt, grad=True, scale=1.0):
+    def rnd(*shape, dtype=dt, grad=True, scale=1.0, high=None):
+        """N(0, scale^2) values (requiring grad), or integers in [0, high) when high is given."""
+        if high is not None:
+            return torch.randint(high, shape, generator=g).to(dev)
         t = (torch.randn(*shape, generator=g) * scale).to(device=dev, dtype=dtype)
         return t.requires_grad_(grad)
 
@@ -123,6 +145,7 @@ def make_case(op, pass_, backend, preset, device, compile_fn=False):
                                   "LAYER_CASES in benchmarks/kernel_cases.py")
     case = LAYER_CASES[op]
     inputs = case.inputs(p, rnd)
+    wrt = [t for t in inputs if t.requires_grad]
     f = lambda: case.call(impl, *inputs)  # noqa: E731
     if compile_fn:
         f = torch.compile(f)
@@ -133,17 +156,15 @@ def make_case(op, pass_, backend, preset, device, compile_fn=False):
         def run():
             with torch.no_grad():
                 return f()
-    elif pass_ == "bwd":
-        out = f()
-        dy = torch.randn(out.shape, generator=g).to(device=dev, dtype=out.dtype)
-
+        return run, work, unit
+    out = f()
+    dy = torch.randn(out.shape, generator=g).to(device=dev, dtype=out.dtype)
+    if pass_ == "bwd":
         def run():
-            return torch.autograd.grad(out, inputs, dy, retain_graph=True)
+            return torch.autograd.grad(out, wrt, dy, retain_graph=True)
     else:
-        dy = torch.randn(f().shape, generator=g).to(device=dev, dtype=dt)
-
         def run():
-            return torch.autograd.grad(f(), inputs, dy)
+            return torch.autograd.grad(f(), wrt, dy)
     return run, work, unit
 
 

@@ -127,6 +127,7 @@ def run(cfg, argv=(), log=print):
     columns = [(name, name, False) for name in registry.BACKENDS] + ([("torch.compile", "torch", True)]
                                                                      if compile_ref else [])
     wanted = [o.strip() for o in cfg["ops"].split(",")] if cfg["ops"] else list(OPS)
+    W = max(map(len, OPS))  # the op column of the log
     for op in wanted:
         if op not in OPS:
             raise SystemExit(f"error: unknown op {op!r}; ops are {', '.join(OPS)}")
@@ -134,7 +135,7 @@ def run(cfg, argv=(), log=print):
         for name, backend, compiled in columns:
             why = unavailable(op, backend, device)
             if why and res["backends"][backend] == "available":  # the backend runs, but not this op
-                log(f"{op:10s} {name}: skipped: {why}")
+                log(f"{op:{W}s} {name}: skipped: {why}")
             elif not why and not (compiled and registry.REGISTRY[op].kind == "optimizer"):
                 runnable.append((name, backend, compiled))
         for pass_ in PASSES[op]:
@@ -146,7 +147,7 @@ def run(cfg, argv=(), log=print):
                     ms = time_ms(fn, device, rep_ms=cfg["rep_ms"])
                 except Exception as e:  # noqa: BLE001 - one broken kernel must not hide the rest
                     row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
-                    log(f"{op:10s} {pass_:5s} {name:13s} FAILED: {row['error']}")
+                    log(f"{op:{W}s} {pass_:5s} {name:13s} FAILED: {row['error']}")
                     res["rows"].append(row)
                     continue
                 sync(device)
@@ -164,7 +165,7 @@ def run(cfg, argv=(), log=print):
                 _save(cfg, res)
                 achieved = f"{row['GBps']:8.1f} GB/s " if unit == "byte" else f"{row['TFLOPs']:8.3f} TFLOP/s"
                 vs = f"{row['speedup_vs_torch']:.2f}x" if row["speedup_vs_torch"] else "-"
-                log(f"{op:10s} {pass_:5s} {name:13s} {ms:9.3f} ms  {achieved}  {100 * row['frac_of_ceiling']:5.1f}% "
+                log(f"{op:{W}s} {pass_:5s} {name:13s} {ms:9.3f} ms  {achieved}  {100 * row['frac_of_ceiling']:5.1f}% "
                     f"of {row['ceiling']:6s}  vs torch {vs}")
     res["complete"] = True
     if _save(cfg, res):

@@ -139,11 +139,25 @@ def test_kernel_roofline_cpu(tmp_path):
     assert json.loads(out.read_text())["ceilings"]["copy_GBps"] > 0
     assert res["ceilings"]["matmul_TFLOPs"] > 0
     rows = [r for r in res["rows"] if r["backend"] == "torch"]
-    assert {(r["op"], r["pass"]) for r in rows} == {
-        (op, p) for op in ("layer_norm", "bias_gelu", "attention") for p in ("fwd", "bwd", "full")} | {("adamw", "step")}
+    assert {(r["op"], r["pass"]) for r in rows} == {(op, p) for op in registry.OPS for p in roof.PASSES[op]}
+    assert {("layer_norm", "full"), ("attention", "bwd"), ("adamw", "step")} <= {(r["op"], r["pass"]) for r in rows}
     for r in res["rows"]:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["frac_of_ceiling"] > 0 and r["speedup_vs_torch"] > 0
+
+
+def test_kernel_cases_follow_the_registry(monkeypatch):
+    # a new registry op shows up in the kernel benchmarks: an optimizer needs nothing, a layer op its LAYER_CASES row
+    monkeypatch.setitem(registry.REGISTRY, "adamw2", registry.REGISTRY["adamw"])
+    monkeypatch.setitem(registry.REGISTRY, "gelu2", registry.REGISTRY["bias_gelu"])
+    monkeypatch.setattr(registry, "OPS", tuple(registry.REGISTRY))
+    cases = _load("kernel_cases")
+    assert {("adamw2", "step"), ("gelu2", "fwd"), ("gelu2", "full")} <= set(cases.CASES)
+    fn, work, unit = cases.make_case("adamw2", "step", "torch", "tiny", "cpu")
+    fn()
+    assert unit == "byte" and work > 0
+    with pytest.raises(NotImplementedError, match="LAYER_CASES"):
+        cases.make_case("gelu2", "fwd", "torch", "tiny", "cpu")
 
 
 def test_suite_report_from_partial_run(tiny_result, tmp_path):
