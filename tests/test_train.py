@@ -33,7 +33,8 @@ def final_params(out_dir):
 def test_train_then_sample(workdir):
     out = run(["nanogpt.train", *TINY, "--out_dir=out-tiny", "--batch_size=4", "--max_iters=8",
                "--eval_interval=4", "--gradient_accumulation_steps=2"], workdir).stdout
-    assert "kernels (cpu, float32): attention=torch, layer_norm=torch, gelu=torch, optimizer=torch" in out
+    assert ("kernels (cpu, float32): attention=torch, layer_norm=torch, bias_gelu=torch, adamw=torch, "
+            "linear_cross_entropy=torch") in out
     assert "step 8: train loss" in out and "saved checkpoint at iter 8" in out
     losses = [float(line.split("loss ")[1].split(",")[0]) for line in out.splitlines() if line.startswith("iter ")]
     assert len(losses) == 9 and losses[-1] < losses[0]
