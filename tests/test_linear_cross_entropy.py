@@ -18,6 +18,15 @@ N, C, V = 77, 19, 101
 CASES = [(None, "mean", False), (30.0, "mean", True), (None, "sum", True), (5.0, "sum", False)]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The shapes here are tiny: on a loaded machine torch's thread pool spends more time waiting than working."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def _inputs(device, ignore_every=5, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(N, C, generator=gen, dtype=torch.float64)
@@ -94,7 +103,8 @@ def test_torch_compile_fullgraph(impl, device):
 
 
 def test_opcheck(backend, device):
-    x, w, b, t = (a.float() if a.is_floating_point() else a for a in _inputs(device))
+    x, w, b, t = _inputs(device)
+    x, w, b, t = x[:40].float(), w.float(), b.float(), t[:40]  # two chunks: opcheck runs the op many times
     if backend == "ext":  # the public op (C++ autograd) and the forward under it, which has none
         ops = torch.ops.nanogpt_ext
         torch.library.opcheck(ops.linear_cross_entropy_fwd, (x, w, t, b, -1, "mean", 30.0, 32, True))
