@@ -1,17 +1,161 @@
-"""CPU timing of the quick-start char model (4 layers, 4 heads, n_embd 128, block 64, batch 12):
-forward + backward + optimizer step, ms/iter, per kernels selector. Not a test.
+"""CPU timings of the extension's kernels. Not a test.
 
-    python csrc/bench_cpu.py [--iters 60] [--threads N] [--kernels torch ext ...]
+    python csrc/bench_cpu.py ops [--isa all|x86-64-v4|x86-64-v3|default] [--reps 60] [--threads 2]
+    python csrc/bench_cpu.py [model] [--isa NAME] [--iters 60] [--threads N] [--kernels torch ext ...]
+
+`ops`: each ext kernel against the PyTorch op it replaces, per ISA clone of the CPU kernels, in
+float32 and bfloat16, at the CPU quick-start shapes (12 x 64 tokens, C=128, 4 heads, 4 layers;
+bias_gelu on 768 x 512) and GPT-2-small-ish ones (C=768, 12 heads, 3 x 256 tokens; bias_gelu on
+768 x 3072; AdamW over one GPT-2-small block). fwd is the forward call with inputs that need
+grad (as in training), bwd the backward of that graph; adamw is grad_norm + adamw_ against
+clip_grad_norm_ + torch.optim.AdamW (foreach). ext and torch run in turn (interleaved), so load
+from other processes hits both alike; medians over --reps.
+
+`model`: the CPU quick-start model, ms per fwd+bwd+optimizer step for --kernels selectors.
 """
 import argparse
+import importlib
+import math
+import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
-from nanogpt.model import GPT, GPTConfig
 
+def load_ext():
+    """The compiled module (its import registers torch.ops.nanogpt_ext)."""
+    for name in ("nanogpt_kernels._C", "nanogpt._C"):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+    raise SystemExit("the C++ extension is not built (pip install --no-build-isolation -e .)")
+
+
+# ------------------------------------------------------------------------------------------ ops
+
+SHAPES = {  # name: (rows, C, heads, batch, T, bias_gelu columns, layers whose params AdamW steps)
+    "quickstart": dict(rows=768, C=128, H=4, B=12, T=64, hidden=512),
+    "gpt2-ish": dict(rows=768, C=768, H=12, B=3, T=256, hidden=3072),
+}
+
+
+def _param_shapes(name, s):
+    C = s["C"]
+    block = [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (4 * C, C), (4 * C,), (C, 4 * C), (C,)]
+    if name == "quickstart":  # the whole 4-layer char model: blocks, embeddings, final LayerNorm
+        return block * 4 + [(65, C), (64, C), (C,), (C,)]
+    return block  # one GPT-2-small block
+
+
+def _cases(name, s, dtype):
+    """(kernel, fn(backend) -> (run_fwd, run_bwd or None))"""
+    ops = torch.ops.nanogpt_ext
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, grad=True):
+        t = torch.randn(*shape, generator=g).to(dtype)
+        return t.requires_grad_(grad)
+
+    rows, C, H, B, T, hidden = s["rows"], s["C"], s["H"], s["B"], s["T"], s["hidden"]
+    x, w, b, dy = rnd(rows, C), rnd(C), rnd(C), rnd(rows, C, grad=False)
+
+    def layer_norm(backend):
+        f = (lambda: ops.layer_norm(x, w, b, 1e-5)) if backend == "ext" else \
+            (lambda: F.layer_norm(x, (C,), w, b, 1e-5))
+        return f, dy
+
+    xh, bh, dyh = rnd(rows, hidden), rnd(hidden), rnd(rows, hidden, grad=False)
+
+    def gelu(tanh):
+        def make(backend):
+            approx = "tanh" if tanh else "none"
+            f = (lambda: ops.bias_gelu(xh, bh, tanh)) if backend == "ext" else \
+                (lambda: F.gelu(xh + bh, approximate=approx))
+            return f, dyh
+        return make
+
+    # q, k, v as the model makes them: (B, H, T, D) views of one (B, T, 3, H, D) buffer
+    qkv = torch.randn(B, T, 3, H, C // H, generator=g).to(dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+    do = rnd(B, H, T, C // H, grad=False)
+
+    def attention(backend):
+        sc = 1.0 / math.sqrt(C // H)
+        f = (lambda: ops.attention(q, k, v, True, sc, 0.0, None)) if backend == "ext" else \
+            (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return f, do
+
+    def adamw(backend):
+        ps = [torch.randn(sh, generator=g).to(dtype) for sh in _param_shapes(name, s)]
+        grads = [torch.randn(sh, generator=g).to(dtype) * 1e-2 for sh in _param_shapes(name, s)]
+        if backend == "torch":
+            for p, gr in zip(ps, grads):
+                p.requires_grad_()
+                p.grad = gr
+            opt = torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, foreach=True)
+
+            def step():
+                torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=True)
+                opt.step()
+            return step, None
+        m = [torch.zeros_like(p, dtype=torch.float32) for p in ps]
+        vv = [torch.zeros_like(p, dtype=torch.float32) for p in ps]
+        steps = [torch.zeros((), dtype=torch.float32) for _ in ps]
+        lr = torch.tensor(1e-3, dtype=torch.float64)
+
+        def step():
+            norm = ops.grad_norm(grads)
+            ops.adamw_(ps, grads, m, vv, steps, lr, norm, 0.9, 0.99, 1e-8, 0.1, 1.0)
+        return step, None
+
+    return [("layer_norm", layer_norm), ("bias_gelu erf", gelu(False)), ("bias_gelu tanh", gelu(True)),
+            ("attention causal", attention), ("grad_norm+adamw_", adamw)]
+
+
+def _time(fn_grad, reps, warmup):
+    """fn_grad: backend -> (call, dy or None). Interleaved ext/torch; returns {backend: (fwd ms, bwd ms)}."""
+    made = {be: fn_grad(be) for be in ("ext", "torch")}
+    t = {be: ([], []) for be in made}
+    for i in range(warmup + reps):
+        for be, (call, dy) in made.items():
+            t0 = time.perf_counter()
+            out = call()
+            t1 = time.perf_counter()
+            if dy is not None:
+                out.backward(dy)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                t[be][0].append(t1 - t0)
+                t[be][1].append(t2 - t1)
+    return {be: (1e3 * statistics.median(f), 1e3 * statistics.median(b) if made[be][1] is not None else None)
+            for be, (f, b) in t.items()}
+
+
+def bench_ops(args, C):
+    isas = C.cpu_isas() if args.isa == "all" else [args.isa]
+    print(f"| clone | shape | kernel | dtype | ext fwd | torch fwd | ext bwd | torch bwd |")
+    print("|---|---|---|---|---|---|---|---|")
+    for isa in isas:
+        C.set_cpu_isa(isa)
+        for name, s in SHAPES.items():
+            for dtype in (torch.float32, torch.bfloat16):
+                for kernel, make in _cases(name, s, dtype):
+                    r = _time(make, args.reps, args.warmup)
+                    (ef, eb), (tf, tb) = r["ext"], r["torch"]
+
+                    def cell(e, t):
+                        return "" if e is None else f"{e:.3f} / {t:.3f} ({t / e:.2f}x)"
+                    print(f"| {isa} | {name} | {kernel} | {str(dtype)[6:]} | {cell(ef, tf)} | {cell(eb, tb)} |",
+                          flush=True)
+
+
+# ---------------------------------------------------------------------------------------- model
 
 def make_step(kernels, seed=0):
+    from nanogpt.model import GPT, GPTConfig
+
     torch.manual_seed(seed)
     cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, kernels=kernels)
     model = GPT(cfg, device_type="cpu")
@@ -27,34 +171,44 @@ def make_step(kernels, seed=0):
     return step
 
 
+def bench_model(args, C):
+    if args.isa != "all":
+        C.set_cpu_isa(args.isa)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU clone {C.cpu_isa()}, "
+          f"{args.iters * args.rounds} interleaved iters (ms per fwd+bwd+step)")
+    # every selector runs one iteration in turn (interleaved), so load from other processes
+    # hits them alike; report the median and the minimum per-iteration time
+    steps = {k: make_step(k) for k in args.kernels}
+    times = {k: [] for k in args.kernels}
+    for i in range(args.warmup + args.iters * args.rounds):
+        for k, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= args.warmup:
+                times[k].append(1e3 * (time.perf_counter() - t0))
+    for k in args.kernels:
+        t = sorted(times[k])
+        print(f"  {k:62s} {t[len(t) // 2]:7.2f} ms median  {t[0]:7.2f} ms min")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("mode", nargs="?", default="model", choices=["ops", "model"])
+    ap.add_argument("--isa", default="all", help="ISA clone of the CPU kernels (ops: default every one this CPU runs)")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=60, help="ops: timed calls per backend")
+    ap.add_argument("--iters", type=int, default=60, help="model: iterations per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kernels", nargs="*", default=[
         "torch", "ext", "layer_norm:ext,gelu:torch,optimizer:torch,attention:torch",
         "gelu:ext,layer_norm:torch,optimizer:torch,attention:torch",
         "optimizer:ext,layer_norm:torch,gelu:torch,attention:torch"])
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{a.iters * a.rounds} interleaved iters (ms per fwd+bwd+step)")
-    # every selector runs one iteration in turn (interleaved), so load from other processes
-    # hits them alike; report the median and the minimum per-iteration time
-    steps = {k: make_step(k) for k in a.kernels}
-    times = {k: [] for k in a.kernels}
-    for i in range(a.warmup + a.iters * a.rounds):
-        for k, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= a.warmup:
-                times[k].append(1e3 * (time.perf_counter() - t0))
-    for k in a.kernels:
-        t = sorted(times[k])
-        print(f"  {k:62s} {t[len(t) // 2]:7.2f} ms median  {t[0]:7.2f} ms min")
+    torch.set_num_threads(a.threads)
+    C = load_ext()
+    (bench_ops if a.mode == "ops" else bench_model)(a, C)
+
 
 if __name__ == "__main__":
     main()

@@ -6,65 +6,30 @@
 //   p += -(lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 // which is torch.optim.AdamW's single-tensor order of operations. A non-finite norm leaves
 // params, state and steps untouched. Params/grads in {fp32, bf16}; state in fp32.
-#include "common.h"
-#include "ops.h"
-
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
-#include <c10/util/Exception.h>
+#include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
 #include <vector>
 
+#include "glue.h"
+
 namespace nanogpt_cpu {
+namespace {
+struct AdamHyper {  // one tensor's step scalars (adamw_kernels.h)
+  float clip, decay, w1, beta2, w2, neg_step_size, bc2_sqrt, eps;
+};
+}  // namespace
+}  // namespace nanogpt_cpu
+#define NG_KERNELS "adamw_kernels.h"
+#include "isa_clones.h"
+
+namespace nanogpt_cpu {
+namespace {
 namespace adam {
 
 constexpr int64_t kNormBlock = 1 << 16;
 constexpr int64_t kStepBlock = 1 << 14;
-
-// fp64 accumulation (the loop is memory-bound, so it costs nothing and keeps 1e-7 accuracy)
-template <class T>
-NG_INLINE double sumsq(const T* __restrict g, int64_t n) {
-  double s = 0.0;
-  NG_SIMD_SUM(s)
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = ld(g, i);
-    s += v * v;
-  }
-  return s;
-}
-NG_CLONES double sumsq_f32(const float* g, int64_t n) { return sumsq<float>(g, n); }
-NG_CLONES double sumsq_bf16(const bf16_t* g, int64_t n) { return sumsq<bf16_t>(g, n); }
-
-struct Hyper {
-  float clip, decay, w1, beta2, w2, neg_step_size, bc2_sqrt, eps;
-};
-
-template <class T>
-NG_INLINE void update(T* __restrict p, const T* __restrict g, float* __restrict m, float* __restrict v, int64_t n,
-                      const Hyper& h) {
-  const float clip = h.clip, decay = h.decay, w1 = h.w1, beta2 = h.beta2, w2 = h.w2;
-  const float nss = h.neg_step_size, bc2s = h.bc2_sqrt, eps = h.eps;
-  NG_SIMD
-  for (int64_t i = 0; i < n; ++i) {
-    const float gi = ld(g, i) * clip;
-    const float pi = ld(p, i) * decay;
-    const float mi = m[i] + w1 * (gi - m[i]);
-    const float vi = v[i] * beta2 + w2 * gi * gi;
-    const float denom = std::sqrt(vi) / bc2s + eps;
-    m[i] = mi;
-    v[i] = vi;
-    st(p, i, pi + (nss * mi) / denom);
-  }
-}
-NG_CLONES void update_f32(float* p, const float* g, float* m, float* v, int64_t n, const Hyper& h) {
-  update<float>(p, g, m, v, n, h);
-}
-NG_CLONES void update_bf16(bf16_t* p, const bf16_t* g, float* m, float* v, int64_t n, const Hyper& h) {
-  update<bf16_t>(p, g, m, v, n, h);
-}
 
 void check_grad(const at::Tensor& g, const char* op, size_t i) {
   TORCH_CHECK(g.device().is_cpu(), op, ": tensor ", i, " is on ", g.device(), ", expected CPU");
@@ -74,30 +39,6 @@ void check_grad(const at::Tensor& g, const char* op, size_t i) {
 }
 
 }  // namespace adam
-
-void check_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                      at::TensorList steps, const at::Tensor& lr, const at::Tensor& norm, const char* op) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n, op,
-              ": params, grads, exp_avgs, exp_avg_sqs and steps must have the same length (got ", n, ", ",
-              grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size(), ")");
-  TORCH_CHECK(lr.numel() == 1 && norm.numel() == 1, op, ": lr and norm must be one-element tensors");
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor &p = params[i], &g = grads[i];
-    TORCH_CHECK(p.is_contiguous(), op, ": param ", i, " must be contiguous");
-    for (const at::Tensor* t : {&g, &exp_avgs[i], &exp_avg_sqs[i], &steps[i]})
-      TORCH_CHECK(t->device() == p.device(), op, ": the grad and state of param ", i, " must be on its device ",
-                  p.device(), ", got ", t->device());
-    TORCH_CHECK(g.scalar_type() == p.scalar_type() && g.numel() == p.numel(), op, ": grad ", i, " (",
-                g.scalar_type(), ", ", g.numel(), " elements) does not match its param (", p.scalar_type(), ", ",
-                p.numel(), ")");
-    for (const at::Tensor* st : {&exp_avgs[i], &exp_avg_sqs[i]})
-      TORCH_CHECK(st->scalar_type() == at::kFloat && st->is_contiguous() && st->numel() == p.numel(), op,
-                  ": exp_avg/exp_avg_sq ", i, " must be contiguous float32 with ", p.numel(), " elements");
-    TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1, op, ": step ", i,
-                " must be a one-element float32 tensor");
-  }
-}
 
 at::Tensor grad_norm(at::TensorList grads) {
   const char* op = "nanogpt_ext::grad_norm";
@@ -115,13 +56,14 @@ at::Tensor grad_norm(at::TensorList grads) {
       items.push_back({static_cast<int64_t>(i), off, std::min(adam::kNormBlock, n - off)});
   }
   std::vector<double> part(items.size());
+  const auto sumsq_f32 = NG_ISA_PICK(adam::sumsq<float>);
+  const auto sumsq_bf16 = NG_ISA_PICK(adam::sumsq<bf16_t>);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 4, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const Item& it = items[k];
       const at::Tensor& g = gs[it.t];
-      part[k] = g.scalar_type() == at::kFloat
-                    ? adam::sumsq_f32(g.data_ptr<float>() + it.off, it.n)
-                    : adam::sumsq_bf16(reinterpret_cast<const bf16_t*>(g.data_ptr()) + it.off, it.n);
+      part[k] = g.scalar_type() == at::kFloat ? sumsq_f32(data<float>(g) + it.off, it.n)
+                                              : sumsq_bf16(data<bf16_t>(g) + it.off, it.n);
     }
   });
   double total = 0.0;
@@ -144,7 +86,7 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
     clip = clip < 1.0f ? clip : 1.0f;
   }
   std::vector<at::Tensor> gs(n);
-  std::vector<adam::Hyper> hyper(n);
+  std::vector<AdamHyper> hyper(n);
   struct Item {
     int64_t t, off, n;
   };
@@ -161,7 +103,7 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
     const double step = static_cast<double>(*sp) + 1.0;
     *sp = static_cast<float>(step);
     const double bc1 = 1.0 - std::pow(beta1, step), bc2 = 1.0 - std::pow(beta2, step);
-    hyper[i] = adam::Hyper{clip,
+    hyper[i] = AdamHyper{clip,
                            static_cast<float>(1.0 - lrd * weight_decay),
                            static_cast<float>(1.0 - beta1),
                            static_cast<float>(beta2),
@@ -173,6 +115,8 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
     for (int64_t off = 0; off < numel; off += adam::kStepBlock)
       items.push_back({static_cast<int64_t>(i), off, std::min(adam::kStepBlock, numel - off)});
   }
+  const auto update_f32 = NG_ISA_PICK(adam::update<float>);
+  const auto update_bf16 = NG_ISA_PICK(adam::update<bf16_t>);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 2, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const Item& it = items[k];
@@ -180,13 +124,24 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
       float* m = exp_avgs[it.t].data_ptr<float>() + it.off;
       float* v = exp_avg_sqs[it.t].data_ptr<float>() + it.off;
       if (p.scalar_type() == at::kFloat)
-        adam::update_f32(p.data_ptr<float>() + it.off, gs[it.t].data_ptr<float>() + it.off, m, v, it.n,
-                         hyper[it.t]);
+        update_f32(data<float>(p) + it.off, data<float>(gs[it.t]) + it.off, m, v, it.n, hyper[it.t]);
       else
-        adam::update_bf16(reinterpret_cast<bf16_t*>(p.data_ptr()) + it.off,
-                          reinterpret_cast<const bf16_t*>(gs[it.t].data_ptr()) + it.off, m, v, it.n, hyper[it.t]);
+        update_bf16(data<bf16_t>(p) + it.off, data<bf16_t>(gs[it.t]) + it.off, m, v, it.n, hyper[it.t]);
     }
   });
 }
 
+}  // namespace
 }  // namespace nanogpt_cpu
+
+TORCH_LIBRARY_FRAGMENT(nanogpt_ext, m) {
+  m.def("grad_norm(Tensor[] grads) -> Tensor");
+  m.def("adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs,"
+        " Tensor(d!)[] steps, Tensor lr, Tensor norm, float beta1, float beta2, float eps, float weight_decay,"
+        " float max_grad_norm) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(nanogpt_ext, CPU, m) {
+  m.impl("grad_norm", &nanogpt_cpu::grad_norm);
+  m.impl("adamw_", &nanogpt_cpu::adamw_);
+}

@@ -1,27 +1,27 @@
-// Shared helpers for the CPU kernels: bf16 <-> fp32, vectorizable exp/erf/tanh, GELU, ISA clones.
+// Shared by the CPU kernels: SIMD macros, the ISA clones and which one runs, row chunking.
 //
 // Vectorization strategy: the hot loops take raw pointers and are plain C++ loops marked
 // `#pragma omp simd` (-fopenmp-simd; -fopenmp on Linux for at::parallel_for), so the
 // compiler emits SIMD code for whatever ISA the function is compiled for. On x86-64 Linux
-// with GCC each leaf kernel is built three times through `target_clones` (x86-64-v4 =
-// AVX-512, x86-64-v3 = AVX2+FMA, and the baseline), and the dynamic loader picks the best
-// one for the running CPU once (ifunc). Nothing else in the extension is compiled for a
-// higher ISA than the baseline, so the .so runs on any x86-64 machine. Elsewhere (GCC < 12,
-// Clang, macOS, aarch64, MSVC) the kernels are compiled once for the compiler's default target.
+// with GCC >= 12 each op's leaf kernels (cpu/<op>_kernels.h) are compiled three times by
+// isa_clones.h, into namespaces isa_v4 (x86-64-v4 = AVX-512), isa_v3 (x86-64-v3 = AVX2+FMA) and
+// isa_base (the baseline), and NG_ISA_PICK calls the clone active_isa() names: the best one this
+// CPU runs, or the one NANOGPT_CPU_ISA / set_cpu_isa() forced (ext.cpp). Nothing else in the
+// extension is compiled for a higher ISA than the baseline, so the .so runs on any x86-64
+// machine. Elsewhere (GCC < 12, Clang, macOS, aarch64, MSVC) the kernels are compiled once
+// (isa_base) for the compiler's default target and the only clone is "default".
 // Multi-threading is done by the callers with at::parallel_for over rows or blocks whose
-// boundaries depend only on the problem size, so results do not depend on the thread count.
+// boundaries depend only on the problem size, so results do not depend on the thread count
+// (each clone is deterministic on its own; different clones may differ in the last bits).
 #pragma once
 
-#include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <string>
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && \
     !defined(NANOGPT_NO_CLONES)
-#define NG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define NG_CLONES_ENABLED 1
 #else
-#define NG_CLONES
 #define NG_CLONES_ENABLED 0
 #endif
 
@@ -42,117 +42,26 @@ namespace nanogpt_cpu {
 
 using bf16_t = uint16_t;  // storage of at::BFloat16
 
-NG_INLINE float ld(const float* p, int64_t i) { return p[i]; }
-NG_INLINE float ld(const bf16_t* p, int64_t i) {
-  uint32_t u = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-NG_INLINE void st(float* p, int64_t i, float v) { p[i] = v; }
-NG_INLINE void st(bf16_t* p, int64_t i, float v) {
-  // round to nearest even, NaN stays NaN (same as c10::BFloat16's conversion)
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  uint32_t r = u + 0x7fffu + ((u >> 16) & 1u);
-  r = (v != v) ? 0x7fc00000u : r;
-  p[i] = static_cast<bf16_t>(r >> 16);
-}
+// The clones, best first (indices of kIsaNames); a build without clones has only kIsaDefault.
+enum Isa : int { kIsaV4, kIsaV3, kIsaDefault, kNumIsas };
+extern const char* const kIsaNames[kNumIsas];  // "x86-64-v4", "x86-64-v3", "default"
+bool isa_runs_here(int isa);                   // compiled in, and this CPU has the instructions
+int active_isa();                              // the clone the kernels call now
+// Makes `name` the active clone; returns "" or, when it is unknown or cannot run here, a
+// one-line reason that names it and what this CPU/build runs.
+std::string select_isa(const std::string& name);
 
-
-NG_INLINE float as_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, 4);
-  return f;
+#if NG_CLONES_ENABLED
+template <class F>
+NG_INLINE F pick_isa(F v4, F v3, F base) {
+  const int i = active_isa();
+  return i == kIsaV4 ? v4 : i == kIsaV3 ? v3 : base;
 }
-
-// 1/d for d >= 1 (finite) without a divide instruction (vdivps is the bottleneck of the GELU
-// loops): bit-trick guess (rel. error < 12.5%) + 3 Newton steps -> rel. error ~1e-7.
-NG_INLINE float rcp_ge1(float d) {
-  d = d < 1e30f ? d : 1e30f;  // +inf (and NaN) -> ~0 instead of garbage
-  int32_t i;
-  std::memcpy(&i, &d, 4);
-  float y = as_float(0x7EF311C3 - i);
-  y = y * (2.0f - d * y);
-  y = y * (2.0f - d * y);
-  y = y * (2.0f - d * y);
-  return y;
-}
-
-// exp(x) for float, Cephes-style range reduction + degree-6 polynomial, ~1 ulp, branch-free.
-NG_INLINE float vexp(float x0) {
-  float x = x0 < -87.3365f ? -87.3365f : x0;
-  x = x > 88.7228f ? 88.7228f : x;
-  // round to nearest with the 1.5*2^23 trick (vectorizes on every ISA, |x*log2e| < 2^22)
-  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  // 2^n split in two factors so n = 128 (x near 88.7) does not overflow the exponent field
-  int32_t ni = static_cast<int32_t>(n);
-  int32_t h = ni >> 1;
-  const float r2 = p * as_float((h + 127) << 23) * as_float((ni - h + 127) << 23);
-  return x0 < -87.3365f ? 0.0f : r2;  // underflow to 0 (no denormals), also for -inf
-}
-
-// 1 + erf(x) (= erfc(-x), no cancellation for negative x) and e = exp(-x^2), with
-// Abramowitz & Stegun 7.1.26: erfc(|x|) = t*P(t)*exp(-x^2), t = 1/(1 + 0.3275911|x|),
-// absolute error < 1.5e-7 -- the approximation ATen's vectorized erf uses. gelu' needs the
-// same exp(-x^2), so the backward pays for one exp per element.
-NG_INLINE float one_plus_erf(float x, float& e) {
-  const float z = std::fabs(x);
-  const float t = rcp_ge1(1.0f + 0.3275911f * z);
-  float p = 1.061405429f;
-  p = p * t + -1.453152027f;
-  p = p * t + 1.421413741f;
-  p = p * t + -0.284496736f;
-  p = p * t + 0.254829592f;
-  e = vexp(-z * z);
-  const float erfc_z = t * p * e;
-  return x >= 0.0f ? 2.0f - erfc_z : erfc_z;
-}
-
-constexpr float kSqrt1_2 = 0.70710678118654752f;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1/sqrt(2*pi)
-constexpr float kSqrt2_Pi = 0.79788456080286536f;    // sqrt(2/pi)
-constexpr float kTanhC = 0.044715f;
-
-// gelu(u) and gelu'(u); exact (erf) form
-NG_INLINE float gelu_erf(float u) {
-  float e;
-  return 0.5f * u * one_plus_erf(u * kSqrt1_2, e);
-}
-NG_INLINE float gelu_erf_grad(float u) {
-  float e;  // exp(-u^2/2)
-  const float c = one_plus_erf(u * kSqrt1_2, e);
-  return 0.5f * c + u * kInvSqrt2Pi * e;
-}
-
-// tanh form: with E = exp(-2|z|), 1+tanh(z) and 1-tanh(z)^2 are computed without cancellation
-NG_INLINE void tanh_parts(float z, float& one_plus_t, float& one_minus_t2) {
-  float e = vexp(-2.0f * std::fabs(z));
-  float inv = rcp_ge1(1.0f + e);
-  one_plus_t = z >= 0.0f ? 2.0f * inv : 2.0f * e * inv;
-  one_minus_t2 = 4.0f * e * inv * inv;
-}
-NG_INLINE float gelu_tanh(float u) {
-  float opt, omt2;
-  tanh_parts(kSqrt2_Pi * (u + kTanhC * u * u * u), opt, omt2);
-  return 0.5f * u * opt;
-}
-NG_INLINE float gelu_tanh_grad(float u) {
-  float opt, omt2;
-  tanh_parts(kSqrt2_Pi * (u + kTanhC * u * u * u), opt, omt2);
-  float u2 = u * u;
-  u2 = u2 < 1e30f ? u2 : 1e30f;  // |u| huge: omt2 is 0, keep 0 * u^2 from becoming NaN
-  return 0.5f * opt + 0.5f * u * omt2 * kSqrt2_Pi * (1.0f + 3.0f * kTanhC * u2);
-}
+// the active clone of a leaf kernel, e.g. NG_ISA_PICK(ln::fwd<float, float>)(args...)
+#define NG_ISA_PICK(...) ::nanogpt_cpu::pick_isa(isa_v4::__VA_ARGS__, isa_v3::__VA_ARGS__, isa_base::__VA_ARGS__)
+#else
+#define NG_ISA_PICK(...) (&isa_base::__VA_ARGS__)
+#endif
 
 // Row-chunking for deterministic column reductions (dweight/dbias): chunk boundaries depend
 // only on the number of rows, never on the number of threads.
@@ -160,10 +69,5 @@ inline int64_t reduce_chunk_rows(int64_t rows) {
   int64_t c = (rows + 1023) / 1024;  // at most ~1024 partial rows
   return c < 16 ? 16 : c;
 }
-
-// out[j] = sum over chunks c of part[c*N + j] for j in [j0, j1), in chunk order (deterministic);
-// the dweight/dbias second pass of layer_norm and bias_gelu (csrc/cpu/common.cpp)
-void sum_chunks_f32(const float* part, int64_t nchunks, int64_t N, float* out, int64_t j0, int64_t j1);
-void sum_chunks_bf16(const float* part, int64_t nchunks, int64_t N, bf16_t* out, int64_t j0, int64_t j1);
 
 }  // namespace nanogpt_cpu

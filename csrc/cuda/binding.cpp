@@ -9,7 +9,7 @@
 
 #include <vector>
 
-#include "../cpu/ops.h"  // new_output (NaN poisoning for tests)
+#include "../ext_common.h"  // new_output (NaN poisoning for tests), check_adamw_args
 #include "launchers.h"
 
 namespace nanogpt_cuda {

@@ -1,0 +1,80 @@
+// LayerNorm leaf kernels on raw pointers, compiled once per ISA clone (isa_clones.h).
+namespace ln {
+
+template <class T, class W, bool HAS_BIAS>
+NG_INLINE void fwd_rows(const T* __restrict x, const W* __restrict w, const W* __restrict b, T* __restrict y,
+                        float* mean, float* rstd, int64_t r0, int64_t r1, int64_t N, float eps) {
+  const float inv_n = 1.0f / static_cast<float>(N);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * N;
+    T* yr = y + r * N;
+    float s = 0.0f;
+    NG_SIMD_SUM(s)
+    for (int64_t j = 0; j < N; ++j) s += ld(xr, j);
+    const float mu = s * inv_n;
+    float v = 0.0f;
+    NG_SIMD_SUM(v)
+    for (int64_t j = 0; j < N; ++j) {
+      const float d = ld(xr, j) - mu;
+      v += d * d;
+    }
+    const float rs = 1.0f / sqrtf(v * inv_n + eps);
+    NG_SIMD
+    for (int64_t j = 0; j < N; ++j) {
+      float o = (ld(xr, j) - mu) * rs * ld(w, j);
+      if (HAS_BIAS) o += ld(b, j);
+      st(yr, j, o);
+    }
+    mean[r] = mu;
+    rstd[r] = rs;
+  }
+}
+
+// rows [r0, r1): y, mean, rstd (b may be null)
+template <class T, class W>
+void fwd(const T* x, const W* w, const W* b, T* y, float* mean, float* rstd, int64_t r0, int64_t r1, int64_t N,
+         float eps) {
+  if (b)
+    fwd_rows<T, W, true>(x, w, b, y, mean, rstd, r0, r1, N, eps);
+  else
+    fwd_rows<T, W, false>(x, w, b, y, mean, rstd, r0, r1, N, eps);
+}
+
+// dx for rows [r0, r1) and this chunk's partial sums of dy*xhat (dw_part) and dy (db_part)
+template <class T, class W>
+void bwd(const T* __restrict dy, const T* __restrict x, const W* __restrict w, const float* __restrict mean,
+         const float* __restrict rstd, T* __restrict dx, float* __restrict dw_part, float* __restrict db_part,
+         int64_t r0, int64_t r1, int64_t N) {
+  const float inv_n = 1.0f / static_cast<float>(N);
+  NG_SIMD
+  for (int64_t j = 0; j < N; ++j) {
+    dw_part[j] = 0.0f;
+    db_part[j] = 0.0f;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * N;
+    const T* dyr = dy + r * N;
+    T* dxr = dx + r * N;
+    const float mu = mean[r], rs = rstd[r];
+    float a = 0.0f, c = 0.0f;
+    NG_SIMD_SUM(a, c)
+    for (int64_t j = 0; j < N; ++j) {
+      const float xh = (ld(xr, j) - mu) * rs;
+      const float g = ld(dyr, j) * ld(w, j);
+      a += g;
+      c += g * xh;
+    }
+    a *= inv_n;
+    c *= inv_n;
+    NG_SIMD
+    for (int64_t j = 0; j < N; ++j) {
+      const float xh = (ld(xr, j) - mu) * rs;
+      const float d = ld(dyr, j);
+      st(dxr, j, rs * (d * ld(w, j) - a - xh * c));
+      dw_part[j] += d * xh;
+      db_part[j] += d;
+    }
+  }
+}
+
+}  // namespace ln

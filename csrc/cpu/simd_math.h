@@ -1,0 +1,127 @@
+// Per-clone math for the leaf kernels: bf16 <-> fp32, branch-free exp/erf/tanh, GELU and its
+// derivative, the ordered column sum over row-chunk partials. No include guard: isa_clones.h
+// compiles it into each ISA namespace; include nothing here.
+
+NG_INLINE float ld(const float* p, int64_t i) { return p[i]; }
+NG_INLINE float ld(const bf16_t* p, int64_t i) {
+  uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+NG_INLINE void st(float* p, int64_t i, float v) { p[i] = v; }
+NG_INLINE void st(bf16_t* p, int64_t i, float v) {
+  // round to nearest even, NaN stays NaN (same as c10::BFloat16's conversion)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  uint32_t r = u + 0x7fffu + ((u >> 16) & 1u);
+  r = (v != v) ? 0x7fc00000u : r;
+  p[i] = static_cast<bf16_t>(r >> 16);
+}
+
+
+NG_INLINE float as_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+
+// 1/d for d >= 1 (finite) without a divide instruction (vdivps is the bottleneck of the GELU
+// loops): bit-trick guess (rel. error < 12.5%) + 3 Newton steps -> rel. error ~1e-7.
+NG_INLINE float rcp_ge1(float d) {
+  d = d < 1e30f ? d : 1e30f;  // +inf (and NaN) -> ~0 instead of garbage
+  int32_t i;
+  std::memcpy(&i, &d, 4);
+  float y = as_float(0x7EF311C3 - i);
+  y = y * (2.0f - d * y);
+  y = y * (2.0f - d * y);
+  y = y * (2.0f - d * y);
+  return y;
+}
+
+// exp(x) for float, Cephes-style range reduction + degree-6 polynomial, ~1 ulp, branch-free.
+NG_INLINE float vexp(float x0) {
+  float x = x0 < -87.3365f ? -87.3365f : x0;
+  x = x > 88.7228f ? 88.7228f : x;
+  // round to nearest with the 1.5*2^23 trick (vectorizes on every ISA, |x*log2e| < 2^22)
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n split in two factors so n = 128 (x near 88.7) does not overflow the exponent field
+  int32_t ni = static_cast<int32_t>(n);
+  int32_t h = ni >> 1;
+  const float r2 = p * as_float((h + 127) << 23) * as_float((ni - h + 127) << 23);
+  return x0 < -87.3365f ? 0.0f : r2;  // underflow to 0 (no denormals), also for -inf
+}
+
+// 1 + erf(x) (= erfc(-x), no cancellation for negative x) and e = exp(-x^2), with
+// Abramowitz & Stegun 7.1.26: erfc(|x|) = t*P(t)*exp(-x^2), t = 1/(1 + 0.3275911|x|),
+// absolute error < 1.5e-7 -- the approximation ATen's vectorized erf uses. gelu' needs the
+// same exp(-x^2), so the backward pays for one exp per element.
+NG_INLINE float one_plus_erf(float x, float& e) {
+  const float z = fabsf(x);
+  const float t = rcp_ge1(1.0f + 0.3275911f * z);
+  float p = 1.061405429f;
+  p = p * t + -1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t + -0.284496736f;
+  p = p * t + 0.254829592f;
+  e = vexp(-z * z);
+  const float erfc_z = t * p * e;
+  return x >= 0.0f ? 2.0f - erfc_z : erfc_z;
+}
+
+constexpr float kSqrt1_2 = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1/sqrt(2*pi)
+constexpr float kSqrt2_Pi = 0.79788456080286536f;    // sqrt(2/pi)
+constexpr float kTanhC = 0.044715f;
+
+// gelu(u) and gelu'(u); exact (erf) form
+NG_INLINE float gelu_erf(float u) {
+  float e;
+  return 0.5f * u * one_plus_erf(u * kSqrt1_2, e);
+}
+NG_INLINE float gelu_erf_grad(float u) {
+  float e;  // exp(-u^2/2)
+  const float c = one_plus_erf(u * kSqrt1_2, e);
+  return 0.5f * c + u * kInvSqrt2Pi * e;
+}
+
+// tanh form: with E = exp(-2|z|), 1+tanh(z) and 1-tanh(z)^2 are computed without cancellation
+NG_INLINE void tanh_parts(float z, float& one_plus_t, float& one_minus_t2) {
+  float e = vexp(-2.0f * fabsf(z));
+  float inv = rcp_ge1(1.0f + e);
+  one_plus_t = z >= 0.0f ? 2.0f * inv : 2.0f * e * inv;
+  one_minus_t2 = 4.0f * e * inv * inv;
+}
+NG_INLINE float gelu_tanh(float u) {
+  float opt, omt2;
+  tanh_parts(kSqrt2_Pi * (u + kTanhC * u * u * u), opt, omt2);
+  return 0.5f * u * opt;
+}
+NG_INLINE float gelu_tanh_grad(float u) {
+  float opt, omt2;
+  tanh_parts(kSqrt2_Pi * (u + kTanhC * u * u * u), opt, omt2);
+  float u2 = u * u;
+  u2 = u2 < 1e30f ? u2 : 1e30f;  // |u| huge: omt2 is 0, keep 0 * u^2 from becoming NaN
+  return 0.5f * opt + 0.5f * u * omt2 * kSqrt2_Pi * (1.0f + 3.0f * kTanhC * u2);
+}
+
+// out[j] = sum over chunks c of part[c*N + j] for j in [j0, j1), in chunk order (deterministic):
+// the dweight/dbias second pass of layer_norm and bias_gelu
+template <class W>
+void sum_chunks(const float* __restrict part, int64_t nchunks, int64_t N, W* __restrict out, int64_t j0,
+                int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    float s = 0.0f;
+    for (int64_t c = 0; c < nchunks; ++c) s += part[c * N + j];
+    st(out, j, s);
+  }
+}
