@@ -52,9 +52,7 @@ def _loss_and_grads(fn, tensors, dtype, t, **kw):
     return [loss] + [a.grad for a in leaves]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("softcap,reduction,bias", CASES)
-def test_matches_float64(impl, device, dtype, softcap, reduction, bias):
+def _check(impl, device, dtype, softcap, reduction, bias):
     x, w, b, t = _inputs(device)
     tensors = (x, w, b) if bias else (x, w)
     kw = dict(reduction=reduction, softcap=softcap)
@@ -65,6 +63,26 @@ def test_matches_float64(impl, device, dtype, softcap, reduction, bias):
     for name, o, th, r in zip(("loss", "dx", "dweight", "dbias"), ours, theirs, ref64):
         assert o.dtype == (torch.float32 if name == "loss" else dtype)
         assert_close_to_ref(f"{name} softcap={softcap} {reduction}", o, th, r, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("softcap,reduction,bias", CASES)
+def test_matches_float64(impl, device, dtype, softcap, reduction, bias):
+    _check(impl, device, dtype, softcap, reduction, bias)
+
+
+@pytest.mark.backends("ext")
+@pytest.mark.cpu_only("the ISA clones are the CPU kernels'")
+def test_every_isa_clone(impl, device):
+    from nanogpt_kernels.ext import _C
+    saved = _C.cpu_isa()
+    try:
+        for isa in _C.cpu_isas():
+            _C.set_cpu_isa(isa)
+            for dtype in (torch.float32, torch.bfloat16):
+                _check(impl, device, dtype, 30.0, "mean", True)
+    finally:
+        _C.set_cpu_isa(saved)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
