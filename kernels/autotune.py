@@ -242,7 +242,7 @@ def decide(op, trials):
         if t.error:
             notes.append(f"{t.backend} wrong or failing: {t.error}")
         elif t.backend == "torch":
-            notes.append(f"torch slower ({t.ms:.3f} ms)")
+            notes.append("torch slower")
         else:
             notes.append(f"{t.backend} {t.ms:.3f} ms, not {MARGIN:.0%} faster than torch's {base:.3f} ms")
     return Verdict(op, choice, "; ".join(notes), trials)
@@ -363,7 +363,8 @@ def format_table(selection):
     names = [b for b in registry.BACKENDS if any(t.backend == b for v in selection.verdicts.values()
                                                   for t in v.trials)]
     cached = all(v.cached for v in selection.verdicts.values())
-    head = (f"  {'op':<11}" + "".join(f"{b + ' ms':>11}" for b in names) + "  choice")
+    w = max(len(op) for op in [*selection.verdicts, "op"])
+    head = (f"  {'op':<{w}}" + "".join(f"{b + ' ms':>11}" for b in names) + "  choice")
     lines = [head]
     for op, v in selection.verdicts.items():
         by = {t.backend: t for t in v.trials}
@@ -371,7 +372,7 @@ def format_table(selection):
         for b in names:
             t = by.get(b)
             cells.append("-" if t is None else ("wrong" if t.error else ("" if t.ms is None else f"{t.ms:.3f}")))
-        lines.append(f"  {op:<11}" + "".join(f"{c:>11}" for c in cells) + f"  {v.choice}"
+        lines.append(f"  {op:<{w}}" + "".join(f"{c:>11}" for c in cells) + f"  {v.choice}"
                      + (f"  ({v.why})" if v.why else ""))
     how = "read from the cache" if cached else f"measured in {selection.seconds:.1f} s"
     return f"kernel autotune ({how}; {selection.cache}):\n" + "\n".join(lines)

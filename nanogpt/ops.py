@@ -7,6 +7,7 @@ The selector string (`GPTConfig.kernels`, `--kernels=...`) is one backend name f
 import torch
 
 import nanogpt_kernels.autotune as kernel_autotune
+from nanogpt_kernels.autotune import device_key
 from nanogpt_kernels.registry import KernelError, describe, parse, resolve, unavailable  # noqa: F401
 
 
@@ -60,13 +61,14 @@ def select_kernels(model, X, Y, ctx, kernels="auto", autotune=True, optim=None, 
     DDP rank 0 decides and broadcasts, so every rank runs the same backends. `optim`: the keyword
     arguments of model.configure_optimizers (weight_decay, learning_rate, betas, eps, grad_clip)."""
     device = X.device
+    log = log or (lambda line: None)
     wanted, fixed = parse(kernels), resolve(kernels, device.type)
     auto = [op for op, name in wanted.items() if name == "auto" and (op != "adamw" or optim is not None)]
     dist = torch.distributed
     ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     choice, report = dict(fixed), None
     if autotune and auto and (not ddp or dist.get_rank() == 0):
-        key = kernel_autotune.device_key(device)
+        key = device_key(device)
         if recorded and recorded.get("device") == key and all(
                 unavailable(op, recorded["backends"].get(op, ""), device.type) is None for op in auto):
             choice.update({op: recorded["backends"][op] for op in auto})
@@ -78,8 +80,10 @@ def select_kernels(model, X, Y, ctx, kernels="auto", autotune=True, optim=None, 
                 hyper = dict(lr=optim["learning_rate"], betas=tuple(optim["betas"]), eps=optim.get("eps", 1e-8),
                              weight_decay=optim["weight_decay"], max_grad_norm=optim.get("grad_clip", 0.0))
             layer_ops = [op for op in auto if op != "adamw"]
-            calls = capture_calls(model, X, Y, ctx) if layer_ops else {}
-            sel = kernel_autotune.select(auto, device, calls, groups, hyper, ctx, getattr(ctx, "fast_dtype", None))
+            # the forward and the measurements draw dropout masks: keep the run's RNG streams as they were
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                calls = capture_calls(model, X, Y, ctx) if layer_ops else {}
+                sel = kernel_autotune.select(auto, device, calls, groups, hyper, ctx, getattr(ctx, "fast_dtype", None))
             choice.update(sel.choice)
             report = kernel_autotune.format_table(sel)
     if ddp and autotune and auto:

@@ -63,6 +63,7 @@ DEFAULTS = dict(
     bias=False,
     gelu="none",
     kernels="auto",  # see nanogpt.ops: auto | torch | triton | ext | per-op "attention:triton,..."
+    autotune=True,  # auto = measured per op here (nanogpt_kernels.autotune, cached); False: the fixed order
     # AdamW
     learning_rate=6e-4,
     max_iters=600000,
@@ -177,6 +178,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     batcher: Batcher
+    kernels: dict  # {"device": ..., "backends": {op: backend}}: what ran, recorded in the checkpoint
     iter_num: int = 0
     best_val_loss: float = 1e9
     skipped: int = 0  # steps skipped over a non-finite loss or gradient, in all
@@ -304,11 +306,17 @@ def load_model(c, device_type, init_from, data_dir):
     return model, None
 
 
-def report_kernels(c, model, proc):
-    """Print the backend each op runs on: chosen from c["kernels"] when the model was built (nanogpt.ops); here
-    the model is built and on its device, ready for a forward pass."""
+def choose_kernels(c, model, proc, ctx, batcher, state):
+    """Set the backend each op runs on (nanogpt.ops.select_kernels: `auto` measured on one batch of this model,
+    or a resumed checkpoint's choice on the same machine) and print it; returns what the checkpoint records."""
+    X, Y = batcher.get_batch("train", torch.Generator().manual_seed(c["seed"]))  # leaves the sampler as it is
+    optim = dict(weight_decay=c["weight_decay"], learning_rate=c["learning_rate"], betas=(c["beta1"], c["beta2"]),
+                 grad_clip=c["grad_clip"])
+    ops.select_kernels(model, X, Y, ctx, c["kernels"], c["autotune"], optim, log=print if proc.master else None,
+                       recorded=(state or {}).get("kernels"))
     if proc.master:
         print(f"kernels ({proc.device_type}, {c['dtype']}): {ops.describe(model.backends, proc.device_type)}")
+    return {"device": ops.device_key(proc.device), "backends": dict(model.backends)}
 
 
 def init_run(c, proc, ctx, gas):
@@ -323,14 +331,14 @@ def init_run(c, proc, ctx, gas):
     model.to(proc.device)
     if proc.master:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {margs}")
-    report_kernels(c, model, proc)
     batcher = Batcher(data_dir, c["dataset"], c["block_size"], c["batch_size"], margs["vocab_size"], proc.device,
                       c["sampler"], c["seed"], proc.rank, proc.world)
+    kernels = choose_kernels(c, model, proc, ctx, batcher, state)
     scaler = torch.amp.GradScaler(proc.device_type, enabled=(c["dtype"] == "float16"))
     optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
                                            proc.device_type, grad_clip=c["grad_clip"])
     run = Run(c, proc, ctx, gas, raw_model=model, model=model, margs=margs, optimizer=optimizer, scaler=scaler,
-              batcher=batcher)
+              batcher=batcher, kernels=kernels)
     if state is not None:
         restore(run, state)
     if c["compile"]:
@@ -494,7 +502,7 @@ def save(run, best):
                          "config": c}
         state_payload = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "config": c,
                          "iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "skipped": run.skipped,
-                         "ranks": ranks}
+                         "ranks": ranks, "kernels": run.kernels}
         checkpoint.save(c["out_dir"], run.iter_num, model_payload, state_payload, best=best)
         print(f"saved checkpoint at iter {run.iter_num} to {c['out_dir']}{' (best)' if best else ''}")
     if run.proc.ddp:
