@@ -164,3 +164,22 @@ def test_ddp_ranks_agree(tmp_path):
     import json
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got[0] == got[1] and set(got[0]) == set(registry.OPS)
+
+
+def test_checkpoint_records_backends_and_resume_reuses_them(tmp_path):
+    from test_train import TINY, run
+
+    env = dict(os.environ, NANOGPT_CACHE_DIR=str(tmp_path / "cache"))
+    run(["nanogpt.prepare", "shakespeare_char"], tmp_path)
+    args = ["nanogpt.train", *[a for a in TINY if not a.startswith("--kernels")], "--kernels=auto",
+            "--out_dir=out", "--batch_size=2", "--eval_interval=2"]
+    first = run([*args, "--max_iters=2"], tmp_path, env=env).stdout
+    assert "kernel autotune (measured in" in first
+    from nanogpt import checkpoint
+    state = checkpoint.load(str(tmp_path / "out"))[1]
+    assert state["kernels"]["device"] == at.device_key("cpu") and set(state["kernels"]["backends"]) == set(registry.OPS)
+    (tmp_path / "cache").rename(tmp_path / "cache-gone")  # the resume must not need the cache
+    resumed = run([*args, "--max_iters=4", "--init_from=resume"], tmp_path, env=env).stdout
+    assert "kernels from the checkpoint (trained on this machine" in resumed
+    chosen = ", ".join(f"{op}={b}" for op, b in state["kernels"]["backends"].items())
+    assert f"kernels (cpu, float32): {chosen}" in resumed
