@@ -34,7 +34,6 @@ def sms_for(t):
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 PTR_SIG = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def nan_like(shape, dtype, device):

@@ -22,7 +22,7 @@ from nanogpt_kernels.triton._utils import TL_DTYPE, PTR_SIG, emu_bf16, interpret
 BLOCK = 1024
 CHUNK = 65536
 NUM_WARPS = 4
-N_HP = 5  # lr, weight_decay, beta1, beta2, eps
+N_HP = tl.constexpr(5)  # per-tensor hyperparameters in HP: lr, weight_decay, beta1, beta2, eps
 
 
 @triton.jit
@@ -56,11 +56,11 @@ def _adamw_kernel(P_PTRS, G_PTRS, M_PTRS, V_PTRS, S_PTRS, NUMEL, CHUNK_T, CHUNK_
     m_ptr = tl.load(M_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)
     v_ptr = tl.load(V_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)
     s_ptr = tl.load(S_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)
-    lr = tl.load(HP + t * 5 + 0)
-    wd = tl.load(HP + t * 5 + 1)
-    beta1 = tl.load(HP + t * 5 + 2)
-    beta2 = tl.load(HP + t * 5 + 3)
-    eps = tl.load(HP + t * 5 + 4)
+    lr = tl.load(HP + t * N_HP + 0)
+    wd = tl.load(HP + t * N_HP + 1)
+    beta1 = tl.load(HP + t * N_HP + 2)
+    beta2 = tl.load(HP + t * N_HP + 3)
+    eps = tl.load(HP + t * N_HP + 4)
     # beta ** step by repeated squaring in fp64: 1 - beta2 ** step stays accurate for beta2 = 0.999
     e = tl.load(s_ptr).to(tl.int32)  # the step counter, already incremented for this step
     b1 = beta1.to(tl.float64)

@@ -17,15 +17,12 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from nanogpt_kernels.triton._utils import PTR_SIG, emu_bf16, nan_like, rne_bf16
-from nanogpt_kernels.contract import sdpa_fallback
 
 HEAD_DIMS = (32, 64, 128)
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -53,11 +50,15 @@ def _tile(base, offs_t, offs_d, stride_t):
     return base + offs_t[:, None] * stride_t + offs_d[None, :]
 
 
+# one Philox key per (call, batch*head): the call's random seed plus bh times this odd constant > 2^31, so two
+# heads of two calls never share a key; the counter is the score's position query * T + key. A contract with the
+# extension's CPU kernel (csrc/cpu/attention.cpp, kPhiloxHeadStride), which draws the same mask.
+PHILOX_HEAD_STRIDE = tl.constexpr(2654435769)
+
+
 @triton.jit
 def _dropout_key(SEED, bh):
-    # one Philox key per (call, batch*head): the call's random seed plus bh times an odd constant > 2^31, so
-    # two heads of two calls never share a key; the counter is the score's position query * T + key
-    return tl.load(SEED) + bh.to(tl.int64) * 2654435769
+    return tl.load(SEED) + bh.to(tl.int64) * PHILOX_HEAD_STRIDE
 
 
 @triton.jit

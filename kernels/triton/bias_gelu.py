@@ -11,11 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nanogpt_kernels.triton._utils import PTR_SIG, emu_bf16, interpreting, nan_like, next_pow2, rne_bf16, sms_for
+from nanogpt_kernels.triton._utils import emu_bf16, interpreting, nan_like, next_pow2, rne_bf16, sms_for
 
-_SQRT1_2 = 0.7071067811865476
-_SQRT2_PI = 0.7978845608028654  # sqrt(2 / pi)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+# constexpr: the only globals a @triton.jit function may read; kept right of a tensor (the interpreter needs that)
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_SQRT2_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 @triton.jit
@@ -29,19 +30,19 @@ def _tanh(u):
 @triton.jit
 def _gelu_fwd(h, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
-        y = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+        y = 0.5 * h * (1.0 + _tanh((h + 0.044715 * h * h * h) * _SQRT2_PI))
     else:
-        y = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+        y = 0.5 * h * (1.0 + tl.erf(h * _SQRT1_2))
     return y
 
 
 @triton.jit
 def _gelu_grad(h, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
-        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
-        g = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+        t = _tanh((h + 0.044715 * h * h * h) * _SQRT2_PI)
+        g = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT2_PI * (1.0 + 0.134145 * h * h)
     else:
-        g = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+        g = 0.5 * (1.0 + tl.erf(h * _SQRT1_2)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
     return g
 
 

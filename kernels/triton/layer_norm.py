@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanogpt_kernels.triton._utils import (PTR_SIG, emu_bf16, interpreting, nan_like, next_pow2,
-                            rne_bf16, sms_for)
+from nanogpt_kernels.triton._utils import emu_bf16, interpreting, nan_like, next_pow2, rne_bf16, sms_for
 
 MAX_N = 8192  # a row lives in registers: larger rows would spill in the backward
 
