@@ -132,8 +132,8 @@ def lce_args(x, weight, targets, bias, ignore_index, reduction, softcap):
             lce_chunk_rows(x2.shape[0], C, weight.shape[0]), with_grad)
 
 
-def _ce_pass(logits, targets, ignore_index, softcap, scale):
-    """The rows' fp32 losses; with a `scale`, also logits <- scale * d loss / d logits (0 on ignored rows)."""
+def _ce_pass(logits, targets, ignore_index, softcap, grad):
+    """The rows' fp32 losses; with `grad`, also logits <- d loss / d logits (0 on ignored rows)."""
     z = logits.float()  # logits itself when fp32: overwritten below, after the last read
     if softcap:
         t = torch.tanh(z / softcap)
@@ -142,10 +142,10 @@ def _ce_pass(logits, targets, ignore_index, softcap, scale):
     valid = targets != ignore_index
     tgt = torch.where(valid, targets, 0).unsqueeze(1)
     loss = torch.where(valid, lse - z.gather(1, tgt).squeeze(1), 0.0)
-    if scale is not None:
+    if grad:
         p = z.sub_(lse[:, None]).exp_()
         p.scatter_add_(1, tgt, p.new_full(tgt.shape, -1.0))
-        p.mul_((valid * scale)[:, None])
+        p.mul_(valid[:, None])
         if softcap:
             p.mul_(1.0 - t * t)
         logits.copy_(p)
@@ -158,13 +158,11 @@ def chunked_linear_cross_entropy(x, weight, targets, bias, ignore_index, reducti
     dtype, ce_pass gives the rows' losses and turns the logits into their gradient, then dx_c = dlogits W and
     dW += dlogits^T x_c (fp32). The gradient is taken here, in the forward (as Liger does), so the backward only
     scales it: the logits are computed once, 3 matmuls in all like the unfused loss (recomputing them in the
-    backward would take 4). Without with_grad the gradients are empty and only the loss is computed."""
+    backward would take 4). The gradients are those of the summed loss, whatever the reduction: the mean's 1/count
+    joins the output's grad in the backward, so fp16 dlogits keep GradScaler's range (and the count is never
+    synced to the host). Without with_grad the gradients are empty and only the loss is computed."""
     N, C = x.shape
     V = weight.shape[0]
-    count = (targets != ignore_index).sum()
-    # mean over the rows that count, 1/count kept on the device (no sync); no row counts: loss 0/0 = nan and
-    # zero gradients, as F.cross_entropy gives
-    scale = 1.0 / count.clamp(min=1) if reduction == "mean" else torch.ones((), device=x.device)
     losses = torch.empty(N, dtype=torch.float32, device=x.device)
     g = N if with_grad else 0
     dx = x.new_empty((g, C))
@@ -173,7 +171,7 @@ def chunked_linear_cross_entropy(x, weight, targets, bias, ignore_index, reducti
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)
         xc, logits = x[r0:r1], F.linear(x[r0:r1], weight, bias)
-        losses[r0:r1] = ce_pass(logits, targets[r0:r1], ignore_index, softcap, scale if with_grad else None)
+        losses[r0:r1] = ce_pass(logits, targets[r0:r1], ignore_index, softcap, with_grad)
         if with_grad:
             torch.mm(logits, weight, out=dx[r0:r1])
             if logits.dtype == torch.float32:
@@ -182,7 +180,8 @@ def chunked_linear_cross_entropy(x, weight, targets, bias, ignore_index, reducti
                 dw += logits.t() @ xc
             if bias is not None:
                 db += logits.sum(0, dtype=torch.float32)
-    loss = losses.sum() / count if reduction == "mean" else losses.sum()
+    # no row counts: the mean is 0/0 = nan, as F.cross_entropy gives
+    loss = losses.sum() / (targets != ignore_index).sum() if reduction == "mean" else losses.sum()
     return loss, dx, dw.to(weight.dtype), db.to(weight.dtype if bias is None else bias.dtype)
 
 
@@ -194,14 +193,17 @@ def lce_fake(x, weight, targets, bias, ignore_index, reduction, softcap, chunk, 
 
 
 def _lce_setup_context(ctx, inputs, output):
-    ctx.with_grad, ctx.has_bias = inputs[8], inputs[3] is not None
-    ctx.save_for_backward(*output[1:])
+    x, weight, targets, bias, ctx.ignore_index, reduction, _, _, ctx.with_grad = inputs
+    ctx.has_bias, ctx.mean = bias is not None, reduction == "mean"
+    ctx.save_for_backward(targets, *output[1:])
 
 
 def _lce_backward(ctx, g, *_):
     if not ctx.with_grad:
         raise RuntimeError("linear_cross_entropy: the forward ran with with_grad=False; call the public function")
-    dx, dw, db = ctx.saved_tensors
+    targets, dx, dw, db = ctx.saved_tensors
+    if ctx.mean:  # no row counts: the gradient is 0 (the sum's is), as F.cross_entropy gives
+        g = g / (targets != ctx.ignore_index).sum().clamp(min=1)
     return dx * g, dw * g, None, db * g if ctx.has_bias else None, None, None, None, None, None
 
 

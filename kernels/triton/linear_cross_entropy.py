@@ -4,7 +4,7 @@ The chunk loop, the gradient-in-the-forward design and the autograd are the torc
 (nanogpt_kernels.registry.define_linear_cross_entropy); the matmuls stay on cuBLAS per chunk. What is Triton
 here is the pass over each chunk of logits: one program per row takes the online max / sum of exp over the
 vocabulary (softcap applied on the fly), writes the row's loss and, when the gradient is wanted, a second
-sweep overwrites the logits with scale * (softmax - onehot) (times the softcap's derivative), so the chunk's
+sweep overwrites the logits with softmax - onehot (times the softcap's derivative), so the chunk's
 logits are read twice and written once in all.
 """
 import torch
@@ -28,7 +28,7 @@ def _tanh(u):
 
 
 @triton.jit
-def _ce_rows_kernel(L, T, LOSS, SCALE, V, ignore_index, softcap,
+def _ce_rows_kernel(L, T, LOSS, V, ignore_index, softcap,
                     CAP: tl.constexpr, GRAD: tl.constexpr, BLOCK_V: tl.constexpr, EMU_BF16: tl.constexpr = False):
     row = tl.program_id(0)
     lrow = L + row.to(tl.int64) * V
@@ -55,16 +55,16 @@ def _ce_rows_kernel(L, T, LOSS, SCALE, V, ignore_index, softcap,
         zt = softcap * _tanh(zt / softcap)
     tl.store(LOSS + row, tl.where(valid, lse - zt, 0.0))
     if GRAD:
-        scale = tl.where(valid, tl.load(SCALE), 0.0)
+        keep = tl.where(valid, 1.0, 0.0)  # an ignored row's gradient is 0
         for v0 in range(0, V, BLOCK_V):
             c = v0 + cols
             mask = c < V
             z = tl.load(lrow + c, mask=mask, other=0.0).to(tl.float32)
-            d = scale
+            d = keep
             if CAP:
                 u = _tanh(z / softcap)
                 z = softcap * u
-                d = scale * (1.0 - u * u)
+                d = keep * (1.0 - u * u)
             g = (tl.exp(z - lse) - tl.where(c == tc, 1.0, 0.0)) * d
             if EMU_BF16:
                 g = rne_bf16(g, EMU_BF16)
@@ -78,12 +78,12 @@ def _block_v(V):
     return next_pow2(V) if interpreting() else min(BLOCK_V_MAX, max(128, next_pow2(V)))
 
 
-def _ce_pass(logits, targets, ignore_index, softcap, scale):
+def _ce_pass(logits, targets, ignore_index, softcap, grad):
     n, V = logits.shape
     loss = nan_like((n,), torch.float32, logits.device)
     if n and V:
-        _ce_rows_kernel[(n,)](logits, targets, loss, loss if scale is None else scale, V, ignore_index, softcap,
-                              CAP=softcap > 0, GRAD=scale is not None, BLOCK_V=_block_v(V),
+        _ce_rows_kernel[(n,)](logits, targets, loss, V, ignore_index, softcap, CAP=softcap > 0, GRAD=grad,
+                              BLOCK_V=_block_v(V),
                               EMU_BF16=emu_bf16(logits.dtype), num_warps=8)
     return loss
 
@@ -100,7 +100,7 @@ def _compile_configs():
                     out.append(dict(
                         name=f"ce_rows[{sig[1:]},BV={BV},cap={int(cap)},grad={int(grad)}]", fn=_ce_rows_kernel,
                         num_warps=8, num_stages=1, key=(BV, sig),
-                        signature={"L": sig, "T": "*i64", "LOSS": "*fp32", "SCALE": "*fp32", "V": "i32",
+                        signature={"L": sig, "T": "*i64", "LOSS": "*fp32", "V": "i32",
                                    "ignore_index": "i32", "softcap": "fp32", "CAP": "constexpr", "GRAD": "constexpr",
                                    "BLOCK_V": "constexpr", "EMU_BF16": "constexpr"},
                         constexprs={"CAP": cap, "GRAD": grad, "BLOCK_V": BV, "EMU_BF16": False}))
