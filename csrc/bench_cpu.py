@@ -1,6 +1,6 @@
 """CPU timings of the extension's kernels. Not a test.
 
-    python csrc/bench_cpu.py ops [--isa all|x86-64-v4|x86-64-v3|default] [--reps 60] [--threads 2]
+    python csrc/bench_cpu.py ops [--isa all|x86-64-v4|x86-64-v3|default] [--reps 60] [--threads 2] [--only ...]
     python csrc/bench_cpu.py [model] [--isa NAME] [--iters 60] [--threads N] [--kernels torch ext ...]
 
 `ops`: each ext kernel against the PyTorch op it replaces, per ISA clone of the CPU kernels, in
@@ -9,14 +9,19 @@ bias_gelu on 768 x 512) and GPT-2-small-ish ones (C=768, 12 heads, 3 x 256 token
 768 x 3072; AdamW over one GPT-2-small block). fwd is the forward call with inputs that need
 grad (as in training), bwd the backward of that graph; adamw is grad_norm + adamw_ against
 clip_grad_norm_ + torch.optim.AdamW (foreach). ext and torch run in turn (interleaved), so load
-from other processes hits both alike; medians over --reps.
+from other processes hits both alike; medians over --reps. --isa all runs one process per clone
+with torch's ATen kernels, oneDNN and MKL capped to that clone's ISA, as on a CPU that has no
+higher one; a single --isa leaves torch as it is.
 
 `model`: the CPU quick-start model, ms per fwd+bwd+optimizer step for --kernels selectors.
 """
 import argparse
 import importlib
 import math
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -50,7 +55,7 @@ def _param_shapes(name, s):
 
 
 def _cases(name, s, dtype):
-    """(kernel, fn(backend) -> (run_fwd, run_bwd or None))"""
+    """[(kernel, make)]: make(backend) -> (call, dy for its backward or None), backend "ext" or "torch"."""
     ops = torch.ops.nanogpt_ext
     g = torch.Generator().manual_seed(0)
 
@@ -114,10 +119,10 @@ def _cases(name, s, dtype):
             ("attention causal", attention), ("grad_norm+adamw_", adamw)]
 
 
-def _time(fn_grad, reps, warmup):
-    """fn_grad: backend -> (call, dy or None). Interleaved ext/torch; returns {backend: (fwd ms, bwd ms)}."""
-    made = {be: fn_grad(be) for be in ("ext", "torch")}
-    t = {be: ([], []) for be in made}
+def _time(make, reps, warmup):
+    """make: backend -> (call, dy or None). ext and torch in turn; {backend: ([fwd s], [bwd s] or None)}."""
+    made = {be: make(be) for be in ("ext", "torch")}
+    t = {be: ([], [] if dy is not None else None) for be, (_, dy) in made.items()}
     for i in range(warmup + reps):
         for be, (call, dy) in made.items():
             t0 = time.perf_counter()
@@ -125,30 +130,54 @@ def _time(fn_grad, reps, warmup):
             t1 = time.perf_counter()
             if dy is not None:
                 out.backward(dy)
-            t2 = time.perf_counter()
             if i >= warmup:
                 t[be][0].append(t1 - t0)
-                t[be][1].append(t2 - t1)
-    return {be: (1e3 * statistics.median(f), 1e3 * statistics.median(b) if made[be][1] is not None else None)
-            for be, (f, b) in t.items()}
+                if dy is not None:
+                    t[be][1].append(time.perf_counter() - t1)
+    return t
+
+
+def _cell(ext, tor):
+    """ext / torch median ms, torch/ext from the medians and (in parentheses) from the minima"""
+    if ext is None:
+        return " | | "
+    me, mt = statistics.median(ext), statistics.median(tor)
+    return f"{1e3 * me:.3f} | {1e3 * mt:.3f} | {mt / me:.2f}x ({min(tor) / min(ext):.2f}x)"
+
+
+# what a CPU that runs only this clone would give torch: its ATen kernels, oneDNN and MKL capped alike
+TORCH_ISA_ENV = {
+    "x86-64-v4": {"ATEN_CPU_CAPABILITY": "avx512"},
+    "x86-64-v3": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
 
 
 def bench_ops(args, C):
-    isas = C.cpu_isas() if args.isa == "all" else [args.isa]
-    print(f"| clone | shape | kernel | dtype | ext fwd | torch fwd | ext bwd | torch bwd |")
-    print("|---|---|---|---|---|---|---|---|")
-    for isa in isas:
-        C.set_cpu_isa(isa)
-        for name, s in SHAPES.items():
-            for dtype in (torch.float32, torch.bfloat16):
-                for kernel, make in _cases(name, s, dtype):
-                    r = _time(make, args.reps, args.warmup)
-                    (ef, eb), (tf, tb) = r["ext"], r["torch"]
-
-                    def cell(e, t):
-                        return "" if e is None else f"{e:.3f} / {t:.3f} ({t / e:.2f}x)"
-                    print(f"| {isa} | {name} | {kernel} | {str(dtype)[6:]} | {cell(ef, tf)} | {cell(eb, tb)} |",
-                          flush=True)
+    if args.isa == "all":  # one process per clone: torch reads its ISA caps at import
+        print(f"torch {torch.__version__}, {args.threads} threads, {args.reps} interleaved reps; ms medians; "
+              "torch/ext > 1: ext is faster (from the minima in parentheses); torch capped to the clone's ISA")
+        print("| clone | shape | kernel | dtype | ext fwd | torch fwd | torch/ext | ext bwd | torch bwd | torch/ext |")
+        print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+        for isa in C.cpu_isas():
+            argv = [sys.executable, __file__, "ops", "--isa", isa, "--rows-only", "--threads", str(args.threads),
+                    "--reps", str(args.reps), "--warmup", str(args.warmup)] + (["--only", *args.only] if args.only else [])
+            subprocess.run(argv, env={**os.environ, "NANOGPT_CPU_ISA": isa, **TORCH_ISA_ENV.get(isa, {})}, check=True)
+        return
+    C.set_cpu_isa(args.isa)
+    if not args.rows_only:
+        print(f"torch {torch.__version__} (ATen {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} "
+              f"threads, {args.reps} interleaved reps; ms medians; torch/ext > 1: ext is faster (minima in parentheses)")
+        print("| clone | shape | kernel | dtype | ext fwd | torch fwd | torch/ext | ext bwd | torch bwd | torch/ext |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, s in SHAPES.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            for kernel, make in _cases(name, s, dtype):
+                row = f"| {args.isa} | {name} | {kernel} | {str(dtype)[6:]} |"
+                if args.only and not any(o in row for o in args.only):
+                    continue
+                t = _time(make, args.reps, args.warmup)
+                print(f"{row} {_cell(t['ext'][0], t['torch'][0])} | {_cell(t['ext'][1], t['torch'][1])} |", flush=True)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -198,6 +227,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--reps", type=int, default=60, help="ops: timed calls per backend")
+    ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # a child of --isa all
+    ap.add_argument("--only", nargs="*", help="ops: only the rows that contain one of these, e.g. 'tanh | bfloat16'")
     ap.add_argument("--iters", type=int, default=60, help="model: iterations per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kernels", nargs="*", default=[

@@ -120,7 +120,7 @@ NG_INLINE void fwd_bh(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, f
       float sum = 0.0f;
       NG_SIMD_SUM(sum)
       for (int64_t j = 0; j < nb; ++j) {
-        s[j] = j < n ? vexp(s[j] - m) : 0.0f;
+        s[j] = j < n ? vexp_nonpos(s[j] - m) : 0.0f;  // <= 0: m is the row max
         sum += s[j];
       }
       l[r] = sum;
@@ -187,14 +187,14 @@ NG_INLINE void bwd_bh(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out
         NG_SIMD
         for (int64_t j = 0; j < nb; ++j) {
           const float mj = j < n ? M[j] : 0.0f;
-          p[j] = j < n ? vexp(p[j] - li) : 0.0f;
+          p[j] = j < n ? vexp_nonpos(p[j] - li) : 0.0f;
           pd[j] = p[j] * mj;
           ds[j] = p[j] * (ds[j] * mj - delta);
         }
       } else {
         NG_SIMD
         for (int64_t j = 0; j < nb; ++j) {
-          p[j] = j < n ? vexp(p[j] - li) : 0.0f;
+          p[j] = j < n ? vexp_nonpos(p[j] - li) : 0.0f;
           ds[j] = p[j] * (ds[j] - delta);
         }
       }

@@ -39,12 +39,11 @@ NG_INLINE float rcp_ge1(float d) {
   return y;
 }
 
-// exp(x) for float, Cephes-style range reduction + degree-6 polynomial, ~1 ulp, branch-free.
-NG_INLINE float vexp(float x0) {
-  float x = x0 < -87.3365f ? -87.3365f : x0;
-  x = x > 88.7228f ? 88.7228f : x;
+// exp(x) = 2^n * p for x in [-87.3365, 88.7228]: Cephes-style range reduction + degree-6
+// polynomial, ~1 ulp, branch-free; returns p and sets n
+NG_INLINE float exp_reduced(float x, int32_t& n_out) {
   // round to nearest with the 1.5*2^23 trick (vectorizes on every ISA, |x*log2e| < 2^22)
-  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -53,12 +52,29 @@ NG_INLINE float vexp(float x0) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  n_out = static_cast<int32_t>(n);
+  return p * r * r + r + 1.0f;
+}
+
+// exp(x) for float; underflows to 0 (no denormals), also for -inf
+NG_INLINE float vexp(float x0) {
+  float x = x0 < -87.3365f ? -87.3365f : x0;
+  x = x > 88.7228f ? 88.7228f : x;
+  int32_t n;
+  const float p = exp_reduced(x, n);
   // 2^n split in two factors so n = 128 (x near 88.7) does not overflow the exponent field
-  int32_t ni = static_cast<int32_t>(n);
-  int32_t h = ni >> 1;
-  const float r2 = p * as_float((h + 127) << 23) * as_float((ni - h + 127) << 23);
-  return x0 < -87.3365f ? 0.0f : r2;  // underflow to 0 (no denormals), also for -inf
+  const int32_t h = n >> 1;
+  const float r2 = p * as_float((h + 127) << 23) * as_float((n - h + 127) << 23);
+  return x0 < -87.3365f ? 0.0f : r2;
+}
+
+// exp(x) for x <= 0 (GELU's exp(-x^2) and exp(-2|z|), softmax's s - max): n >= -126, so one 2^n
+// factor and no upper clamp (x a few ulp above 0 is fine) -- a quarter faster than vexp on AVX2
+NG_INLINE float vexp_nonpos(float x0) {
+  const float x = x0 < -87.3365f ? -87.3365f : x0;
+  int32_t n;
+  const float r2 = exp_reduced(x, n) * as_float((n + 127) << 23);
+  return x0 < -87.3365f ? 0.0f : r2;
 }
 
 // 1 + erf(x) (= erfc(-x), no cancellation for negative x) and e = exp(-x^2), with
@@ -73,7 +89,7 @@ NG_INLINE float one_plus_erf(float x, float& e) {
   p = p * t + 1.421413741f;
   p = p * t + -0.284496736f;
   p = p * t + 0.254829592f;
-  e = vexp(-z * z);
+  e = vexp_nonpos(-z * z);
   const float erfc_z = t * p * e;
   return x >= 0.0f ? 2.0f - erfc_z : erfc_z;
 }
@@ -96,7 +112,7 @@ NG_INLINE float gelu_erf_grad(float u) {
 
 // tanh form: with E = exp(-2|z|), 1+tanh(z) and 1-tanh(z)^2 are computed without cancellation
 NG_INLINE void tanh_parts(float z, float& one_plus_t, float& one_minus_t2) {
-  float e = vexp(-2.0f * fabsf(z));
+  float e = vexp_nonpos(-2.0f * fabsf(z));
   float inv = rcp_ge1(1.0f + e);
   one_plus_t = z >= 0.0f ? 2.0f * inv : 2.0f * e * inv;
   one_minus_t2 = 4.0f * e * inv * inv;
