@@ -2,10 +2,11 @@
 // logits come from at::mm (oneDNN/BLAS, in x's dtype); the leaf pass (linear_cross_entropy_kernels.h) turns
 // each chunk into its rows' losses and, in place, its gradient; dx = dlogits W and dW += dlogits^T x follow
 // before the next chunk. The gradient is taken in the forward and saved (as Liger does): the backward only
-// scales it, so the logits are computed once (3 matmuls, as unfused). x, weight, bias: one dtype, fp32 or
-// bf16; fp32 softmax, loss, dW/db accumulation. Defines nanogpt_ext::linear_cross_entropy (C++ autograd
-// over linear_cross_entropy_fwd) and registers the CPU kernel; the chunk's rows come from Python
-// (nanogpt_kernels.registry.lce_chunk_rows, one rule for every backend).
+// scales it, so the logits are computed once (3 matmuls, as unfused). It is the summed loss's gradient
+// whatever the reduction: the mean's 1/count joins the output's grad in the backward. x, weight, bias: one
+// dtype, fp32 or bf16; fp32 softmax, loss, dW/db accumulation. Defines nanogpt_ext::linear_cross_entropy
+// (C++ autograd over linear_cross_entropy_fwd) and registers the CPU kernel; the chunk's rows come from
+// Python (nanogpt_kernels.registry.lce_chunk_rows, one rule for every backend).
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
@@ -55,9 +56,6 @@ Out4 lce_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ta
     TORCH_CHECK(tgt[r] >= 0 && tgt[r] < V, op, ": target ", tgt[r], " at row ", r, " is out of range [0, ", V, ")");
     ++count;
   }
-  const bool mean = reduction == "mean";
-  // no row counts: the mean is 0/0 = nan and the gradient 0, as F.cross_entropy gives
-  const float scale = mean ? 1.0f / static_cast<float>(std::max<int64_t>(count, 1)) : 1.0f;
   const int64_t G = with_grad ? 1 : 0;
   at::Tensor dx = new_output(x, {G * N, C}, dt);
   at::Tensor dw = at::zeros({G * V, C}, x.options().dtype(at::kFloat));
@@ -74,8 +72,7 @@ Out4 lce_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ta
       T* lp = data<T>(logits);
       at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)), [&](int64_t a, int64_t b) {
         std::vector<float> z(V);
-        pass(lp, tgt + r0, losses.data() + r0, z.data(), a, b, V, ignore_index, static_cast<float>(softcap), scale,
-             with_grad);
+        pass(lp, tgt + r0, losses.data() + r0, z.data(), a, b, V, ignore_index, static_cast<float>(softcap), with_grad);
       });
     });
     if (!with_grad) continue;
@@ -87,7 +84,7 @@ Out4 lce_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ta
   }
   double total = 0.0;  // in order: deterministic
   for (float l : losses) total += l;
-  if (mean) total /= static_cast<double>(count);
+  if (reduction == "mean") total /= static_cast<double>(count);  // no row counts: 0/0 = nan, as F.cross_entropy
   return {at::scalar_tensor(total, x.options().dtype(at::kFloat)), dx, dw.to(dt), db.to(dt)};
 }
 
@@ -103,14 +100,18 @@ struct LceFn : public torch::autograd::Function<LceFn> {
                             c10::string_view reduction, double softcap, int64_t chunk) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, dx, dw, db] = fwd_op().call(x, weight, targets, bias, ignore_index, reduction, softcap, chunk, true);
-    ctx->save_for_backward({dx, dw, db});
+    ctx->save_for_backward({dx, dw, db, targets});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["mean"] = reduction == "mean";
+    ctx->saved_data["ignore_index"] = ignore_index;
     return loss;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& g = grads[0];
+    at::Tensor g = grads[0];
+    if (ctx->saved_data["mean"].toBool())  // no row counts: the gradient is 0 (the sum's), as F.cross_entropy gives
+      g = g.div(saved[3].ne(ctx->saved_data["ignore_index"].toInt()).sum().clamp_min(1));
     return {saved[0].mul(g), saved[1].mul(g), at::Tensor(),
             ctx->saved_data["has_bias"].toBool() ? saved[2].mul(g) : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

@@ -14,9 +14,9 @@ NG_INLINE float tanh_f(float u) {
 }
 
 // One row l[V] of logits (T) with target t: returns lse(z) - z[t], z = l or cap * tanh(l / cap), kept in the
-// fp32 scratch z[V]. GRAD: l <- scale * d loss / d l, the target's -1 added in fp32 before rounding to T.
+// fp32 scratch z[V]. GRAD: l <- d loss / d l, the target's -1 added in fp32 before rounding to T.
 template <class T, bool CAP, bool GRAD>
-NG_INLINE float row(T* __restrict l, float* __restrict z, int64_t V, int64_t t, float cap, float scale) {
+NG_INLINE float row(T* __restrict l, float* __restrict z, int64_t V, int64_t t, float cap) {
   const float inv_cap = CAP ? 1.0f / cap : 0.0f;
   float m = -std::numeric_limits<float>::infinity();
   NG_SIMD_MAX(m)
@@ -33,10 +33,10 @@ NG_INLINE float row(T* __restrict l, float* __restrict z, int64_t V, int64_t t, 
     NG_SIMD
     for (int64_t j = 0; j < V; ++j) {
       const float u = z[j] * inv_cap;
-      st(l, j, vexp(z[j] - lse) * scale * (CAP ? 1.0f - u * u : 1.0f));
+      st(l, j, vexp(z[j] - lse) * (CAP ? 1.0f - u * u : 1.0f));
     }
     const float u = z[t] * inv_cap;
-    st(l, t, (vexp(z[t] - lse) - 1.0f) * scale * (CAP ? 1.0f - u * u : 1.0f));
+    st(l, t, (vexp(z[t] - lse) - 1.0f) * (CAP ? 1.0f - u * u : 1.0f));
   }
   return lse - z[t];
 }
@@ -45,7 +45,7 @@ NG_INLINE float row(T* __restrict l, float* __restrict z, int64_t V, int64_t t, 
 // gradient (0 on ignored rows). z: fp32 scratch of V.
 template <class T>
 void rows(T* logits, const int64_t* tgt, float* loss, float* z, int64_t r0, int64_t r1, int64_t V,
-          int64_t ignore_index, float cap, float scale, bool grad) {
+          int64_t ignore_index, float cap, bool grad) {
   for (int64_t r = r0; r < r1; ++r) {
     T* l = logits + r * V;
     if (tgt[r] == ignore_index) {
@@ -54,8 +54,8 @@ void rows(T* logits, const int64_t* tgt, float* loss, float* z, int64_t r0, int6
       continue;
     }
     const int64_t t = tgt[r];
-    loss[r] = cap > 0.0f ? (grad ? row<T, true, true>(l, z, V, t, cap, scale) : row<T, true, false>(l, z, V, t, cap, scale))
-                         : (grad ? row<T, false, true>(l, z, V, t, cap, scale) : row<T, false, false>(l, z, V, t, cap, scale));
+    loss[r] = cap > 0.0f ? (grad ? row<T, true, true>(l, z, V, t, cap) : row<T, true, false>(l, z, V, t, cap))
+                         : (grad ? row<T, false, true>(l, z, V, t, cap) : row<T, false, false>(l, z, V, t, cap));
   }
 }
 
