@@ -27,16 +27,16 @@ NG_INLINE float row(T* __restrict l, float* __restrict z, int64_t V, int64_t t, 
   }
   float s = 0.0f;
   NG_SIMD_SUM(s)
-  for (int64_t j = 0; j < V; ++j) s += vexp(z[j] - m);
+  for (int64_t j = 0; j < V; ++j) s += vexp_nonpos(z[j] - m);
   const float lse = m + std::log(s);
   if (GRAD) {
     NG_SIMD
     for (int64_t j = 0; j < V; ++j) {
       const float u = z[j] * inv_cap;
-      st(l, j, vexp(z[j] - lse) * (CAP ? 1.0f - u * u : 1.0f));
+      st(l, j, vexp_nonpos(z[j] - lse) * (CAP ? 1.0f - u * u : 1.0f));  // z <= lse (to a few ulp)
     }
     const float u = z[t] * inv_cap;
-    st(l, t, (vexp(z[t] - lse) - 1.0f) * (CAP ? 1.0f - u * u : 1.0f));
+    st(l, t, (vexp_nonpos(z[t] - lse) - 1.0f) * (CAP ? 1.0f - u * u : 1.0f));
   }
   return lse - z[t];
 }
