@@ -24,7 +24,7 @@ t0=$SECONDS
 if [ ! -d "$venv" ]; then
     tmp="$cache/.tmp-venv-torch-$TORCH"
     python3 -m venv "$tmp"
-    "$tmp/bin/python" -m pip install -q "torch==$TORCH" ninja
+    "$tmp/bin/python" -m pip install -q "torch==$TORCH" numpy ninja
     mv -T "$tmp" "$venv"
 fi
 py="$venv/bin/python"
