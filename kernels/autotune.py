@@ -8,7 +8,9 @@ parameter groups. Before its time counts, a backend's outputs and gradients (for
 after one step, and the gradient norm) are checked against a float64 reference within the contract's
 budget: at most 2x the error of PyTorch's own op in the same dtype. A backend that raises or disagrees is
 dropped with a one-line warning naming the op, the backend and the error. The fastest correct backend
-wins only when it is at least `MARGIN` faster than torch; ties go to torch.
+wins only when it is at least `MARGIN` faster than plain PyTorch; ties go to PyTorch. Plain PyTorch is
+torch's op, or for an optional op (linear_cross_entropy) the model without it ("none": the logits, then
+F.cross_entropy), which is then a candidate too.
 
 Verdicts are cached in `autotune.json` under $NANOGPT_CACHE_DIR (default: $XDG_CACHE_HOME/nanogpt or
 ~/.cache/nanogpt), keyed by the device (CPU model, torch's CPU capability and the extension's ISA clone, or
@@ -147,13 +149,13 @@ def measure_layer(op, backends, call, ctx, budget_s):
     for b in backends:
         trials[b] = Trial(b)
         try:
-            why = None if b == "torch" else check_layer(op, b, call)
+            why = None if b in ("torch", registry.NONE) else check_layer(op, b, call)
         except Exception as e:  # a kernel that cannot run this call must not stop the run
             why = f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if why:
             trials[b].error = why
             continue
-        fn, leaves = registry.get(op, b), call.leaves()
+        fn, leaves = (registry.unfused(op) if b == registry.NONE else registry.get(op, b)), call.leaves()
 
         def run(fn=fn, leaves=leaves):
             for t in leaves:
@@ -229,22 +231,24 @@ def measure_optimizer(backends, groups, hyper, budget_s):
 # ---------------------------------------------------------------- the decision and its cache
 
 def decide(op, trials):
-    """The verdict: torch unless a correct backend is at least MARGIN faster (ties and near-ties: torch)."""
+    """The verdict: plain PyTorch (torch's op; for an optional op, the model without it) unless a correct
+    backend is at least MARGIN faster; ties and near-ties go to PyTorch."""
     by = {t.backend: t for t in trials}
-    base = by["torch"].ms
-    fast = [t for t in trials if t.backend != "torch" and t.error is None and t.ms is not None]
+    baseline = registry.NONE if registry.NONE in by else "torch"
+    base = by[baseline].ms
+    fast = [t for t in trials if t.backend != baseline and t.error is None and t.ms is not None]
     best = min(fast, key=lambda t: t.ms, default=None)
-    choice = best.backend if best is not None and best.ms <= (1.0 - MARGIN) * base else "torch"
+    choice = best.backend if best is not None and best.ms <= (1.0 - MARGIN) * base else baseline
     notes = []
     for t in trials:
         if t.backend == choice:
             continue
         if t.error:
             notes.append(f"{t.backend} wrong or failing: {t.error}")
-        elif t.backend == "torch":
-            notes.append("torch slower")
+        elif t.backend == baseline:
+            notes.append(f"{baseline} slower")
         else:
-            notes.append(f"{t.backend} {t.ms:.3f} ms, not {MARGIN:.0%} faster than torch's {base:.3f} ms")
+            notes.append(f"{t.backend} {t.ms:.3f} ms, not {MARGIN:.0%} faster than {baseline}'s {base:.3f} ms")
     return Verdict(op, choice, "; ".join(notes), trials)
 
 
@@ -329,7 +333,7 @@ def select(ops, device, calls, groups=None, hyper=None, ctx=None, autocast_dtype
     budget = TIME_BUDGET_S * (4 if device.type == "cuda" else 1)
     verdicts, new = {}, {}
     for op in ops:
-        backends = registry.candidates(op, device.type)
+        backends = registry.candidates(op, device.type) + ([registry.NONE] if registry.REGISTRY[op].optional else [])
         if op == "adamw":
             what = [[list(p.shape), str(p.dtype)] for g in groups for p in g["params"]] + [sorted(hyper.items())]
         else:
@@ -360,7 +364,7 @@ def select(ops, device, calls, groups=None, hyper=None, ctx=None, autocast_dtype
 
 def format_table(selection):
     """The table printed at start: each backend's ms per op, the choice, and why the others were passed over."""
-    names = [b for b in registry.BACKENDS if any(t.backend == b for v in selection.verdicts.values()
+    names = [b for b in (*registry.BACKENDS, registry.NONE) if any(t.backend == b for v in selection.verdicts.values()
                                                   for t in v.trials)]
     cached = all(v.cached for v in selection.verdicts.values())
     w = max(len(op) for op in [*selection.verdicts, "op"])

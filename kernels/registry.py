@@ -50,6 +50,8 @@ class OpSpec:
     kind: str            # "layer" (forward + backward) or "optimizer" (one step)
     impls: dict          # backend -> Impl
     optional: bool = False  # the selector may name "none" for it: the model then does without the op
+    unfused: str = None  # for an optional op, "module:attr" computing what the model does without it: the
+    #                      measured auto's baseline for that op, as torch's op is for the others
 
 
 _T, _E = "nanogpt_kernels.triton", "nanogpt_kernels.ext"
@@ -64,7 +66,8 @@ REGISTRY = {
                                   "ext": Impl(f"{_E}:FusedAdamW")}),
     "linear_cross_entropy": OpSpec("layer", {"torch": Impl(f"{__name__}:linear_cross_entropy"),
                                              "triton": Impl(f"{_T}.linear_cross_entropy:linear_cross_entropy"),
-                                             "ext": Impl(f"{_E}:linear_cross_entropy", ("cpu",))}, optional=True),
+                                             "ext": Impl(f"{_E}:linear_cross_entropy", ("cpu",))}, optional=True,
+                                   unfused=f"{__name__}:unfused_linear_cross_entropy"),
 }
 NONE = "none"
 OPS = tuple(REGISTRY)
@@ -232,6 +235,14 @@ def define_linear_cross_entropy(qualname, ce_pass):
 linear_cross_entropy = define_linear_cross_entropy("nanogpt_torch::linear_cross_entropy", _ce_pass)
 
 
+def unfused_linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-1, reduction="mean", softcap=None):
+    """What GPT.forward computes with linear_cross_entropy:none: all the logits, then F.cross_entropy."""
+    logits = F.linear(x, weight, bias)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+
 # ---------------------------------------------------------------- lookup and selection
 
 def backend_unavailable(backend, device_type):
@@ -260,12 +271,19 @@ def unavailable(op, backend, device_type):
     return why
 
 
+def _load(target):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def get(op, backend):
     """The function (or, for the optimizer, the class) implementing `op` in `backend`; None for "none"."""
-    if backend == NONE:
-        return None
-    module, _, attr = REGISTRY[op].impls[backend].target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return None if backend == NONE else _load(REGISTRY[op].impls[backend].target)
+
+
+def unfused(op):
+    """An optional op's unfused equivalent (what the model computes under "none")."""
+    return _load(REGISTRY[op].unfused)
 
 
 def candidates(op, device_type):

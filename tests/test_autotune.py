@@ -80,7 +80,7 @@ def test_correct_kernels_pass_the_check():
     for dtype in (torch.float32, torch.bfloat16):
         ctx = nullcontext() if dtype == torch.float32 else torch.autocast("cpu", dtype=dtype)
         calls = ops.capture_calls(model, X, Y, ctx)
-        assert set(calls) == {"attention", "layer_norm", "bias_gelu"}
+        assert set(calls) == {op for op in registry.OPS if registry.REGISTRY[op].kind == "layer"}
         for op, call in calls.items():
             for b in registry.candidates(op, "cpu"):
                 assert at.check_layer(op, b, call) is None, (op, b, dtype)
@@ -96,20 +96,21 @@ def test_cache_hit_and_miss(monkeypatch, cache_dir):
     model, X, Y = tiny()
     kw = dict(kernels="auto", optim=OPTIM, log=lambda s: None)
     ops.select_kernels(model, X, Y, nullcontext(), **kw)
-    assert sorted(measured) == ["attention", "bias_gelu", "layer_norm"] and (cache_dir / "autotune.json").exists()
+    layer_ops = sorted(op for op in registry.OPS if registry.REGISTRY[op].kind == "layer")
+    assert sorted(measured) == layer_ops and (cache_dir / "autotune.json").exists()
     measured.clear()
     lines = []
     ops.select_kernels(model, X, Y, nullcontext(), kernels="auto", optim=OPTIM, log=lines.append)
     assert measured == [] and "read from the cache" in lines[0]
     ops.select_kernels(model, X[:, :8], Y[:, :8], nullcontext(), **kw)  # a changed shape
-    assert sorted(measured) == ["attention", "bias_gelu", "layer_norm"]
+    assert sorted(measured) == layer_ops
     measured.clear()
     ops.select_kernels(model, X, Y, torch.autocast("cpu", dtype=torch.bfloat16), **kw)  # a changed dtype
-    assert sorted(measured) == ["attention", "bias_gelu", "layer_norm"]
+    assert sorted(measured) == layer_ops
     measured.clear()
     monkeypatch.setattr(at, "_versions", lambda: {"torch": "9.9", "library": "other build"})  # a changed version
     ops.select_kernels(model, X, Y, nullcontext(), **kw)
-    assert sorted(measured) == ["attention", "bias_gelu", "layer_norm"]
+    assert sorted(measured) == layer_ops
 
 
 def test_named_ops_and_autotune_off_are_not_measured(monkeypatch):
@@ -183,3 +184,16 @@ def test_checkpoint_records_backends_and_resume_reuses_them(tmp_path):
     assert "kernels from the checkpoint (trained on this machine" in resumed
     chosen = ", ".join(f"{op}={b}" for op, b in state["kernels"]["backends"].items())
     assert f"kernels (cpu, float32): {chosen}" in resumed
+
+
+def test_decision_rule():
+    """Plain PyTorch unless a correct backend is 3% faster; for an optional op plain PyTorch is the model without it."""
+    T = at.Trial
+    assert at.decide("layer_norm", [T("ext", 0.98), T("torch", 1.0)]).choice == "torch"  # 2% is a tie
+    assert at.decide("layer_norm", [T("ext", 0.96), T("torch", 1.0)]).choice == "ext"
+    assert at.decide("layer_norm", [T("ext", 0.5, "wrong"), T("torch", 1.0)]).choice == "torch"
+    lce = [T("ext", 0.99), T("torch", 0.98), T("none", 1.0)]
+    assert at.decide("linear_cross_entropy", lce).choice == "none"
+    lce[0] = T("ext", 0.5)
+    v = at.decide("linear_cross_entropy", lce)
+    assert v.choice == "ext" and "none slower" in v.why
