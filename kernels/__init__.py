@@ -1,4 +1,5 @@
-"""nanogpt_kernels: the GPT's hot ops (attention, layer_norm, bias_gelu, adamw) in three backends.
+"""nanogpt_kernels: the GPT's hot ops (attention, layer_norm, bias_gelu, adamw, linear_cross_entropy) in three
+backends.
 
     torch   PyTorch's own ops, the reference (registry.py)
     triton  Triton kernels, one file per op (triton/)

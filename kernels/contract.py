@@ -6,6 +6,8 @@ Each op has one signature, whatever backend implements it (the `Op*` Protocols b
     layer_norm(x, weight, bias=None, eps=1e-5) -> Tensor                     # over the last dim
     bias_gelu(x, bias=None, approximate="none") -> Tensor                    # gelu(x + bias)
     adamw: FusedAdamW(params, lr, betas, eps, weight_decay, max_grad_norm=0.0)
+    linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-1, reduction="mean", softcap=None)
+        -> float32 loss of (x W^T + b) against targets, never holding all the logits; x (N, C), weight (V, C)
 
 Every optimizer's `step()` returns the total gradient norm (0-d tensor) taken before clipping, clips to
 `max_grad_norm` when it is > 0, and leaves parameters and state untouched when that norm is not finite, so
@@ -36,6 +38,12 @@ class OpLayerNorm(Protocol):
 class OpBiasGelu(Protocol):
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  approximate: str = "none") -> torch.Tensor: ...
+
+
+class OpLinearCrossEntropy(Protocol):
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None, ignore_index: int = -1, reduction: str = "mean",
+                 softcap: Optional[float] = None) -> torch.Tensor: ...
 
 
 # ---------------------------------------------------------------- error budgets
