@@ -24,7 +24,7 @@ t0=$SECONDS
 if [ ! -d "$venv" ]; then
     tmp="$cache/.tmp-venv-torch-$TORCH"
     python3 -m venv "$tmp"
-    "$tmp/bin/python" -m pip install -q "torch==$TORCH" numpy ninja
+    "$tmp/bin/python" -m pip install -q "torch==$TORCH" ninja
     mv -T "$tmp" "$venv"
 fi
 py="$venv/bin/python"
@@ -33,7 +33,8 @@ echo "cuda build: venv $venv ready after $((SECONDS - t0)) s"
 # /usr/local/bin/nvcc may be a wrapper script, from which torch would guess CUDA_HOME=/usr/local (no headers)
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 if ! command -v ccache >/dev/null; then
-    { apt-get install -y -qq ccache || { apt-get update -qq && apt-get install -y -qq ccache; }; } >/dev/null 2>&1 ||
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq ccache || { apt-get update -qq && apt-get install -y -qq ccache; }; } &>/dev/null ||
         echo "cuda build: ccache could not be installed; building without it"
 fi
 if command -v ccache >/dev/null; then
@@ -46,8 +47,8 @@ rm -rf "$src" && mkdir -p "$src"
 git ls-files -z --cached --others --exclude-standard | tar -c --null -T - --ignore-failed-read -f - 2>/dev/null |
     tar -x -C "$src"
 t1=$SECONDS
-(cd "$src" && NANOGPT_BUILD_EXT=1 NANOGPT_BUILD_CUDA=1 "$py" -m pip install -q --no-build-isolation --no-deps \
-    --force-reinstall .)
+"$py" -m pip uninstall -q -y nanogpt 2>/dev/null  # the last run's (same version: pip would keep it)
+(cd "$src" && NANOGPT_BUILD_EXT=1 NANOGPT_BUILD_CUDA=1 "$py" -m pip install -q --no-build-isolation .)
 echo "cuda build: built and installed in $((SECONDS - t1)) s${PYTORCH_NVCC:+ ($(ccache -s | grep -iE '^ *hits' | head -1 | tr -s ' '))}"
 (cd "$cache" && "$py" "$root/.ci/check_cuda_ext.py")
 echo "cuda build: stage took $((SECONDS - t0)) s"
