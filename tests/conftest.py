@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -12,11 +13,41 @@ os.environ["NANOGPT_POISON"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from nanogpt_kernels import registry  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 # tiktoken's GPT-2 files, shipped beside the checkout (../shared): tests run offline
 _cache = ROOT.parent / "shared" / "data" / "tiktoken_cache"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "backends(*names): run the test on these backends of its module's OP only")
+    config.addinivalue_line("markers", "cpu_only(why): skip off CPU; `why` says what only the CPU run checks")
+    config.addinivalue_line("markers", "compiled_only(why): skip the Triton backend under its CPU interpreter, which "
+                                       "pays per program (Triton runs it on GPU)")
+
+
+def pytest_runtest_setup(item):
+    mark = item.get_closest_marker("cpu_only")
+    if mark and torch.device(DEVICE).type != "cpu":
+        pytest.skip(f"CPU only: {mark.args[0]}")
+
+
+def pytest_generate_tests(metafunc):
+    """A test using the `backend` fixture in a module with OP = "<op>" runs once per backend the registry has
+    for that op (OP = None: per backend), or per backend its `backends` mark names."""
+    if "backend" in metafunc.fixturenames:
+        op, mark = metafunc.module.OP, metafunc.definition.get_closest_marker("backends")
+        names = registry.REGISTRY[op].impls if op else registry.BACKENDS
+        metafunc.parametrize("backend", [b for b in names if mark is None or b in mark.args], indirect=True)
+
+
+def _must_run(backend):
+    """Whether `backend` not running here is a bug rather than a fact of this machine: this file sets up Triton's
+    interpreter on CPU and the GPU suite runs the compiled kernels, and the extension runs wherever it was built."""
+    return backend == "triton" or (backend == "ext" and importlib.util.find_spec("nanogpt_kernels._C") is not None)
 
 
 @pytest.fixture
@@ -27,10 +58,47 @@ def device():
 
 
 @pytest.fixture
-def triton_kernels(device):
-    """For the Triton backend's test modules (`pytestmark = pytest.mark.usefixtures("triton_kernels")`):
-    fail when the kernels cannot run on the test device, and pin fp32 matmuls to full precision."""
-    from kernels._testing import kernel_test_setup
+def backend(request, device):
+    """The backend name a test runs its module's OP on (parametrized above). One that has no kernel for the op
+    on this device is skipped with the reason; one that should run but cannot fails. fp32 matmuls are pinned to
+    full precision: an earlier test may have turned TF32 on process-wide (benchmarks/bench.py and nanogpt.train
+    do), which would make the float32 references on CUDA noisier than the budgets assume."""
+    name, op, device_type = request.param, request.module.OP, torch.device(device).type
+    why = registry.unavailable(op, name, device_type) if op else registry.backend_unavailable(name, device_type)
+    if why and _must_run(name) and registry.backend_unavailable(name, device_type):
+        pytest.fail(f"the {name} backend cannot run on {device}: {why}")
+    if why:
+        pytest.skip(f"{name} cannot run {op or 'the model'} on {device_type}: {why}")
+    mark = request.node.get_closest_marker("compiled_only")
+    if mark and name == "triton" and device_type == "cpu":
+        pytest.skip(f"too slow for the Triton interpreter ({mark.args[0]}); runs on GPU")
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield name
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
-    with kernel_test_setup(device):
-        yield
+
+@pytest.fixture
+def same_at_thread_counts():
+    """check(fn): fn() returns the same tensors at 1 thread and twice at n >= 2: a CPU kernel's results must not
+    depend on how its work is split over threads, nor vary from run to run."""
+    before = torch.get_num_threads()
+
+    def check(fn):
+        runs = []
+        for n in (1, max(2, before), max(2, before)):
+            torch.set_num_threads(n)
+            runs.append([t.detach().clone() for t in fn()])
+        for run in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+    yield check
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def impl(backend, request):
+    """The function (for adamw, the optimizer class) implementing the module's OP on `backend`."""
+    return registry.get(request.module.OP, backend)

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from nanogpt import ops
 from nanogpt.model import GPT, GPTConfig
+from nanogpt_kernels import registry
 
-TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=71, dropout=0.0, kernels="torch")
+# the torch reference for every op, and the unfused loss: forward(idx, targets) then returns every position's logits
+TORCH_UNFUSED = "attention:torch,layer_norm:torch,bias_gelu:torch,adamw:torch,linear_cross_entropy:none"
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=71, dropout=0.0, kernels=TORCH_UNFUSED)
 
 
 def tiny_model(seed=0, **kw):
@@ -24,7 +26,7 @@ def test_from_pretrained_matches_hugging_face_logits(tmp_path, activation, gelu)
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     hf.save_pretrained(tmp_path)
-    model = GPT.from_pretrained(str(tmp_path), dict(kernels="torch")).eval()
+    model = GPT.from_pretrained(str(tmp_path), dict(kernels=TORCH_UNFUSED)).eval()
     assert model.config.gelu == gelu
     idx = torch.randint(0, 97, (3, 48))
     with torch.no_grad():
@@ -32,7 +34,7 @@ def test_from_pretrained_matches_hugging_face_logits(tmp_path, activation, gelu)
         ref = hf(idx).logits
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     # and cropped to a shorter context, as finetuning does
-    short = GPT.from_pretrained(str(tmp_path), dict(kernels="torch", block_size=16)).eval()
+    short = GPT.from_pretrained(str(tmp_path), dict(kernels=TORCH_UNFUSED, block_size=16)).eval()
     with torch.no_grad():
         torch.testing.assert_close(short(idx[:, :16], idx[:, :16])[0], hf(idx[:, :16]).logits, atol=1e-5, rtol=0)
 
@@ -104,13 +106,14 @@ def test_no_bias_and_dropout_variants_train():
 
 
 def test_kernel_selector_errors():
-    assert ops.resolve("torch", "cpu") == dict.fromkeys(ops.OPS, "torch")
-    assert ops.resolve("attention:torch", "cpu")["attention"] == "torch"
-    with pytest.raises(ops.KernelError, match="unknown backend 'cutlass'"):
-        ops.resolve("cutlass", "cpu")
-    with pytest.raises(ops.KernelError, match="unknown op 'softmax'"):
-        ops.resolve("softmax:torch", "cpu")
+    assert registry.resolve("torch", "cpu") == dict.fromkeys(registry.OPS, "torch")
+    assert registry.resolve("attention:torch", "cpu")["attention"] == "torch"
+    assert registry.parse("gelu:torch,optimizer:torch") == registry.parse("bias_gelu:torch,adamw:torch")  # old names
+    with pytest.raises(registry.KernelError, match="unknown backend 'cutlass'"):
+        registry.resolve("cutlass", "cpu")
+    with pytest.raises(registry.KernelError, match="unknown op 'softmax'"):
+        registry.resolve("softmax:torch", "cpu")
     with pytest.raises(ValueError, match="gelu must be"):
         tiny_model(gelu="fast")
-    line = ops.describe(ops.resolve("torch", "cpu"), "cpu")
-    assert line.startswith("attention=torch, layer_norm=torch, gelu=torch, optimizer=torch")
+    line = registry.describe(registry.resolve("torch", "cpu"), "cpu")
+    assert line.startswith("attention=torch, layer_norm=torch, bias_gelu=torch, adamw=torch")

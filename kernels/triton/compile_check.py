@@ -1,8 +1,9 @@
 """Compile every Triton kernel of the backend for real GPU targets, without a GPU.
 
-    python -m kernels.compile_check [--arch 80 90] [--sample N] [--filter SUBSTR] [-j JOBS]
+    python -m nanogpt_kernels.triton.compile_check [--arch 80 90] [--sample N] [--filter SUBSTR] [-j JOBS]
 
-For each launch configuration the launchers can produce (block sizes, num_warps, num_stages,
+The kernels are those of the registry's triton ops: each op's module lists its launch configurations in
+`_compile_configs()`. For each launch configuration the launchers can produce (block sizes, num_warps, num_stages,
 dtypes, constexpr flags), runs `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`
 through ptxas, and prints registers, shared memory and spills per kernel. Fails (exit 1) on any
 compile error or shared memory above the architecture's per-block limit; spills are flagged
@@ -11,6 +12,7 @@ Registers / spills come from `ptxas -v` on the generated PTX (cuobjdump as a fal
 memory is Triton's own allocation from the kernel metadata.
 """
 import argparse
+import importlib
 import os
 import re
 import shutil
@@ -27,13 +29,17 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
-def all_configs():
-    import importlib
+def triton_modules():
+    """The modules of the registry's triton ops, each once."""
+    from nanogpt_kernels import registry
 
-    out = []
-    for name in ("layer_norm", "bias_gelu", "attention", "adamw"):
-        out.extend(importlib.import_module(f"nanogpt_kernels.triton.{name}")._compile_configs())
-    return out
+    names = (spec.impls["triton"].target.partition(":")[0] for spec in registry.REGISTRY.values()
+             if "triton" in spec.impls)
+    return [importlib.import_module(name) for name in dict.fromkeys(names)]
+
+
+def all_configs():
+    return [c for mod in triton_modules() for c in mod._compile_configs()]
 
 
 def _evenly(items, n):

@@ -1,0 +1,128 @@
+"""layer_norm on every backend (tests/conftest.py's `backend`) against float64, forward and every gradient.
+
+Runs on the test device (NANOGPT_TEST_DEVICE): Triton on CPU through its interpreter (tests/conftest.py turns it
+on), or compiled on CUDA. Outputs are NaN-poisoned before the kernels write them (NANOGPT_POISON=1), so an
+element a kernel forgets to write fails the budget check.
+"""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from budget import check_compiled, check_op
+
+OP = "layer_norm"
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# (activation, parameter) dtypes: the same, or fp32 parameters with low-precision activations (autocast)
+SAME = [(F32, F32), (F16, F16), (BF16, BF16)]
+DTYPES = SAME + [(F16, F32), (BF16, F32)]
+# (shape, bias, dtypes) for every backend: N a multiple of 16 and odd tails, one row, few and many, tiny and wide N
+CASES = ([((2, 17, n), True, d) for n in (768, 1000, 1023) for d in SAME]
+         + [(s, False, d) for s in ((1, 1, 1000), (3, 37, 100)) for d in SAME]
+         + [((5, 7), True, SAME[0]), ((9, 4099), True, SAME[0])] + [((2, 17, 1000), True, d) for d in DTYPES[3:]])
+# every row count x N x bias x dtypes: how the CPU kernels split rows over threads and vectorize tails
+GRID = [((m, n), bias, d) for m in (1, 17, 100) for n in (768, 1000, 1023) for bias in (True, False) for d in DTYPES]
+
+
+def case_id(case):
+    shape, bias, dtypes = case
+    return f"{shape}-{'bias' if bias else 'nobias'}-" + "/".join(str(t)[6:] for t in dtypes)
+
+
+def torch_layer_norm(x, weight, bias, eps=1e-5):
+    """PyTorch's op in these dtypes; fp32 parameters mean fp32 math on the upcast input (autocast)."""
+    return F.layer_norm(x.to(weight.dtype), (x.shape[-1],), weight, bias, eps).to(x.dtype)
+
+
+def skip_unsupported(backend, device, dtypes):
+    """Skip, with the reason, dtype pairs a backend does not take (also used by test_bias_gelu.py)."""
+    if backend == "ext" and torch.device(device).type == "cpu" and torch.float16 in dtypes:
+        pytest.skip("the extension's CPU kernels take float32 and bfloat16")
+    if backend == "torch" and dtypes[0] != dtypes[1]:
+        pytest.skip("fp32 parameters with low-precision activations are our kernels' autocast path; the torch "
+                    "reference leaves them to autocast (fp32 throughout)")
+
+
+def check(impl, backend, device, shape, bias, dtypes):
+    skip_unsupported(backend, device, dtypes)
+    act, par = dtypes
+    N = shape[-1]
+    x = (torch.randn(shape) * 2 + 0.5).to(device, act).requires_grad_()
+    w = (torch.randn(N) * 0.5 + 1).to(device, par).requires_grad_()
+    b = (torch.randn(N) * 0.3).to(device, par).requires_grad_() if bias else None
+    check_op(f"layer_norm[{backend}] {shape} {act}/{par}", lambda *a: impl(*a, 1e-5), torch_layer_norm,
+             dict(x=x, weight=w, bias=b), torch.randn(shape).to(device, act))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_layer_norm_matches_float64(impl, backend, device, case):
+    check(impl, backend, device, *case)
+
+
+@pytest.mark.compiled_only("a grid of 90 cases")
+@pytest.mark.parametrize("case", GRID, ids=case_id)
+def test_layer_norm_grid_matches_float64(impl, backend, device, case):
+    check(impl, backend, device, *case)
+
+
+def test_layer_norm_grads_are_deterministic(impl, device):
+    x = torch.randn(64, 768).to(device).requires_grad_()
+    w = torch.randn(768).to(device).requires_grad_()
+    b = torch.randn(768).to(device).requires_grad_()
+    dy = torch.randn(64, 768).to(device)
+    grads = []
+    for _ in range(2):
+        x.grad = w.grad = b.grad = None
+        impl(x, w, b).backward(dy)
+        grads.append([x.grad.clone(), w.grad.clone(), b.grad.clone()])
+    assert all(torch.equal(g0, g1) for g0, g1 in zip(*grads))
+
+
+def test_layer_norm_non_contiguous_input(impl, device):
+    x = torch.randn(8, 2, 64).to(device).transpose(0, 1)  # rows not contiguous across the reshape
+    w, b = torch.randn(64).to(device), torch.randn(64).to(device)
+    y = impl(x, w, b)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, F.layer_norm(x, (64,), w, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.backends("triton", "ext")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_layer_norm_torch_compile_fullgraph_matches_eager(impl, device, bias):
+    x, w, b = (torch.randn(*s).to(device).requires_grad_() for s in ((2, 9, 100), (100,), (100,)))
+    check_compiled((lambda x, w, b: impl(x, w, b)) if bias else (lambda x, w, b: impl(x, w, None) * b), x, w, b)
+
+
+@pytest.mark.backends("triton")
+@pytest.mark.cpu_only("on CUDA every test already runs the GPU block config")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_gpu_block_config(impl, backend, device, monkeypatch, dtype):
+    """The interpreter normally gets tall blocks; run the exact GPU rows-per-program choice too."""
+    monkeypatch.setattr(sys.modules["nanogpt_kernels.triton.layer_norm"], "interpreting", lambda: False)
+    check(impl, backend, device, (2, 17, 768), True, (dtype, dtype))
+    check(impl, backend, device, (3, 5, 100), False, (dtype, dtype))
+
+
+@pytest.mark.backends("ext")
+@pytest.mark.cpu_only("CPU threading")
+def test_layer_norm_ext_does_not_depend_on_thread_count(impl, same_at_thread_counts):
+    x, w, b = (torch.randn(*s, requires_grad=True) for s in ((1000, 768), (768,), (768,)))
+    dy = torch.randn(1000, 768)
+
+    def run():
+        x.grad = w.grad = b.grad = None
+        y = impl(x, w, b)
+        y.backward(dy)
+        return y, x.grad, w.grad, b.grad
+    same_at_thread_counts(run)
+
+
+@pytest.mark.backends("ext")
+def test_layer_norm_ext_bad_inputs_raise_clear_errors(backend, device):
+    x = torch.randn(4, 8, device=device)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        torch.ops.nanogpt_ext.layer_norm_fwd(x, torch.ones(7, device=device), None, 1e-5)
+    with pytest.raises(RuntimeError, match="unsupported dtypes|dtype"):
+        torch.ops.nanogpt_ext.layer_norm_fwd(x.double(), torch.ones(8, device=device).double(), None, 1e-5)
