@@ -75,7 +75,7 @@ def device_tests():
     """The test files that run on NANOGPT_TEST_DEVICE: one per registry op (tests/test_<op>.py), the
     extension's, the model's and the measured auto's; the rest is CPU-only and CI runs it."""
     from nanogpt_kernels import registry
-    patterns = [f"test_{op}.py" for op in registry.OPS] + ["test_kernels_*.py", "test_ext_*.py", "test_model.py",
+    patterns = [f"test_{op}.py" for op in registry.OPS] + ["test_kernels_*.py", "test_ext_*.py", "test_model*.py",
                                                           "test_autotune.py"]
     return sorted({str(p.relative_to(ROOT)) for pat in patterns for p in (ROOT / "tests").glob(pat)})
 
