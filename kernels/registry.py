@@ -1,5 +1,9 @@
 """The op registry: which backend implements which op, on which devices, and how a selector picks one.
 
+The kernel library (source folder kernels/, import name `nanogpt_kernels`) has no __init__.py on purpose: as
+a namespace package it never shadows Hugging Face's `kernels` package, even for a Python started in this
+repository's root (where the folder kernels/ is on sys.path first). It imports nothing from `nanogpt`.
+
     op          torch (reference)                 triton                         ext (C++/CUDA, nanogpt_kernels._C)
     attention   F.scaled_dot_product_attention    triton/attention.py            csrc/cpu/attention.cpp (CPU only)
     layer_norm  F.layer_norm                      triton/layer_norm.py           csrc/cpu|cuda/layer_norm
