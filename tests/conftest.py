@@ -82,17 +82,26 @@ def backend(request, device):
 
 @pytest.fixture
 def same_at_thread_counts():
-    """check(fn): fn() returns the same tensors at 1 thread and twice at n >= 2: a CPU kernel's results must not
-    depend on how its work is split over threads, nor vary from run to run."""
+    """check(fn, *inputs, grad_out=None): fn(*inputs), and with grad_out the inputs' gradients, are the same at 1
+    thread and twice at n >= 2: a CPU kernel's results must not depend on how its work is split over threads,
+    nor vary from run to run."""
     before = torch.get_num_threads()
 
-    def check(fn):
+    def run(fn, inputs, grad_out):
+        ins = [t.detach().requires_grad_(grad_out is not None) for t in inputs]
+        out = fn(*ins)
+        if grad_out is None:
+            return [out]
+        out.backward(grad_out)
+        return [out.detach()] + [t.grad for t in ins]
+
+    def check(fn, *inputs, grad_out=None):
         runs = []
         for n in (1, max(2, before), max(2, before)):
             torch.set_num_threads(n)
-            runs.append([t.detach().clone() for t in fn()])
-        for run in runs[1:]:
-            assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+            runs.append(run(fn, inputs, grad_out))
+        for other in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
     yield check
     torch.set_num_threads(before)

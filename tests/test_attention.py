@@ -27,7 +27,8 @@ CASES = ([(1, 2, T, TRITON_HEAD_DIMS[i % 3], causal) for i, (T, causal) in
          + [(2, 3, 33, D, True) for D in TRITON_HEAD_DIMS])
 # more heads, and head dims off the CPU kernel's 16-wide tiles
 GRID = [(2, 3, T, D, causal) for T, D in ((1, 32), (17, 64), (100, 128), (257, 20), (64, 48)) for causal in (True, False)]
-DROPOUT_CASES = [(17, 32, True), (100, 64, False), (33, 128, True), (100, 48, False), (64, 64, True)]
+DROPOUT_CASES = [(17, 32, True), (100, 64, False), (33, 128, True), (100, 48, False),
+                 pytest.param(64, 64, True, marks=pytest.mark.compiled_only("one more dropout case"))]
 
 
 def triton_attention():
@@ -114,7 +115,7 @@ def test_attention_torch_compile_fullgraph_matches_eager(impl, device):
 @pytest.mark.parametrize("T,D,causal", DROPOUT_CASES)
 def test_attention_dropout_matches_triton_mask_float64(impl, backend, device, T, D, causal, dtype):
     skip_unsupported(backend, D, dtype, dropout=True)
-    check_attention(impl, device, 2, 3, T, D, dtype, causal, dropout_p=0.3)
+    check_attention(impl, device, 2, 2, T, D, dtype, causal, dropout_p=0.3)
 
 
 @pytest.mark.backends("triton", "ext")
@@ -156,15 +157,7 @@ def test_attention_triton_rejects_head_dim(impl, device):
 @pytest.mark.backends("ext")
 @pytest.mark.cpu_only("CPU threading")
 def test_attention_ext_does_not_depend_on_thread_count(impl, same_at_thread_counts):
-    q, k, v = (torch.randn(3, 4, 70, 32, requires_grad=True) for _ in range(3))
-    do = torch.randn(3, 4, 70, 32)
-
-    def run():
-        q.grad = k.grad = v.grad = None
-        o = impl(q, k, v)
-        o.backward(do)
-        return o, q.grad, k.grad, v.grad
-    same_at_thread_counts(run)
+    same_at_thread_counts(impl, *(torch.randn(3, 4, 70, 32) for _ in range(3)), grad_out=torch.randn(3, 4, 70, 32))
 
 
 @pytest.mark.backends("ext")

@@ -99,15 +99,7 @@ def test_bias_gelu_gpu_block_config(impl, backend, device, monkeypatch, dtype):
 @pytest.mark.backends("ext")
 @pytest.mark.cpu_only("CPU threading")
 def test_bias_gelu_ext_does_not_depend_on_thread_count(impl, same_at_thread_counts):
-    x, b = torch.randn(1000, 768, requires_grad=True), torch.randn(768, requires_grad=True)
-    dy = torch.randn(1000, 768)
-
-    def run():
-        x.grad = b.grad = None
-        y = impl(x, b)
-        y.backward(dy)
-        return y, x.grad, b.grad
-    same_at_thread_counts(run)
+    same_at_thread_counts(impl, torch.randn(1000, 768), torch.randn(768), grad_out=torch.randn(1000, 768))
 
 
 @pytest.mark.backends("ext")

@@ -108,15 +108,8 @@ def test_layer_norm_gpu_block_config(impl, backend, device, monkeypatch, dtype):
 @pytest.mark.backends("ext")
 @pytest.mark.cpu_only("CPU threading")
 def test_layer_norm_ext_does_not_depend_on_thread_count(impl, same_at_thread_counts):
-    x, w, b = (torch.randn(*s, requires_grad=True) for s in ((1000, 768), (768,), (768,)))
-    dy = torch.randn(1000, 768)
-
-    def run():
-        x.grad = w.grad = b.grad = None
-        y = impl(x, w, b)
-        y.backward(dy)
-        return y, x.grad, w.grad, b.grad
-    same_at_thread_counts(run)
+    same_at_thread_counts(impl, torch.randn(1000, 768), torch.randn(768), torch.randn(768),
+                          grad_out=torch.randn(1000, 768))
 
 
 @pytest.mark.backends("ext")
