@@ -23,6 +23,7 @@ OPTIM = dict(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.99), grad_clip=
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOGPT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(at, "TIME_BUDGET_S", 0.02)  # the decisions below do not hinge on timing noise
+    monkeypatch.setattr(at, "NOISY", float("inf"))  # ... nor does caching (test_noisy_timings_are_not_cached)
     return tmp_path / "cache"
 
 
@@ -197,3 +198,11 @@ def test_decision_rule():
     lce[0] = T("ext", 0.5)
     v = at.decide("linear_cross_entropy", lce)
     assert v.choice == "ext" and "none slower" in v.why
+
+
+def test_noisy_timings_are_not_cached(monkeypatch, cache_dir):
+    monkeypatch.setattr(at, "NOISY", 0.0)  # every median counts as far above its fastest run
+    model, X, Y = tiny()
+    lines = []
+    ops.select_kernels(model, X, Y, nullcontext(), log=lines.append)
+    assert "timings noisy" in lines[0] and not (cache_dir / "autotune.json").exists()
