@@ -26,7 +26,8 @@ CASES = ([(1, 2, T, TRITON_HEAD_DIMS[i % 3], causal) for i, (T, causal) in
           enumerate((T, c) for T in (1, 17, 100, 257) for c in (True, False))]
          + [(2, 3, 33, D, True) for D in TRITON_HEAD_DIMS])
 # more heads, and head dims off the CPU kernel's 16-wide tiles
-GRID = [(2, 3, T, D, causal) for T, D in ((1, 32), (17, 64), (100, 128), (257, 20), (64, 48)) for causal in (True, False)]
+GRID = [(2, 3, T, D, causal) for T, D in ((1, 32), (17, 64), (100, 128), (257, 20), (64, 48))
+        for causal in (True, False)]
 DROPOUT_CASES = [(17, 32, True), (100, 64, False), (33, 128, True), (100, 48, False),
                  pytest.param(64, 64, True, marks=pytest.mark.compiled_only("one more dropout case"))]
 
@@ -89,7 +90,8 @@ def test_attention_grid_matches_float64(impl, backend, device, B, H, T, D, causa
     check_attention(impl, device, B, H, T, D, dtype, causal)
 
 
-@pytest.mark.parametrize("H,D,dtype,causal,scale", [(2, 64, torch.float32, False, 0.3), (1, 32, torch.float16, True, 0.05),
+@pytest.mark.parametrize("H,D,dtype,causal,scale", [(2, 64, torch.float32, False, 0.3),
+                                                     (1, 32, torch.float16, True, 0.05),
                                                      (1, 32, torch.bfloat16, True, 0.05)])
 def test_attention_custom_scale(impl, device, H, D, dtype, causal, scale):
     check_attention(impl, device, 1, H, 40, D, dtype, causal, scale=scale)
