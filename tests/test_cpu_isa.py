@@ -6,7 +6,6 @@ contract's budget (2x PyTorch's own same-dtype error plus a unit roundoff), fp32
 random inputs, odd shapes, NaN-poisoned outputs (tests/conftest.py). NANOGPT_CPU_ISA is read at import,
 so it is checked in a subprocess.
 """
-import importlib
 import math
 import os
 import subprocess
@@ -19,20 +18,15 @@ import torch.nn.functional as F
 from budget import assert_within_budget, check_op
 from test_attention import check_attention
 
-MODULES = ("nanogpt_kernels._C", "nanogpt._C")  # the extension's module, before and after its rename
+from nanogpt_kernels import ext
+
+C = ext._C  # None when the extension is not built: every test here then fails, saying why
 
 
-def _load():
-    for name in MODULES:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-    return None
-
-
-C = _load()
-pytestmark = pytest.mark.skipif(C is None, reason="the C++ extension is not built")
+@pytest.fixture(autouse=True)
+def _built():
+    if C is None:
+        pytest.fail(f"the CPU kernels' tests need the extension: {ext.unavailable('cpu')}")
 ISAS = C.cpu_isas() if C else []
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -125,11 +119,7 @@ def test_set_cpu_isa_rejects_unknown_and_unrunnable_clones():
 
 
 def _import_with(env_value):
-    code = ("import importlib\n"
-            f"for m in {MODULES!r}:\n"
-            "    try: C = importlib.import_module(m); break\n"
-            "    except ModuleNotFoundError: pass\n"
-            "print(C.cpu_isa())")
+    code = "import torch, nanogpt_kernels._C as C; print(C.cpu_isa())"  # torch first: it loads libc10
     env = dict(os.environ, NANOGPT_CPU_ISA=env_value)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
