@@ -111,3 +111,13 @@ def same_at_thread_counts():
 def impl(backend, request):
     """The function (for adamw, the optimizer class) implementing the module's OP on `backend`."""
     return registry.get(request.module.OP, backend)
+
+
+@pytest.fixture
+def one_thread():
+    """For modules of tiny shapes (`pytestmark = pytest.mark.usefixtures("one_thread")`): a second torch thread
+    only adds hand-offs, and on a busy machine waits for a core."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -16,13 +16,7 @@ BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(registry.unavailable("atten
                                                      reason=f"{b} attention cannot run here")) for b in ("torch", "ext")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only adds hand-offs (and waits for a core on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(kernels="torch", **kw):

@@ -18,13 +18,7 @@ N, C, V = 77, 19, 101
 CASES = [(None, "mean", False), (30.0, "mean", True), (None, "sum", True), (5.0, "sum", False)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The shapes here are tiny: on a loaded machine torch's thread pool spends more time waiting than working."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(device, ignore_every=5, seed=0):
