@@ -589,8 +589,10 @@ def test_gradient_accumulation_not_divisible_by_world_size(wd, capsys, tmp_path,
     bad(wd, capsys, expect, out_dir=tmp_path / "o", gradient_accumulation_steps=3)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k)
-    # under torchrun every rank prints that one line and no traceback (torchrun adds its own failure report)
+    # under torchrun each rank prints that one line and no traceback (torchrun adds its own failure report);
+    # torchrun terminates the other ranks as soon as one exits, so a rank may be killed before it prints
     proc = torchrun(wd, max_restarts=0, out_dir=tmp_path / "o", gradient_accumulation_steps=3)
     assert proc.returncode != 0
-    assert proc.stderr.count("error: " + expect) == 2 and "[rank0]" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("error: " + expect) >= 1, proc.stderr[-3000:]
+    assert "[rank0]" not in proc.stderr and "[rank1]" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "o").exists()
