@@ -6,8 +6,8 @@ isolation (otherwise pip would build in a fresh environment with a torch of its 
     pip install --no-build-isolation -e .        # or: pip install --no-build-isolation .
 
 Sources are found by glob, so a new op's file needs no edit here: csrc/*.cpp and csrc/cpu/*.cpp
-always; with CUDA also csrc/cuda/*.cpp (compiled against torch with NANOGPT_WITH_CUDA) and the
-torch-free csrc/cuda/*.cu (compiled by nvcc on their own and linked in).
+always (with CUDA, compiled with NANOGPT_WITH_CUDA: each op file then registers its CUDA kernels too), and
+with CUDA the torch-free csrc/cuda/*.cu (compiled by nvcc on their own and linked in).
 
 Environment variables (1/0; unset = auto):
     NANOGPT_BUILD_EXT   build the C++ extension (auto: when torch and a C++ compiler are there;
@@ -86,7 +86,7 @@ def _extension():
         link.append("-fopenmp")
     sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     if with_cuda:
-        ext = ce.CUDAExtension("nanogpt_kernels._C", sources + _sources("csrc/cuda/*.cpp"),
+        ext = ce.CUDAExtension("nanogpt_kernels._C", sources,
                                extra_compile_args={"cxx": cxx + ["-DNANOGPT_WITH_CUDA"]}, extra_link_args=link)
         ext.nanogpt_cu = _sources("csrc/cuda/*.cu")  # compiled by nvcc directly (see BuildExt) and linked in
         ext.nanogpt_nvcc = shlex.split(os.environ.get("PYTORCH_NVCC", "")) or [nvcc]

@@ -1,7 +1,7 @@
 // The Python module _C of the extension. Loading it registers the nanogpt_ext::* custom ops:
-// each op's file defines its schemas, CPU kernels and C++ autograd (csrc/cpu/<op>.cpp), the
-// CUDA kernels come from csrc/cuda/binding.cpp (built with NANOGPT_WITH_CUDA), and the fake
-// kernels for torch.compile from the Python side. The module itself reports the build and
+// each op's file (csrc/<op>.cpp) defines its schemas, its CPU kernels, its C++ autograd and,
+// built with NANOGPT_WITH_CUDA, its CUDA kernels (csrc/cuda/<op>.cu); the fake kernels for
+// torch.compile come from the Python side. The module itself reports the build and
 // chooses the ISA clone of the CPU kernels (csrc/cpu/common.h).
 #include <Python.h>
 

@@ -1,5 +1,4 @@
-// Torch-side helpers shared by the CPU op files (csrc/cpu/*.cpp) and the CUDA glue
-// (csrc/cuda/binding.cpp); defined in csrc/ext_common.cpp.
+// Torch-side helpers shared by the ops' CPU and CUDA glue (csrc/<op>.cpp); defined in csrc/ext_common.cpp.
 #pragma once
 #include <ATen/core/Tensor.h>
 

@@ -1,13 +1,8 @@
 """The contract every backend meets, and what the backends share.
 
-Each op has one signature, whatever backend implements it (the `Op*` Protocols below):
-
-    attention(q, k, v, causal=True, scale=None, dropout_p=0.0) -> Tensor     # (B, H, T, D)
-    layer_norm(x, weight, bias=None, eps=1e-5) -> Tensor                     # over the last dim
-    bias_gelu(x, bias=None, approximate="none") -> Tensor                    # gelu(x + bias)
-    adamw: FusedAdamW(params, lr, betas, eps, weight_decay, max_grad_norm=0.0)
-    linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-1, reduction="mean", softcap=None)
-        -> float32 loss of (x W^T + b) against targets, never holding all the logits; x (N, C), weight (V, C)
+Each op has one signature, whatever backend implements it: its torch reference's, beside `REGISTRY` in
+registry.py (`tests/test_registry.py` checks every backend against it). Layer ops are functions; an optimizer
+op is a `torch.optim.Optimizer` class taking (params, lr, betas, eps, weight_decay, max_grad_norm=0.0).
 
 Every optimizer's `step()` returns the total gradient norm (0-d tensor) taken before clipping, clips to
 `max_grad_norm` when it is > 0, and leaves parameters and state untouched when that norm is not finite, so
@@ -19,31 +14,9 @@ measured `auto` (nanogpt_kernels.autotune) use this one rule.
 """
 import math
 import warnings
-from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
-
-
-class OpAttention(Protocol):
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                 scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor: ...
-
-
-class OpLayerNorm(Protocol):
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 eps: float = 1e-5) -> torch.Tensor: ...
-
-
-class OpBiasGelu(Protocol):
-    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 approximate: str = "none") -> torch.Tensor: ...
-
-
-class OpLinearCrossEntropy(Protocol):
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                 bias: Optional[torch.Tensor] = None, ignore_index: int = -1, reduction: str = "mean",
-                 softcap: Optional[float] = None) -> torch.Tensor: ...
 
 
 # ---------------------------------------------------------------- error budgets

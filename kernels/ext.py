@@ -136,14 +136,14 @@ def bias_gelu(x, bias=None, approximate="none"):
 
 
 def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-1, reduction="mean", softcap=None):
-    """Cross-entropy of x W^T + b against targets, one chunk of logits at a time (csrc/cpu/linear_cross_entropy.cpp);
+    """Cross-entropy of x W^T + b against targets, one chunk of logits at a time (csrc/linear_cross_entropy.cpp);
     CPU, x, weight and bias in one dtype, float32 or bfloat16. The loss is float32."""
     *args, _with_grad = lce_args(x, weight, targets, bias, ignore_index, reduction, softcap)  # decided in C++
     return torch.ops.nanogpt_ext.linear_cross_entropy(*args)
 
 
 def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
-    """Attention on (B, H, T, D). CPU, float32/bfloat16: our kernel (csrc/cpu/attention.cpp; any T and
+    """Attention on (B, H, T, D). CPU, float32/bfloat16: our kernel (csrc/attention.cpp; any T and
     D, exact softmax per query row, causal rows stop at the diagonal, output stored (B, T, H, D) so the
     transpose back is free). dropout_p in [0, 1) is applied in the kernel with the Triton kernels' mask
     (same Philox stream: a seed drawn from torch's generator gives the same mask on both backends).

@@ -5,7 +5,7 @@ a namespace package it never shadows Hugging Face's `kernels` package, even for 
 repository's root (where the folder kernels/ is on sys.path first). It imports nothing from `nanogpt`.
 
     op          torch (reference)                 triton                         ext (C++/CUDA, nanogpt_kernels._C)
-    attention   F.scaled_dot_product_attention    triton/attention.py            csrc/cpu/attention.cpp (CPU only)
+    attention   F.scaled_dot_product_attention    triton/attention.py            csrc/attention.cpp (CPU only)
     layer_norm  F.layer_norm                      triton/layer_norm.py           csrc/cpu|cuda/layer_norm
     bias_gelu   F.gelu(x + bias)                  triton/bias_gelu.py            csrc/cpu|cuda/bias_gelu
     adamw       torch.optim.AdamW + clipping      triton/adamw.py                csrc/cpu|cuda/adamw

@@ -76,7 +76,7 @@ def test_attention(isa, dtype, B, H, T, D, causal):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_norm_and_adamw_step(isa, dtype):
     """One clipped step: grad_norm and the updated params against a float64 step of the same formula
-    (csrc/cpu/adamw.cpp), within 2x the error of clip_grad_norm_ + torch.optim.AdamW in `dtype`."""
+    (csrc/adamw.cpp), within 2x the error of clip_grad_norm_ + torch.optim.AdamW in `dtype`."""
     lr, betas, eps, wd, max_norm = 1e-2, (0.9, 0.95), 1e-8, 0.1, 1.0
     params = [torch.randn(s).to(dtype) for s in ((7,), (33, 5), (1000,))]
     grads = [torch.randn(p.shape).to(dtype) for p in params]

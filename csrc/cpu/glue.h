@@ -1,4 +1,4 @@
-// Torch-side helpers of the CPU op files (cpu/<op>.cpp: checks, outputs, op registration).
+// Torch-side helpers of the ops' CPU glue (csrc/<op>.cpp: checks, outputs, op registration).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -52,7 +52,7 @@ def _tile(base, offs_t, offs_d, stride_t):
 
 # one Philox key per (call, batch*head): the call's random seed plus bh times this odd constant > 2^31, so two
 # heads of two calls never share a key; the counter is the score's position query * T + key. A contract with the
-# extension's CPU kernel (csrc/cpu/attention.cpp, kPhiloxHeadStride), which draws the same mask.
+# extension's CPU kernel (csrc/attention.cpp, kPhiloxHeadStride), which draws the same mask.
 PHILOX_HEAD_STRIDE = tl.constexpr(2654435769)
 
 

@@ -16,9 +16,9 @@
 
 #include <vector>
 
-#include "glue.h"
+#include "cpu/glue.h"
 #define NG_KERNELS "linear_cross_entropy_kernels.h"
-#include "isa_clones.h"
+#include "cpu/isa_clones.h"
 
 namespace nanogpt_cpu {
 namespace {

@@ -2,15 +2,19 @@
 // dx = dy * gelu'(x + bias) and dbias = column sums of dx (fixed row chunks -> fp32 partials
 // -> ordered sum, so deterministic). x in {fp32, bf16}; bias in {x's dtype, fp32}; fp32 math.
 // Defines nanogpt_ext::bias_gelu (C++ autograd over bias_gelu_fwd / bias_gelu_bwd) and
-// registers the CPU kernels; leaf loops in bias_gelu_kernels.h.
+// registers the CPU kernels (leaf loops in cpu/bias_gelu_kernels.h) and, built with CUDA, the CUDA ones
+// (cuda/bias_gelu.cu).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include "glue.h"
+#include "cpu/glue.h"
+#ifdef NANOGPT_WITH_CUDA
+#include "cuda/glue.h"
+#endif
 #define NG_KERNELS "bias_gelu_kernels.h"
-#include "isa_clones.h"
+#include "cpu/isa_clones.h"
 
 namespace nanogpt_cpu {
 namespace {
@@ -149,6 +153,59 @@ TORCH_LIBRARY_IMPL(nanogpt_ext, CPU, m) {
   m.impl("bias_gelu_bwd", &nanogpt_cpu::bias_gelu_bwd);
 }
 
-#ifdef NANOGPT_WITH_CUDA  // the CUDA *_fwd / *_bwd kernels are registered by cuda/binding.cpp
-TORCH_LIBRARY_IMPL(nanogpt_ext, CUDA, m) { m.impl("bias_gelu", &nanogpt_cpu::bias_gelu_plain); }
+#ifdef NANOGPT_WITH_CUDA
+namespace nanogpt_cuda {
+namespace {
+
+at::Tensor bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh) {
+  const char* op = "nanogpt_ext::bias_gelu_fwd";
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 1, op, ": x must be a CUDA tensor with at least 1 dimension");
+  const int64_t N = x.size(-1), M = rows_of(x);
+  const bool has_bias = check_bias(x, bias, N, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor y = nanogpt_cpu::new_output(x, x.sizes(), x.scalar_type());
+  if (N == 0 || M == 0) return y;
+  const int xd = dtype_code(x.scalar_type(), op, "x");
+  check_launch(ng_bias_gelu_fwd(xc.data_ptr(), has_bias ? bc.data_ptr() : nullptr, y.data_ptr(), M, N, tanh, xd,
+                                has_bias ? dtype_code(bias->scalar_type(), op, "bias") : xd,
+                                c10::cuda::getCurrentCUDAStream()),
+               op);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                 const std::optional<at::Tensor>& bias, bool tanh) {
+  const char* op = "nanogpt_ext::bias_gelu_bwd";
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 1, op, ": x must be a CUDA tensor with at least 1 dimension");
+  const int64_t N = x.size(-1), M = rows_of(x);
+  check_on(dy, x.device(), op, "dy");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), op, ": dy (", dy.sizes(), ", ",
+              dy.scalar_type(), ") must match x (", x.sizes(), ", ", x.scalar_type(), ")");
+  const bool has_bias = check_bias(x, bias, N, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor dyc = dy.contiguous(), xc = x.contiguous();
+  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor dx = nanogpt_cpu::new_output(x, x.sizes(), x.scalar_type());
+  at::Tensor db = nanogpt_cpu::new_output(x, {has_bias ? N : 0}, has_bias ? bias->scalar_type() : x.scalar_type());
+  if (N == 0) return {dx, db};
+  at::Tensor ws = at::empty({has_bias ? ng_colsum_chunks(M) * N : 0}, x.options().dtype(at::kFloat));
+  const int xd = dtype_code(x.scalar_type(), op, "x");
+  check_launch(ng_bias_gelu_bwd(dyc.data_ptr(), xc.data_ptr(), has_bias ? bc.data_ptr() : nullptr, dx.data_ptr(),
+                                has_bias ? db.data_ptr() : nullptr, has_bias ? ws.data_ptr<float>() : nullptr, M, N,
+                                tanh, xd, has_bias ? dtype_code(bias->scalar_type(), op, "bias") : xd,
+                                c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {dx, db};
+}
+
+}  // namespace
+}  // namespace nanogpt_cuda
+
+TORCH_LIBRARY_IMPL(nanogpt_ext, CUDA, m) {
+  m.impl("bias_gelu", &nanogpt_cpu::bias_gelu_plain);
+  m.impl("bias_gelu_fwd", &nanogpt_cuda::bias_gelu_fwd);
+  m.impl("bias_gelu_bwd", &nanogpt_cuda::bias_gelu_bwd);
+}
 #endif

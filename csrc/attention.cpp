@@ -16,7 +16,7 @@
 
 #include <vector>
 
-#include "glue.h"
+#include "cpu/glue.h"
 
 // the shapes, tiles and row views the kernels of every clone (attention_kernels.h) take, and the
 // glue's tensor helpers
@@ -113,7 +113,7 @@ void dropout_args(double dropout_p, const std::optional<at::Tensor>& seed, const
 
 }  // namespace nanogpt_cpu::attn
 #define NG_KERNELS "attention_kernels.h"
-#include "isa_clones.h"
+#include "cpu/isa_clones.h"
 
 namespace nanogpt_cpu {
 namespace {

@@ -5,14 +5,18 @@
 //   p *= 1 - lr*wd;  m += (1-b1)(g - m);  v = b2 v + (1-b2) g^2
 //   p += -(lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 // which is torch.optim.AdamW's single-tensor order of operations. A non-finite norm leaves
-// params, state and steps untouched. Params/grads in {fp32, bf16}; state in fp32.
+// params, state and steps untouched. Params/grads in {fp32, bf16}; state in fp32. Leaf loops in
+// cpu/adamw_kernels.h; built with CUDA, also registers the CUDA kernels (cuda/adamw.cu; fp16 too).
 #include <ATen/Parallel.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <vector>
 
-#include "glue.h"
+#include "cpu/glue.h"
+#ifdef NANOGPT_WITH_CUDA
+#include "cuda/glue.h"
+#endif
 
 namespace nanogpt_cpu {
 namespace {
@@ -22,7 +26,7 @@ struct AdamHyper {  // one tensor's step scalars (adamw_kernels.h)
 }  // namespace
 }  // namespace nanogpt_cpu
 #define NG_KERNELS "adamw_kernels.h"
-#include "isa_clones.h"
+#include "cpu/isa_clones.h"
 
 namespace nanogpt_cpu {
 namespace {
@@ -145,3 +149,80 @@ TORCH_LIBRARY_IMPL(nanogpt_ext, CPU, m) {
   m.impl("grad_norm", &nanogpt_cpu::grad_norm);
   m.impl("adamw_", &nanogpt_cpu::adamw_);
 }
+
+#ifdef NANOGPT_WITH_CUDA
+namespace nanogpt_cuda {
+namespace {
+
+at::Tensor grad_norm(at::TensorList grads) {
+  const char* op = "nanogpt_ext::grad_norm";
+  TORCH_CHECK(!grads.empty(), op, ": no gradients");
+  const at::Device dev = grads[0].device();
+  std::vector<at::Tensor> keep;
+  std::vector<const void*> ptrs;
+  std::vector<int> dtypes;
+  std::vector<int64_t> numels;
+  for (const at::Tensor& g : grads) {
+    check_on(g, dev, op, "every gradient");
+    keep.push_back(g.contiguous());
+    ptrs.push_back(keep.back().data_ptr());
+    dtypes.push_back(dtype_code(g.scalar_type(), op, "a gradient"));
+    numels.push_back(g.numel());
+  }
+  const c10::cuda::CUDAGuard guard(dev);
+  const int n = static_cast<int>(ptrs.size());
+  at::Tensor ws = at::empty({ng_grad_norm_workspace(numels.data(), n)}, grads[0].options().dtype(at::kDouble));
+  at::Tensor out = at::empty({}, grads[0].options().dtype(at::kFloat));
+  check_launch(ng_grad_norm(ptrs.data(), dtypes.data(), numels.data(), n, ws.data_ptr<double>(),
+                            out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+               op);
+  return out;
+}
+
+void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+            at::TensorList steps, const at::Tensor& lr, const at::Tensor& norm, double beta1, double beta2,
+            double eps, double weight_decay, double max_grad_norm) {
+  const char* op = "nanogpt_ext::adamw_";
+  const size_t n = params.size();
+  nanogpt_cpu::check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, steps, lr, norm, op);
+  if (n == 0) return;
+  const at::Device dev = params[0].device();
+  const c10::cuda::CUDAGuard guard(dev);
+  const at::Tensor lr_d = lr.to(dev, at::kDouble);  // async: no host sync
+  const at::Tensor norm_d = norm.to(dev, at::kFloat);
+  std::vector<at::Tensor> keep;
+  // one launcher call per param dtype
+  for (int code : {NG_F32, NG_BF16, NG_F16}) {
+    std::vector<void*> p;
+    std::vector<const void*> g;
+    std::vector<float*> m, v, s;
+    std::vector<int64_t> numel;
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& pi = params[i];
+      check_on(pi, dev, op, "every param");
+      if (dtype_code(pi.scalar_type(), op, "a param") != code) continue;
+      keep.push_back(grads[i].contiguous());
+      p.push_back(pi.data_ptr());
+      g.push_back(keep.back().data_ptr());
+      m.push_back(exp_avgs[i].data_ptr<float>());
+      v.push_back(exp_avg_sqs[i].data_ptr<float>());
+      s.push_back(steps[i].data_ptr<float>());
+      numel.push_back(pi.numel());
+    }
+    if (p.empty()) continue;
+    check_launch(ng_adamw(p.data(), g.data(), m.data(), v.data(), s.data(), numel.data(), static_cast<int>(p.size()),
+                          code, lr_d.data_ptr<double>(), norm_d.data_ptr<float>(), static_cast<float>(beta1),
+                          static_cast<float>(beta2), static_cast<float>(eps), static_cast<float>(weight_decay),
+                          static_cast<float>(max_grad_norm), c10::cuda::getCurrentCUDAStream()),
+                 op);
+  }
+}
+
+}  // namespace
+}  // namespace nanogpt_cuda
+
+TORCH_LIBRARY_IMPL(nanogpt_ext, CUDA, m) {
+  m.impl("grad_norm", &nanogpt_cuda::grad_norm);
+  m.impl("adamw_", &nanogpt_cuda::adamw_);
+}
+#endif

@@ -2,15 +2,19 @@
 // dweight, dbias with dweight/dbias reduced deterministically (fixed row chunks -> fp32
 // partial sums -> ordered sum over chunks). Dtypes: x in {fp32, bf16}; weight/bias in
 // {x's dtype, fp32}; all math in fp32. Defines nanogpt_ext::layer_norm (C++ autograd over
-// layer_norm_fwd / layer_norm_bwd) and registers the CPU kernels; leaf loops in layer_norm_kernels.h.
+// layer_norm_fwd / layer_norm_bwd) and registers the CPU kernels (leaf loops in cpu/layer_norm_kernels.h) and,
+// built with CUDA, the CUDA ones (cuda/layer_norm.cu).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include "glue.h"
+#include "cpu/glue.h"
+#ifdef NANOGPT_WITH_CUDA
+#include "cuda/glue.h"
+#endif
 #define NG_KERNELS "layer_norm_kernels.h"
-#include "isa_clones.h"
+#include "cpu/isa_clones.h"
 
 namespace nanogpt_cpu {
 namespace {
@@ -152,6 +156,74 @@ TORCH_LIBRARY_IMPL(nanogpt_ext, CPU, m) {
   m.impl("layer_norm_bwd", &nanogpt_cpu::layer_norm_bwd);
 }
 
-#ifdef NANOGPT_WITH_CUDA  // the CUDA *_fwd / *_bwd kernels are registered by cuda/binding.cpp
-TORCH_LIBRARY_IMPL(nanogpt_ext, CUDA, m) { m.impl("layer_norm", &nanogpt_cpu::layer_norm_plain); }
+#ifdef NANOGPT_WITH_CUDA
+namespace nanogpt_cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias, double eps) {
+  const char* op = "nanogpt_ext::layer_norm_fwd";
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have a non-empty last dimension");
+  const int64_t N = x.size(-1), M = rows_of(x);
+  check_on(weight, x.device(), op, "weight");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == N, op, ": weight must have shape [", N, "], got ",
+              weight.sizes());
+  check_param_dtype(x, weight, op, "weight");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    check_on(*bias, x.device(), op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), op, ": bias dtype differs from weight dtype");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor y = nanogpt_cpu::new_output(x, x.sizes(), x.scalar_type());
+  at::Tensor mean = nanogpt_cpu::new_output(x, {M}, at::kFloat);
+  at::Tensor rstd = nanogpt_cpu::new_output(x, {M}, at::kFloat);
+  check_launch(ng_layer_norm_fwd(xc.data_ptr(), wc.data_ptr(), has_bias ? bc.data_ptr() : nullptr, y.data_ptr(),
+                                 mean.data_ptr<float>(), rstd.data_ptr<float>(), M, N, static_cast<float>(eps),
+                                 dtype_code(x.scalar_type(), op, "x"), dtype_code(weight.scalar_type(), op, "weight"),
+                                 c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                              const at::Tensor& weight, const at::Tensor& mean,
+                                                              const at::Tensor& rstd, bool has_bias) {
+  const char* op = "nanogpt_ext::layer_norm_bwd";
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 1 && x.size(-1) > 0, op, ": x must be a CUDA tensor with a non-empty last dim");
+  const int64_t N = x.size(-1), M = rows_of(x);
+  for (auto* t : {&dy, &weight, &mean, &rstd}) check_on(*t, x.device(), op, "every argument");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), op, ": dy (", dy.sizes(), ", ",
+              dy.scalar_type(), ") must match x (", x.sizes(), ", ", x.scalar_type(), ")");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == N, op, ": weight must have shape [", N, "]");
+  check_param_dtype(x, weight, op, "weight");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.numel() == M &&
+                  rstd.numel() == M,
+              op, ": mean/rstd must be float32 with ", M, " elements");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor dyc = dy.contiguous(), xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
+  at::Tensor dx = nanogpt_cpu::new_output(x, x.sizes(), x.scalar_type());
+  at::Tensor dw = nanogpt_cpu::new_output(weight, {N}, weight.scalar_type());
+  at::Tensor db = nanogpt_cpu::new_output(weight, {has_bias ? N : 0}, weight.scalar_type());
+  at::Tensor ws = at::empty({2 * ng_colsum_chunks(M) * N}, x.options().dtype(at::kFloat));
+  check_launch(ng_layer_norm_bwd(dyc.data_ptr(), xc.data_ptr(), wc.data_ptr(), mc.data_ptr<float>(),
+                                 rc.data_ptr<float>(), dx.data_ptr(), dw.data_ptr(), has_bias ? db.data_ptr() : nullptr,
+                                 ws.data_ptr<float>(), M, N, dtype_code(x.scalar_type(), op, "x"),
+                                 dtype_code(weight.scalar_type(), op, "weight"), c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {dx, dw, db};
+}
+
+}  // namespace
+}  // namespace nanogpt_cuda
+
+TORCH_LIBRARY_IMPL(nanogpt_ext, CUDA, m) {
+  m.impl("layer_norm", &nanogpt_cpu::layer_norm_plain);
+  m.impl("layer_norm_fwd", &nanogpt_cuda::layer_norm_fwd);
+  m.impl("layer_norm_bwd", &nanogpt_cuda::layer_norm_bwd);
+}
 #endif
