@@ -142,6 +142,13 @@ LEGACY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
                   (_reconstruct, "numpy._core.multiarray._reconstruct")]
 # what torch's weights-only unpickler names when it refuses a file: a global (a function or class) or an object
 _REFUSED = re.compile(r"GLOBAL (\S+)|but got (<class '[^']+'>)")
+REFUSED = "which no checkpoint needs and which could run code (nothing in it was run)"
+
+
+def refused(e):
+    """What torch.load(weights_only=True) refused to build, when that is why it raised e (else None)."""
+    m = _REFUSED.search(str(e)) if isinstance(e, UnpicklingError) else None
+    return m and (m.group(1) or m.group(2))
 
 
 def _load_file(path):
@@ -151,11 +158,9 @@ def _load_file(path):
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing: {FIX}") from None
     except Exception as e:  # truncated zip, bad pickle, a pickle that would run code...
-        refused = _REFUSED.search(str(e)) if isinstance(e, UnpicklingError) else None
-        if refused:
-            raise CheckpointError(f"checkpoint file {path} is refused: it holds {refused.group(1) or refused.group(2)}, "
-                                  "which no checkpoint needs and which could run code (nothing in it was run); "
-                                  f"get the checkpoint again from a source you trust, or use a new out_dir") from None
+        if refused(e):
+            raise CheckpointError(f"checkpoint file {path} is refused: it holds {refused(e)}, {REFUSED}; get the "
+                                  "checkpoint again from a source you trust, or use a new out_dir") from None
         first = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else ""
         why = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({why}): {FIX}") from None
@@ -187,13 +192,13 @@ def _check(path, payload, required):
         return (isinstance(value, types) and (types is bool or not isinstance(value, bool))
                 and (not torch.is_tensor(value) or value.numel() == 1))
     if not isinstance(payload, dict):
-        raise malformed(f"it holds a {type(payload).__name__}, not a dict")
+        raise malformed(f"it holds {type(payload).__name__}, not a dict")
     missing = [k for k in required if k not in payload]
     if missing:
         raise malformed(f"no {missing[0]!r}")
     for key, types in (OPTIONAL | required).items():
         if key in payload and not of_type(payload[key], types):
-            raise malformed(f"{key!r} is a {type(payload[key]).__name__}")
+            raise malformed(f"{key!r} has type {type(payload[key]).__name__}")
     if "model" in required:
         bad = next((k for k, v in payload["model"].items() if not (isinstance(k, str) and torch.is_tensor(v))), None)
         if bad is not None:
@@ -203,7 +208,7 @@ def _check(path, payload, required):
             if key not in arg_types:
                 raise malformed(f"unknown model arg {key!r}")
             if not of_type(value, arg_types[key]):
-                raise malformed(f"model arg {key} is a {type(value).__name__}")
+                raise malformed(f"model arg {key!r} has type {type(value).__name__}")
     if "optimizer" in required:
         opt = payload["optimizer"]
         if not (isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
@@ -259,6 +264,9 @@ def load_pretrained(name_or_path, block_size, override_args):
     from nanogpt.model import GPT
 
     def cannot(e):
+        if refused(e):
+            return CheckpointError(f"the pretrained model {name_or_path!r} is refused: its weights hold {refused(e)}, "
+                                   f"{REFUSED}; get the model again from a source you trust")
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return CheckpointError(f"cannot load the pretrained model {name_or_path!r} ({why}); check the name or "
                                "directory, and the network or the Hugging Face cache")
@@ -274,7 +282,7 @@ def load_pretrained(name_or_path, block_size, override_args):
                               f"use --block_size={n_positions} or less")
     try:
         model = GPT.from_pretrained(name_or_path, override_args)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, UnpicklingError) as e:  # UnpicklingError: a .bin that weights-only loading refused
         raise cannot(e) from None
     if block_size is not None:
         model.crop_block_size(block_size)
