@@ -220,7 +220,7 @@ def _check(path, payload, required):
 def _from_nanogpt(ckpt):
     """nanoGPT's ckpt.pt as our (model payload, state payload). The state has no RNG or sampler states (nanoGPT
     saves none; the run is seeded afresh, as nanoGPT's resume does) and keeps only the optimizer's
-    hyperparameters, not how nanoGPT's machine ran it (fused, foreach, ...)."""
+    hyperparameters, not how nanoGPT's machine ran it (fused, foreach, ...: the resuming run's own)."""
     model = {k: v for k, v in clean_state_dict(ckpt["model"]).items()
              if not k.endswith(".attn.bias")}  # the causal-mask buffer nanoGPT keeps without flash attention
     margs = {"gelu": "none"} | ckpt["model_args"]  # nanoGPT's MLP is nn.GELU(): the exact erf form

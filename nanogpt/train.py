@@ -355,8 +355,13 @@ def restore(run, state):
     if ranks is not None and len(ranks) != run.proc.world:
         raise UserError(f"the checkpoint was written by {len(ranks)} ranks, this run has {run.proc.world}; "
                         "resume with the same number of ranks")
+    saved = state["optimizer"]
+    if len(saved["param_groups"]) == len(run.optimizer.param_groups):  # (else load_state_dict names the mismatch)
+        # a group keeps its saved hyperparameters; what it lacks (nanoGPT's: how to run, fused or not) is this run's
+        saved = saved | {"param_groups": [{k: v for k, v in own.items() if k != "params"} | group
+                                          for own, group in zip(run.optimizer.param_groups, saved["param_groups"])]}
     try:
-        run.optimizer.load_state_dict(state["optimizer"])
+        run.optimizer.load_state_dict(saved)
         if "scaler" in state:
             run.scaler.load_state_dict(state["scaler"])
         if ranks is not None:

@@ -99,6 +99,9 @@ def test_resume_from_nanogpt_out_dir(nano):
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
     # AdamW went on counting from nanoGPT's steps (a fresh optimizer would be at 2)
     nanogpt_state = torch.load(ckpt, weights_only=True)["optimizer"]["state"]
-    ours = checkpoint.load(str(out))[1]["optimizer"]["state"]
-    assert ours.keys() == nanogpt_state.keys()
-    assert all(int(ours[i]["step"]) == STEPS + 2 for i in nanogpt_state)
+    ours = checkpoint.load(str(out))[1]["optimizer"]
+    assert ours["state"].keys() == nanogpt_state.keys()
+    assert all(int(ours["state"][i]["step"]) == STEPS + 2 for i in nanogpt_state)
+    # with nanoGPT's hyperparameters (its beta2, not the config's 0.95), run as this run's AdamW runs
+    assert [(g["betas"], g["weight_decay"], g["decoupled_weight_decay"]) for g in ours["param_groups"]] == \
+        [((0.9, 0.99), 0.1, True), ((0.9, 0.99), 0.0, True)]
