@@ -71,7 +71,8 @@ def read_meta(data_dir):
     path = next((p for p in (os.path.join(data_dir, n) for n in ("meta.json", "meta.pkl")) if os.path.exists(p)), None)
     if path is None:
         return None
-    fix = f"re-create it with `nanogpt-prepare shakespeare_char --data_dir {data_dir}` (or delete it for GPT-2 BPE data)"
+    fix = (f"re-create it with `nanogpt-prepare shakespeare_char --data_dir {data_dir}` "
+           "(or delete it for GPT-2 BPE data)")
     try:
         meta = _load_meta(path)
     except pickle.UnpicklingError as e:
