@@ -127,7 +127,7 @@ def latest_iter(out_dir):
     """The iteration of out_dir's latest checkpoint (None if there is none)."""
     entry = _read_pointer(out_dir, "latest")
     if entry is None and os.path.exists(os.path.join(out_dir, NANOGPT_FILE)):
-        return load(out_dir, with_state=False)[0]["iter_num"]
+        return load(out_dir, with_state=False)[0].get("iter_num")
     return entry.get("iter") if isinstance(entry, dict) else None
 
 
@@ -167,12 +167,11 @@ def _load_file(path):
 
 
 # the keys each payload must hold (and the optional ones we read), with their types
+LOSS = (int, float, torch.Tensor)  # nanoGPT saves its best val loss as a 0-d tensor
 MODEL_SCHEMA = {"model": dict, "model_args": dict}
-STATE_SCHEMA = {"optimizer": dict, "iter_num": int, "best_val_loss": (int, float), "ranks": list}
-NANOGPT_SCHEMA = {"model": dict, "model_args": dict, "optimizer": dict, "iter_num": int,
-                  "best_val_loss": (int, float, torch.Tensor)}  # nanoGPT saves its val loss as a 0-d tensor
-OPTIONAL = {"iter_num": int, "config": dict, "best_val_loss": (int, float), "scaler": dict, "skipped": int,
-            "kernels": dict}
+STATE_SCHEMA = {"optimizer": dict, "iter_num": int, "best_val_loss": LOSS, "ranks": list}
+NANOGPT_STATE_SCHEMA = {"optimizer": dict, "iter_num": int, "best_val_loss": LOSS}  # for resuming, not sampling
+OPTIONAL = {"iter_num": int, "config": dict, "best_val_loss": LOSS, "scaler": dict, "skipped": int, "kernels": dict}
 
 
 def _model_arg_types():
@@ -217,21 +216,21 @@ def _check(path, payload, required):
     return payload
 
 
-def _from_nanogpt(ckpt):
-    """nanoGPT's ckpt.pt as our (model payload, state payload). The state has no RNG or sampler states (nanoGPT
-    saves none; the run is seeded afresh, as nanoGPT's resume does) and keeps only the optimizer's
+def _from_nanogpt(ckpt, with_state):
+    """nanoGPT's ckpt.pt as our (model payload, state payload or None). The state has no RNG or sampler states
+    (nanoGPT saves none; the run is seeded afresh, as nanoGPT's resume does) and keeps only the optimizer's
     hyperparameters, not how nanoGPT's machine ran it (fused, foreach, ...: the resuming run's own)."""
     model = {k: v for k, v in clean_state_dict(ckpt["model"]).items()
              if not k.endswith(".attn.bias")}  # the causal-mask buffer nanoGPT keeps without flash attention
     margs = {"gelu": "none"} | ckpt["model_args"]  # nanoGPT's MLP is nn.GELU(): the exact erf form
-    config = ckpt.get("config", {})
+    extra = {k: ckpt[k] for k in ("iter_num", "config") if k in ckpt}
+    if not with_state:
+        return {"model": model, "model_args": margs} | extra, None
     optimizer = {"state": ckpt["optimizer"]["state"],
                  "param_groups": [{k: g[k] for k in ("lr", "betas", "eps", "weight_decay", "params") if k in g}
                                   for g in ckpt["optimizer"]["param_groups"]]}
-    model_payload = {"model": model, "model_args": margs, "iter_num": ckpt["iter_num"], "config": config}
-    state_payload = {"optimizer": optimizer, "iter_num": ckpt["iter_num"],
-                     "best_val_loss": float(ckpt["best_val_loss"]), "config": config}
-    return model_payload, state_payload
+    state_payload = {"optimizer": optimizer, "best_val_loss": float(ckpt["best_val_loss"])} | extra
+    return {"model": model, "model_args": margs} | extra, state_payload
 
 
 def load(out_dir, which="latest", with_state=True):
@@ -240,9 +239,8 @@ def load(out_dir, which="latest", with_state=True):
     entry = _read_pointer(out_dir, which)
     nanogpt_path = os.path.join(out_dir, NANOGPT_FILE)
     if entry is None and _read_pointer(out_dir, "latest") is None and os.path.exists(nanogpt_path):
-        ckpt = _check(nanogpt_path, _load_file(nanogpt_path), NANOGPT_SCHEMA)
-        model_payload, state_payload = _from_nanogpt(ckpt)
-        return model_payload, state_payload if with_state else None
+        required = MODEL_SCHEMA | (NANOGPT_STATE_SCHEMA if with_state else {})
+        return _from_nanogpt(_check(nanogpt_path, _load_file(nanogpt_path), required), with_state)
     if entry is None:
         raise CheckpointError(f"no checkpoint in {out_dir} ({which}.json not found); "
                               "train first, or check --out_dir")

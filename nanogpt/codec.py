@@ -40,7 +40,8 @@ def meta_json(chars):
 
 
 class _PlainUnpickler(pickle.Unpickler):
-    """Builds dicts, lists, strings and numbers only: a pickle that names any function or class is refused."""
+    """Builds only what pickle's own opcodes build (dicts, lists, strings, numbers...): a pickle that names any
+    function or class is refused."""
 
     def find_class(self, module, name):
         raise pickle.UnpicklingError(f"it names {module}.{name}")

@@ -371,7 +371,8 @@ def restore(run, state):
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise checkpoint.CheckpointError(f"the training state in {run.c['out_dir']} does not fit this run "
                                          f"({type(e).__name__}: {why}): {checkpoint.FIX}") from None
-    run.iter_num, run.best_val_loss, run.skipped = state["iter_num"], state["best_val_loss"], state.get("skipped", 0)
+    run.iter_num, run.best_val_loss = state["iter_num"], float(state["best_val_loss"])  # nanoGPT's: a tensor
+    run.skipped = state.get("skipped", 0)
     if run.proc.master:
         print(f"resuming from iter {run.iter_num} (best val loss {run.best_val_loss:.4f})")
 

@@ -68,6 +68,11 @@ def test_load_converts_nanogpt_layout(nano):
     ckpt["model"]["_orig_mod.transformer.h.0.attn.bias"] = torch.ones(1, 1, 32, 32).tril()
     torch.save(ckpt, old / "ckpt.pt")
     assert checkpoint.load(str(old), with_state=False)[0]["model"].keys() == model_payload["model"].keys()
+    # weights and model args are all sampling needs (as for nanoGPT's sample.py); resuming needs the rest
+    torch.save({k: ckpt[k] for k in ("model", "model_args")}, old / "ckpt.pt")
+    assert checkpoint.load(str(old), with_state=False)[0]["model_args"]["gelu"] == "none"
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt\.pt is malformed \(no 'optimizer'\)"):
+        checkpoint.load(str(old))
 
 
 def test_sample_from_nanogpt_out_dir(nano, capsys, monkeypatch):
