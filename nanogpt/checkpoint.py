@@ -13,17 +13,30 @@ last. A crash or kill -9 at any moment leaves the previous pointers and the
 files they name intact. Files no pointer names (and temp files a killed
 process left behind) are deleted after a save.
 
+An out_dir of nanoGPT's (one ckpt.pt: model, model_args, optimizer, iter_num,
+best_val_loss, config) loads too, as the latest checkpoint until a run of ours
+saves beside it; ckpt.pt itself is never written.
+
+No file we load runs code: torch.load(weights_only=True) takes only tensors and
+plain Python, and each payload is checked for the keys and types it must have,
+so a hostile or malformed file is a one-line error.
+
 Also here: loading a model's weights (load_model_state) and OpenAI's GPT-2 or
 a Hugging Face directory (load_pretrained), with one-line errors.
 """
+import dataclasses
 import json
 import os
+import re
+from pickle import UnpicklingError
 
+import numpy as np
 import torch
 
 from nanogpt.errors import UserError
 
 POINTERS = ("latest", "best")
+NANOGPT_FILE = "ckpt.pt"  # nanoGPT's out_dir: this one file
 
 
 class CheckpointError(UserError, ValueError):
@@ -106,45 +119,140 @@ def _collect_garbage(out_dir):
 
 
 def exists(out_dir):
-    return os.path.exists(os.path.join(out_dir, "latest.json"))
+    """Whether out_dir holds a checkpoint: ours (latest.json) or nanoGPT's ckpt.pt."""
+    return any(os.path.exists(os.path.join(out_dir, name)) for name in ("latest.json", NANOGPT_FILE))
 
 
 def latest_iter(out_dir):
     """The iteration of out_dir's latest checkpoint (None if there is none)."""
     entry = _read_pointer(out_dir, "latest")
+    if entry is None and os.path.exists(os.path.join(out_dir, NANOGPT_FILE)):
+        return load(out_dir, with_state=False)[0].get("iter_num")
     return entry.get("iter") if isinstance(entry, dict) else None
 
 
 FIX = "restore it, point latest.json at another checkpoint (e.g. copy best.json over it), or use a new out_dir"
 
+# Checkpoints written before loading became weights-only hold numpy's RNG state, an ndarray of uint32. These
+# globals rebuild such an array and nothing else (its contents still go through the weights-only unpickler);
+# _reconstruct under both module names, as numpy 1 and numpy 2 pickle it.
+_reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+LEGACY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                  (_reconstruct, "numpy.core.multiarray._reconstruct"),
+                  (_reconstruct, "numpy._core.multiarray._reconstruct")]
+# what torch's weights-only unpickler names when it refuses a file: a global (a function or class) or an object
+_REFUSED = re.compile(r"GLOBAL (\S+)|but got (<class '[^']+'>)")
+REFUSED = "which no checkpoint needs and which could run code (nothing in it was run)"
+
+
+def refused(e):
+    """What torch.load(weights_only=True) refused to build, when that is why it raised e (else None)."""
+    m = _REFUSED.search(str(e)) if isinstance(e, UnpicklingError) else None
+    return m and (m.group(1) or m.group(2))
+
 
 def _load_file(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(LEGACY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing: {FIX}") from None
-    except Exception as e:  # truncated zip, bad pickle, ...
+    except Exception as e:  # truncated zip, bad pickle, a pickle that would run code...
+        if refused(e):
+            raise CheckpointError(f"checkpoint file {path} is refused: it holds {refused(e)}, {REFUSED}; get the "
+                                  "checkpoint again from a source you trust, or use a new out_dir") from None
         first = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else ""
         why = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({why}): {FIX}") from None
 
 
+# the keys each payload must hold (and the optional ones we read), with their types
+LOSS = (int, float, torch.Tensor)  # nanoGPT saves its best val loss as a 0-d tensor
+MODEL_SCHEMA = {"model": dict, "model_args": dict}
+STATE_SCHEMA = {"optimizer": dict, "iter_num": int, "best_val_loss": LOSS, "ranks": list}
+NANOGPT_STATE_SCHEMA = {"optimizer": dict, "iter_num": int, "best_val_loss": LOSS}  # for resuming, not sampling
+OPTIONAL = {"iter_num": int, "config": dict, "best_val_loss": LOSS, "scaler": dict, "skipped": int, "kernels": dict}
+
+
+def _model_arg_types():
+    """What a checkpoint's model args may be: GPTConfig's fields and types, but the per-run backend selector."""
+    from nanogpt.model import GPTConfig
+    return {f.name: (int, float) if f.type is float else f.type for f in dataclasses.fields(GPTConfig)
+            if f.name != "kernels"}
+
+
+def _check(path, payload, required):
+    """payload, or a one-line CheckpointError unless it is a dict with the required keys and every key we read of
+    its type: str -> tensor weights, known model args, an optimizer state_dict's two parts."""
+    def malformed(why):
+        return CheckpointError(f"checkpoint file {path} is malformed ({why}): {FIX}")
+
+    def of_type(value, types):  # a bool is no number; a tensor stands for a number only when it holds one
+        return (isinstance(value, types) and (types is bool or not isinstance(value, bool))
+                and (not torch.is_tensor(value) or value.numel() == 1))
+    if not isinstance(payload, dict):
+        raise malformed(f"it holds {type(payload).__name__}, not a dict")
+    missing = [k for k in required if k not in payload]
+    if missing:
+        raise malformed(f"no {missing[0]!r}")
+    for key, types in (OPTIONAL | required).items():
+        if key in payload and not of_type(payload[key], types):
+            raise malformed(f"{key!r} has type {type(payload[key]).__name__}")
+    if "model" in required:
+        bad = next((k for k, v in payload["model"].items() if not (isinstance(k, str) and torch.is_tensor(v))), None)
+        if bad is not None:
+            raise malformed(f"model entry {bad!r} is not a named tensor")
+        arg_types = _model_arg_types()
+        for key, value in payload["model_args"].items():
+            if key not in arg_types:
+                raise malformed(f"unknown model arg {key!r}")
+            if not of_type(value, arg_types[key]):
+                raise malformed(f"model arg {key!r} has type {type(value).__name__}")
+    if "optimizer" in required:
+        opt = payload["optimizer"]
+        if not (isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+                and all(isinstance(g, dict) for g in opt["param_groups"])):
+            raise malformed("'optimizer' is not an optimizer state_dict")
+    return payload
+
+
+def _from_nanogpt(ckpt, with_state):
+    """nanoGPT's ckpt.pt as our (model payload, state payload or None). The state has no RNG or sampler states
+    (nanoGPT saves none; the run is seeded afresh, as nanoGPT's resume does) and keeps only the optimizer's
+    hyperparameters, not how nanoGPT's machine ran it (fused, foreach, ...: the resuming run's own)."""
+    model = {k: v for k, v in clean_state_dict(ckpt["model"]).items()
+             if not k.endswith(".attn.bias")}  # the causal-mask buffer nanoGPT keeps without flash attention
+    margs = {"gelu": "none"} | ckpt["model_args"]  # nanoGPT's MLP is nn.GELU(): the exact erf form
+    extra = {k: ckpt[k] for k in ("iter_num", "config") if k in ckpt}
+    if not with_state:
+        return {"model": model, "model_args": margs} | extra, None
+    optimizer = {"state": ckpt["optimizer"]["state"],
+                 "param_groups": [{k: g[k] for k in ("lr", "betas", "eps", "weight_decay", "params") if k in g}
+                                  for g in ckpt["optimizer"]["param_groups"]]}
+    state_payload = {"optimizer": optimizer, "best_val_loss": float(ckpt["best_val_loss"])} | extra
+    return {"model": model, "model_args": margs} | extra, state_payload
+
+
 def load(out_dir, which="latest", with_state=True):
-    """Load (model_payload, state_payload or None) on the CPU, whatever device saved it."""
+    """Load (model_payload, state_payload or None) on the CPU, whatever device saved it. An out_dir with nanoGPT's
+    ckpt.pt and no latest.json of ours loads that file, converted to our payloads (the state has no "ranks")."""
     entry = _read_pointer(out_dir, which)
+    nanogpt_path = os.path.join(out_dir, NANOGPT_FILE)
+    if entry is None and _read_pointer(out_dir, "latest") is None and os.path.exists(nanogpt_path):
+        required = MODEL_SCHEMA | (NANOGPT_STATE_SCHEMA if with_state else {})
+        return _from_nanogpt(_check(nanogpt_path, _load_file(nanogpt_path), required), with_state)
     if entry is None:
         raise CheckpointError(f"no checkpoint in {out_dir} ({which}.json not found); "
                               "train first, or check --out_dir")
     if not isinstance(entry, dict) or not {"model", "state"} <= set(entry):
         raise CheckpointError(f"{os.path.join(out_dir, which + '.json')} is corrupt (no model/state entries); "
                               f"delete it to start over, or point it at a file in {out_dir}/checkpoints")
-    model_payload = _load_file(os.path.join(out_dir, entry["model"]))
-    state_payload = _load_file(os.path.join(out_dir, entry["state"])) if with_state else None
-    for path, payload, keys in ((entry["model"], model_payload, ("model", "model_args")),
-                                (entry["state"], state_payload, ("optimizer", "iter_num", "ranks"))):
-        if payload is not None and not (isinstance(payload, dict) and set(keys) <= set(payload)):
-            raise CheckpointError(f"checkpoint file {os.path.join(out_dir, path)} is not a nanogpt checkpoint "
-                                  "(missing keys); restore it or start over in a new out_dir")
+    path = os.path.join(out_dir, entry["model"])
+    model_payload = _check(path, _load_file(path), MODEL_SCHEMA)
+    state_payload = None
+    if with_state:
+        path = os.path.join(out_dir, entry["state"])
+        state_payload = _check(path, _load_file(path), STATE_SCHEMA)
     return model_payload, state_payload
 
 
@@ -154,6 +262,9 @@ def load_pretrained(name_or_path, block_size, override_args):
     from nanogpt.model import GPT
 
     def cannot(e):
+        if refused(e):
+            return CheckpointError(f"the pretrained model {name_or_path!r} is refused: its weights hold {refused(e)}, "
+                                   f"{REFUSED}; get the model again from a source you trust")
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return CheckpointError(f"cannot load the pretrained model {name_or_path!r} ({why}); check the name or "
                                "directory, and the network or the Hugging Face cache")
@@ -169,7 +280,7 @@ def load_pretrained(name_or_path, block_size, override_args):
                               f"use --block_size={n_positions} or less")
     try:
         model = GPT.from_pretrained(name_or_path, override_args)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, UnpicklingError) as e:  # UnpicklingError: a .bin that weights-only loading refused
         raise cannot(e) from None
     if block_size is not None:
         model.crop_block_size(block_size)

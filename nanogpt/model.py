@@ -191,6 +191,8 @@ class GPT(nn.Module):
         allowed = {"dropout", "kernels", "block_size"}
         if set(override_args) - allowed:
             raise ValueError(f"from_pretrained can override only {sorted(allowed)}, got {sorted(override_args)}")
+        # a concrete class runs no code from the repository (no trust_remote_code); transformers reads
+        # model.safetensors when there is one, and a pytorch_model.bin weights-only
         hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         c = hf.config
         act = getattr(c, "activation_function", "gelu_new")

@@ -1,7 +1,8 @@
 """Data preparation with nanoGPT's data/*/prepare.py semantics: `nanogpt-prepare NAME [--options]`.
 
 Writes data/NAME/{train,val}.bin (uint16 token ids, what nanoGPT's train.py memmaps) and, for
-char-level data, meta.pkl ({'vocab_size', 'itos', 'stoi'}, what nanoGPT's sample.py reads).
+char-level data, meta.pkl ({'vocab_size', 'itos', 'stoi'}, what nanoGPT's sample.py reads) and the same
+vocabulary as meta.json ({'vocab_size', 'itos': [chars]}, what we read: JSON runs no code).
 
 Completion is provable: every file is written to NAME.tmp in the same directory, fsynced and renamed
 into place, and a manifest (prepare.json: name, settings, token counts, sizes, sha256) is written
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from .codec import meta_json
 
 DATASETS = ("shakespeare_char", "shakespeare", "openwebtext")
 MANIFEST = "prepare.json"
@@ -146,6 +149,7 @@ def _prepare_char(data_dir, text):
              "val.bin": _write_tokens(data_dir / "val.bin", ids[n:])}
     meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
     files["meta.pkl"] = _write_file(data_dir / "meta.pkl", pickle.dumps(meta))
+    files["meta.json"] = _write_file(data_dir / "meta.json", meta_json(chars).encode())
     return files, len(chars)
 
 
@@ -279,7 +283,7 @@ def prepare(name, data_dir=None, *, input_file=None, dataset=None, dataset_confi
 
     # Invalidate first: from here until the new manifest lands, the directory reads as incomplete.
     data_dir.mkdir(parents=True, exist_ok=True)
-    for f in (MANIFEST, "meta.pkl"):  # a stale meta.pkl would make a BPE dataset look char-level
+    for f in (MANIFEST, "meta.pkl", "meta.json"):  # a stale meta would make a BPE dataset look char-level
         (data_dir / f).unlink(missing_ok=True)
     _fsync_dir(data_dir)
     if name == "shakespeare_char":

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanogpt import checkpoint, ops
+from nanogpt.codec import read_meta
 from nanogpt.configurator import configure
 from nanogpt.data import Batcher, check_data
 from nanogpt.errors import UserError, run_cli
@@ -134,13 +135,16 @@ def check_config(c, world):
 
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG's state as tensors and plain Python, what a weights-only checkpoint holds (numpy's key as a list)."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    return {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s):
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    np.random.set_state(s["numpy"])  # also the tuple with an ndarray that checkpoints of earlier releases hold
     torch.set_rng_state(s["torch"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
@@ -284,12 +288,8 @@ def load_model(c, device_type, init_from, data_dir):
     """(model, the checkpoint's state payload or None): a new model, out_dir's latest checkpoint, or pretrained
     weights."""
     if init_from == "scratch":
-        meta = os.path.join(data_dir, "meta.pkl")
-        vocab_size = 50304
-        if os.path.exists(meta):
-            import pickle
-            with open(meta, "rb") as f:
-                vocab_size = pickle.load(f)["vocab_size"]
+        meta = read_meta(data_dir)
+        vocab_size = meta["vocab_size"] if meta else 50304
         margs = {k: c[k] for k in MODEL_KEYS if k != "vocab_size"} | {"vocab_size": vocab_size}
         return build_model(c, device_type, margs), None
     if init_from == "resume":
@@ -349,15 +349,30 @@ def init_run(c, proc, ctx, gas):
 
 
 def restore(run, state):
-    """Continue from a checkpoint's state payload: optimizer, GradScaler, counters, this rank's RNG and sampler."""
-    if len(state["ranks"]) != run.proc.world:
-        raise UserError(f"the checkpoint was written by {len(state['ranks'])} ranks, this run has {run.proc.world}; "
+    """Continue from a checkpoint's state payload: optimizer, GradScaler, counters, this rank's RNG and sampler.
+    nanoGPT's ckpt.pt has no GradScaler, RNG or sampler states (no "ranks"): those start afresh, as in nanoGPT."""
+    ranks = state.get("ranks")
+    if ranks is not None and len(ranks) != run.proc.world:
+        raise UserError(f"the checkpoint was written by {len(ranks)} ranks, this run has {run.proc.world}; "
                         "resume with the same number of ranks")
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.iter_num, run.best_val_loss, run.skipped = state["iter_num"], state["best_val_loss"], state.get("skipped", 0)
-    set_rng_state(state["ranks"][run.proc.rank]["rng"])
-    run.batcher.load_state_dict(state["ranks"][run.proc.rank]["batcher"])
+    saved = state["optimizer"]
+    if len(saved["param_groups"]) == len(run.optimizer.param_groups):  # (else load_state_dict names the mismatch)
+        # a group keeps its saved hyperparameters; what it lacks (nanoGPT's: how to run, fused or not) is this run's
+        saved = saved | {"param_groups": [{k: v for k, v in own.items() if k != "params"} | group
+                                          for own, group in zip(run.optimizer.param_groups, saved["param_groups"])]}
+    try:
+        run.optimizer.load_state_dict(saved)
+        if "scaler" in state:
+            run.scaler.load_state_dict(state["scaler"])
+        if ranks is not None:
+            set_rng_state(ranks[run.proc.rank]["rng"])
+            run.batcher.load_state_dict(ranks[run.proc.rank]["batcher"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # a state of another shape
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise checkpoint.CheckpointError(f"the training state in {run.c['out_dir']} does not fit this run "
+                                         f"({type(e).__name__}: {why}): {checkpoint.FIX}") from None
+    run.iter_num, run.best_val_loss = state["iter_num"], float(state["best_val_loss"])  # nanoGPT's: a tensor
+    run.skipped = state.get("skipped", 0)
     if run.proc.master:
         print(f"resuming from iter {run.iter_num} (best val loss {run.best_val_loss:.4f})")
 

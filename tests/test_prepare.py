@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "shared/data/tiktoken_cache"))
 
 from nanogpt import prepare as P  # noqa: E402
-from nanogpt.codec import gpt2, load_codec  # noqa: E402
+from nanogpt.codec import gpt2, load_codec, read_meta  # noqa: E402
 
 TEXT = P.SHAKESPEARE.read_text(encoding="utf-8")
 EOT = 50256
@@ -46,6 +46,8 @@ def test_shakespeare_char_matches_nanogpt(tmp_path, monkeypatch):
     with open(d / "meta.pkl", "rb") as f:
         meta = pickle.load(f)
     assert meta == {"vocab_size": 65, "itos": dict(enumerate(chars)), "stoi": stoi}
+    # the same vocabulary as JSON, which is what we read
+    assert json.loads((d / "meta.json").read_text()) == {"vocab_size": 65, "itos": chars} and read_meta(d) == meta
     encode, decode = load_codec(d)
     assert decode(np.concatenate([train, val])) == TEXT
     assert decode(encode(TEXT[:1000])) == TEXT[:1000]
@@ -57,8 +59,8 @@ def test_shakespeare_bpe_matches_nanogpt(tmp_path):
     m = P.prepare("shakespeare", d)
     train, val = tokens(d, "train"), tokens(d, "val")
     assert (len(train), len(val)) == (301_966, 36_059) and m["vocab_size"] == 50257
-    assert not (d / "meta.pkl").exists()
-    encode, decode = load_codec(d)  # no meta.pkl -> GPT-2 BPE
+    assert not (d / "meta.pkl").exists() and not (d / "meta.json").exists()
+    encode, decode = load_codec(d)  # no meta -> GPT-2 BPE
     n = int(len(TEXT) * 0.9)
     assert decode(train) == TEXT[:n] and decode(val) == TEXT[n:]
     assert list(train[:100]) == gpt2().encode_ordinary(TEXT[:n])[:100]
@@ -149,7 +151,7 @@ def test_rerun_skips_and_force_redoes(tmp_path, capsys):
     assert P.read_manifest(d)["vocab_size"] == 4 and load_codec(d)[1](tokens(d, "train")) == "abcabcabcab"
     # switching a dir to BPE drops the stale char-level meta.pkl (else the codec would misread it)
     P.prepare("shakespeare", d, force=True)
-    assert not (d / "meta.pkl").exists() and load_codec(d)[1](tokens(d, "val")) == TEXT[int(len(TEXT) * 0.9):]
+    assert not (d / "meta.pkl").exists() and not (d / "meta.json").exists() and load_codec(d)[1](tokens(d, "val")) == TEXT[int(len(TEXT) * 0.9):]
 
 
 KILL_AFTER = """
