@@ -110,6 +110,13 @@ def help_lines(capsys, main, argv):
     return out.splitlines()
 
 
+def test_every_configured_command_is_checked():
+    """A new command that reads --key=value joins _commands(), so the test below checks its --help too."""
+    users = {p.name for d in ("nanogpt", "benchmarks") for p in (ROOT / d).glob("*.py")
+             if "configure(" in p.read_text() and p.name != "configurator.py"}
+    assert users == {"train.py", "sample.py", "bench.py", "bench_generate.py", "kernel_roofline.py"}
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_lists_every_key_of_every_command(capsys, flag):
     for name, main, keys in _commands():
@@ -154,3 +161,6 @@ def test_readme_config_table_matches_the_definition():
     assert [g.strip() for g, _ in rows] == list(groups)
     for (group, cell), keys in zip(rows, groups.values()):
         assert [k for k in re.findall(r"`(\w+)`", cell) if k in TRAIN] == keys, group
+    from nanogpt.sample import DEFAULTS as SAMPLE
+    sampling = readme.split("## Sampling")[1].split("\n## ")[0]
+    assert set(SAMPLE) <= set(re.findall(r"`(\w+)`", sampling))
