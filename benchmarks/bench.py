@@ -60,7 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_cases import device_name  # noqa: E402
 from nanogpt import ops  # noqa: E402
 from nanogpt_kernels import registry  # noqa: E402
-from nanogpt.configurator import configure  # noqa: E402
+from nanogpt.configurator import HELP, Keys, configure  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.mfu import peak_flops  # noqa: E402
 from nanogpt.model import GPT, GPTConfig  # noqa: E402
@@ -83,38 +83,57 @@ def default_device():
 
 
 def defaults(device):
+    """The keys, with the defaults for `device`."""
     dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_available() \
         and torch.cuda.is_bf16_supported() else "float32"
-    return dict(
-        **SHAPES["cuda" if device.startswith("cuda") else "cpu"],
-        dropout=0.0, bias=True, gelu="none",
-        device=device, dtype=dtype,
-        data="synthetic",          # or a prepared dataset dir holding train.bin (uint16 token ids)
-        warmup=5 if device == "cpu" else 10,   # untimed steps per mode after the first (compiling) one
-        iters=30,                  # timed steps per mode
-        per_round=1,               # steps per mode per round
-        # where the CPU quick start trains in bf16, also our kernels in bf16: its default path
-        modes=DEFAULT_MODES + (",auto@bfloat16" if device == "cpu" and ops.auto_dtype("cpu") == "bfloat16" else ""),
-        kernels="auto",            # what "auto"/"ours" modes run
-        autotune=True,             # measure auto's backends (nanogpt.ops.select_kernels); False: the fixed order
-        max_auto_slowdown=0.03,    # gate: auto (eager) at most this much slower than torch (eager), same dtype
-        json="",                   # write the results here too
-        profile="",                # mode(s) to profile after timing, e.g. "auto" or "auto,torch+compile"
-        profile_dir="benchmarks/profiles",
-        profile_steps=5,
-        memory=True,               # measure peak memory per mode (cpu: one subprocess per mode)
-        mem_steps=3,
-        learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95,
-        seed=1337,
-        threads=0,                 # torch.set_num_threads when > 0 (CPU); 0 keeps torch's default
-        probe="",                  # internal: run only the CPU memory probe of this mode
-    )
+    shape = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+    about = dict(n_layer="transformer blocks", n_head="attention heads", n_embd="embedding width",
+                 block_size="context length", batch_size="batch size", vocab_size="vocabulary size")
+    return Keys("python benchmarks/bench.py", __doc__, {
+        "model": {k: (v, about[k]) for k, v in shape.items()} | dict(
+            dropout=(0.0, "dropout probability"),
+            bias=(True, "biases in the Linear layers and LayerNorms"),
+            gelu=("none", "the GELU's tanh approximation: none | tanh"),
+        ),
+        "timing": dict(
+            data=("synthetic", "synthetic, or a prepared dataset dir holding train.bin (uint16 token ids)"),
+            warmup=(5 if device == "cpu" else 10, "untimed steps per mode after the first (compiling) one"),
+            iters=(30, "timed steps per mode"),
+            per_round=(1, "steps per mode per round"),
+            # where the CPU quick start trains in bf16, also our kernels in bf16: its default path
+            modes=(DEFAULT_MODES + (",auto@bfloat16" if device == "cpu" and ops.auto_dtype("cpu") == "bfloat16"
+                                    else ""), "the modes to time: <kernels>[+compile][@dtype], comma-separated"),
+            kernels=("auto", "what the auto/ours modes run (per op as in nanogpt-train --kernels)"),
+            autotune=(True, "measure auto's backends (nanogpt.ops.select_kernels); False: the fixed order"),
+            max_auto_slowdown=(0.03, "gate: auto (eager) at most this much slower than torch (eager), same dtype"),
+        ),
+        "output": dict(
+            json=("", "write the results here too"),
+            profile=("", "mode(s) to profile after timing, e.g. auto or auto,torch+compile"),
+            profile_dir=("benchmarks/profiles", "where the profiler traces go"),
+            profile_steps=(5, "steps per profiled mode"),
+            memory=(True, "measure peak memory per mode (cpu: one subprocess per mode)"),
+            mem_steps=(3, "steps per memory measurement"),
+        ),
+        "optimizer": dict(
+            learning_rate=(6e-4, "AdamW learning rate"),
+            weight_decay=(0.1, "AdamW weight decay"),
+            beta1=(0.9, "AdamW beta1"),
+            beta2=(0.95, "AdamW beta2"),
+        ),
+        "system": dict(
+            device=(device, "cpu | cuda | cuda:N (the defaults follow it)"),
+            dtype=(dtype, "float32 | bfloat16 | float16: the modes' precision unless a mode names its own"),
+            seed=(1337, "random seed"),
+            threads=(0, "torch.set_num_threads when > 0 (CPU); 0 keeps torch's default"),
+            probe=("", "internal: run only the CPU memory probe of this mode"),
+        ),
+    })
 
 
 def load_config(argv):
-    cfg = configure(defaults(default_device()), argv)
-    if cfg["device"] != default_device():  # device-dependent defaults, then the same overrides again
-        cfg = configure(defaults(cfg["device"]), argv)
+    device = configure(defaults(default_device()), [a for a in argv if a not in HELP])["device"]
+    cfg = configure(defaults(device), argv)  # the defaults for that device (--help shows them), the same overrides
     if cfg["dtype"] not in TOLERANCE:
         raise UserError(f"dtype must be one of {', '.join(TOLERANCE)}, got {cfg['dtype']!r}")
     if cfg["iters"] < 1 or cfg["warmup"] < 0 or cfg["per_round"] < 1:

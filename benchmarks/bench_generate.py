@@ -23,27 +23,40 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_cases import device_name  # noqa: E402
 from nanogpt import generate as engine  # noqa: E402
-from nanogpt.configurator import configure  # noqa: E402
+from nanogpt.configurator import Keys, configure  # noqa: E402
 from nanogpt.errors import run_cli  # noqa: E402
 from nanogpt.model import GPT, GPTConfig  # noqa: E402
 from nanogpt.sample import load_model  # noqa: E402
 
-DEFAULTS = dict(
-    init_from="scratch",  # scratch (random weights) | resume (out_dir) | gpt2* | a Hugging Face GPT-2 directory
-    out_dir="out",
-    which="best",
-    n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, bias=True,  # scratch's shape
-    prompt_len=16,
-    max_new_tokens=256,
-    batch_sizes="1,8",  # with the cache
-    no_cache_batch_sizes="1",  # also without it (every token recomputes the whole context: slow)
-    device="cuda" if torch.cuda.is_available() else "cpu",
-    dtype="float32",  # float32 | bfloat16 | float16 (autocast)
-    kernels="auto",
-    threads=0,  # torch.set_num_threads when > 0 (CPU); 0 keeps torch's default
-    seed=1337,
-    json="",  # write the results here too
-)
+DEFAULTS = Keys("python benchmarks/bench_generate.py", __doc__, {
+    "model": dict(
+        init_from=("scratch", "scratch (random weights) | resume (out_dir) | gpt2* | a Hugging Face GPT-2 directory"),
+        out_dir=("out", "the training run's out_dir (init_from=resume)"),
+        which=("best", "best | latest checkpoint of out_dir"),
+        n_layer=(12, "transformer blocks (scratch)"),
+        n_head=(12, "attention heads (scratch)"),
+        n_embd=(768, "embedding width (scratch)"),
+        block_size=(1024, "context length (scratch)"),
+        vocab_size=(50304, "vocabulary size (scratch)"),
+        bias=(True, "biases in the Linear layers and LayerNorms (scratch)"),
+    ),
+    "generation": dict(
+        prompt_len=(16, "tokens per random prompt"),
+        max_new_tokens=(256, "tokens generated per row"),
+        batch_sizes=("1,8", "batch sizes run with the cache"),
+        no_cache_batch_sizes=("1", "also without it (every token recomputes the whole context: slow)"),
+    ),
+    "system": dict(
+        device=("cuda" if torch.cuda.is_available() else "cpu", "cpu | cuda | cuda:N"),
+        dtype=("float32", "float32 | bfloat16 | float16 (autocast)"),
+        kernels=("auto", "auto | torch | triton | ext | per op (see nanogpt-train --help)"),
+        threads=(0, "torch.set_num_threads when > 0 (CPU); 0 keeps torch's default"),
+        seed=(1337, "random seed (weights and prompts)"),
+    ),
+    "output": dict(
+        json=("", "write the results here too"),
+    ),
+})
 
 
 def build(c):

@@ -27,8 +27,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_cases import (OPS, PASSES, PRESETS, default_device, default_preset, device_name,  # noqa: E402
                           make_case, sync, unavailable)
 from nanogpt_kernels import registry  # noqa: E402
-from nanogpt.configurator import configure  # noqa: E402
+from nanogpt.configurator import Keys, configure  # noqa: E402
 from nanogpt.errors import run_cli  # noqa: E402
+
+
+DEFAULTS = Keys("python benchmarks/kernel_roofline.py", __doc__, {"run": dict(
+    device=(default_device(), "cpu | cuda | cuda:N"),
+    preset=("", f"the shapes: {' | '.join(PRESETS)} (\"\": the device's default)"),
+    ops=("", "comma-separated ops to measure (\"\": all)"),
+    json=("", "write the results here too (rewritten after every row)"),
+    rep_ms=(100.0, "milliseconds of repetitions per timing"),
+    compile_ref=(None, "True | False: also time the PyTorch op under torch.compile (None: on cuda)"),
+    threads=(0, "torch.set_num_threads when > 0 (CPU); 0 keeps torch's default"),
+)})
 
 
 def time_ms(fn, device, warmup_ms=25, rep_ms=100):
@@ -186,8 +197,7 @@ def _save(cfg, res):
 
 
 def load_config(argv):
-    d = dict(device=default_device(), preset="", ops="", json="", rep_ms=100.0, compile_ref=None, threads=0)
-    cfg = configure(d, argv)
+    cfg = configure(DEFAULTS, argv)
     if isinstance(cfg["compile_ref"], str):
         cfg["compile_ref"] = cfg["compile_ref"].lower() in ("1", "true", "yes")
     return cfg

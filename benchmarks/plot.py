@@ -8,14 +8,10 @@
 """
 import argparse
 import json
-import math
 import os
-import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from nanogpt.errors import UserError, run_cli
+from nanogpt.plot import plot_loss, plt  # plt: matplotlib with the Agg backend
 
 
 def _load_json(path):
@@ -23,7 +19,7 @@ def _load_json(path):
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: cannot read {path}: {e}")
+        raise UserError(f"cannot read {path}: {e}; pass bench.py --json results") from None
 
 
 def plot_bench(paths, out, title=None):
@@ -34,7 +30,7 @@ def plot_bench(paths, out, title=None):
             if "ms_median" in e and e["mode"] not in modes:
                 modes.append(e["mode"])
     if not modes:
-        raise SystemExit(f"error: no timed modes in {', '.join(paths)}")
+        raise UserError(f"no timed modes in {', '.join(paths)}; pass bench.py --json results of a run that timed some")
     n = len(results)
     width = 0.8 / n
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(modes) * max(1, n * 0.7)), 4.8))
@@ -80,69 +76,6 @@ def plot_bench(paths, out, title=None):
     return out
 
 
-def read_metrics(path):
-    train, evals = [], []
-    try:
-        f = open(path)
-    except OSError as e:
-        raise SystemExit(f"error: cannot read {path}: {e.strerror}")
-    with f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                print(f"warning: {path}:{lineno}: not JSON, skipped", file=sys.stderr)
-                continue
-            if "loss" in rec and "iter" in rec:
-                train.append(rec)
-            if "val_loss" in rec or "train_loss" in rec:
-                evals.append(rec)
-    return train, evals
-
-
-def _finite(x):
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def plot_loss(paths, out, title=None, log_y=False):
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    drawn = 0
-    for j, path in enumerate(paths):
-        train, evals = read_metrics(path)
-        c = colors[j % len(colors)]
-        run = os.path.basename(os.path.dirname(os.path.abspath(path))) if len(paths) > 1 else ""
-        pre = f"{run}: " if run else ""
-        pts = [(r["iter"], r["loss"]) for r in train if _finite(r["loss"])]
-        if pts:
-            ax.plot(*zip(*pts), color=c, lw=1, alpha=0.8, label=f"{pre}train loss (per iter)")
-            drawn += 1
-        tr = [(r["iter"], r["train_loss"]) for r in evals if _finite(r.get("train_loss"))]
-        va = [(r["iter"], r["val_loss"]) for r in evals if _finite(r.get("val_loss"))]
-        if tr:
-            ax.plot(*zip(*tr), "o--", color=c, ms=5, lw=0.8, mfc="white", label=f"{pre}eval train loss")
-            drawn += 1
-        if va:
-            ax.plot(*zip(*va), "s-", color=c if len(paths) > 1 else colors[1], ms=5, lw=1.2, label=f"{pre}eval val loss")
-            drawn += 1
-    if not drawn:
-        raise SystemExit(f"error: no loss records in {', '.join(paths)}")
-    ax.set_xlabel("iter")
-    ax.set_ylabel("loss")
-    if log_y:
-        ax.set_yscale("log")
-    ax.set_title(title or ", ".join(paths), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -164,4 +97,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

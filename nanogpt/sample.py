@@ -16,30 +16,39 @@ import torch
 from nanogpt import checkpoint
 from nanogpt import generate as engine
 from nanogpt.codec import load_codec
-from nanogpt.configurator import configure
+from nanogpt.configurator import Keys, configure
 from nanogpt.errors import UserError, run_cli
 from nanogpt.model import GPT, GPTConfig
 
-DEFAULTS = dict(
-    init_from="resume",  # resume (from out_dir) | gpt2* | a Hugging Face model directory
-    out_dir="out",
-    which="best",  # best | latest checkpoint of out_dir
-    start="\n",  # prompt text, or FILE:path to read it from a file
-    prompts="",  # a file of prompts, one a line, generated as one batch (instead of start)
-    num_samples=10,  # per prompt
-    max_new_tokens=500,
-    temperature=0.8,  # < 1 sharpens, > 1 flattens the distribution
-    top_k=200,  # keep only the top_k most likely tokens (0 or None: all)
-    top_p=1.0,  # then keep the smallest set of most likely tokens whose probability reaches top_p (1.0: all)
-    eos="",  # stop a sequence at this token's text, e.g. <|endoftext|> ("": never)
-    stream=None,  # print tokens as they come (None: when one sequence is generated at a time)
-    use_cache=True,  # False: recompute the whole context for every token, as nanoGPT does
-    seed=1337,
-    device="cuda" if torch.cuda.is_available() else "cpu",
-    dtype="bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32",
-    kernels="auto",
-    compile=False,  # accepted for nanoGPT's flags; generation's shapes change every step, so it runs eager
-)
+DEFAULTS = Keys("nanogpt-sample", __doc__, {
+    "model": dict(
+        init_from=("resume", "resume (from out_dir) | gpt2* | a Hugging Face model directory"),
+        out_dir=("out", "the training run's out_dir"),
+        which=("best", "best | latest checkpoint of out_dir"),
+    ),
+    "prompt": dict(
+        start=("\n", "prompt text, or FILE:path to read it from a file"),
+        prompts=("", "a file of prompts, one a line, generated as one batch (instead of start)"),
+        num_samples=(10, "samples per prompt"),
+        max_new_tokens=(500, "tokens generated per sample"),
+        eos=("", "stop a sequence at this token's text, e.g. <|endoftext|> (\"\": never)"),
+        stream=(None, "True | False: print tokens as they come (None: when one sequence is generated at a time)"),
+    ),
+    "sampling": dict(
+        temperature=(0.8, "< 1 sharpens, > 1 flattens the distribution"),
+        top_k=(200, "keep only the top_k most likely tokens (0 or None: all)"),
+        top_p=(1.0, "then keep the smallest set of most likely tokens whose probability reaches top_p (1.0: all)"),
+        seed=(1337, "random seed"),
+    ),
+    "system": dict(
+        use_cache=(True, "the KV cache; False: recompute the whole context for every token, as nanoGPT does"),
+        device=("cuda" if torch.cuda.is_available() else "cpu", "cpu | cuda | cuda:N | mps"),
+        dtype=("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32",
+               "float32 | bfloat16 | float16 (autocast)"),
+        kernels=("auto", "auto | torch | triton | ext | per op (see nanogpt-train --help)"),
+        compile=(False, "accepted for nanoGPT's flags; generation's shapes change every step, so it runs eager"),
+    ),
+})
 
 
 def load_model(c):

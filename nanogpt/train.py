@@ -14,6 +14,7 @@ Nothing is lost on a crash, kill or preemption: checkpoints are atomic
 bitwise-exactly (with --deterministic=True), metrics.jsonl included. Bad input
 is a one-line `error: ...` and exit 2 before anything is written.
 """
+import importlib.util
 import math
 import os
 import random
@@ -29,65 +30,74 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanogpt import checkpoint, ops
 from nanogpt.codec import read_meta
-from nanogpt.configurator import configure
+from nanogpt.configurator import Keys, configure
 from nanogpt.data import Batcher, check_data
 from nanogpt.errors import UserError, run_cli
 from nanogpt.metrics import MetricsLog, trim_log
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.signals import StopOnSignal
 
-DEFAULTS = dict(
-    # I/O
-    out_dir="out",
-    eval_interval=2000,
-    log_interval=1,
-    eval_iters=200,
-    eval_only=False,  # evaluate once, then exit
-    always_save_checkpoint=True,  # save at every eval, not only when val loss improves
-    init_from="scratch",  # scratch | resume | auto (resume if out_dir has a checkpoint) | gpt2* | HF directory
-    # wandb (imported only when enabled)
-    wandb_log=False,
-    wandb_project="owt",
-    wandb_run_name="gpt2",
-    # data
-    dataset="openwebtext",
-    data_dir="",  # default: data/<dataset>
-    sampler="random",  # random (with replacement, nanoGPT) | epoch (without replacement, disjoint ranks)
-    gradient_accumulation_steps=5 * 8,  # global micro-steps per update (divided among DDP ranks)
-    batch_size=12,  # micro-batch size per rank
-    block_size=1024,
-    # model
-    n_layer=12,
-    n_head=12,
-    n_embd=768,
-    dropout=0.0,
-    bias=False,
-    gelu="none",
-    kernels="auto",  # see nanogpt.ops: auto | torch | triton | ext | per-op "attention:triton,..."
-    autotune=True,  # auto = measured per op here (nanogpt_kernels.autotune, cached); False: the fixed order
-    # AdamW
-    learning_rate=6e-4,
-    max_iters=600000,
-    weight_decay=1e-1,
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,  # 0 disables clipping
-    # learning rate: linear warmup, cosine decay to min_lr
-    decay_lr=True,
-    warmup_iters=2000,
-    lr_decay_iters=600000,
-    min_lr=6e-5,
-    # system
-    backend="nccl",  # DDP on CUDA; CPU always uses gloo
-    device="cuda",  # cpu | cuda | cuda:N | mps
-    # float32 | bfloat16 | float16 (float16 uses a GradScaler) | auto (nanogpt.ops.auto_dtype: the faster
-    # precision for this device and these kernels)
-    dtype="float32" if not torch.cuda.is_available() else "bfloat16" if torch.cuda.is_bf16_supported() else "float16",
-    compile=True,
-    seed=1337,
-    deterministic=False,  # torch.use_deterministic_algorithms, for bitwise-reproducible runs
-    max_skips=20,  # stop after this many consecutive non-finite steps
-)
+DEFAULTS = Keys("nanogpt-train", __doc__, {
+    "I/O": dict(
+        out_dir=("out", "where checkpoints, metrics.jsonl and loss.png go"),
+        eval_interval=(2000, "evaluate both splits (and save a checkpoint) every this many iters, and at max_iters"),
+        log_interval=(1, "print and log the training loss every this many iters"),
+        eval_iters=(200, "batches per split in an evaluation"),
+        eval_only=(False, "evaluate once, then exit"),
+        always_save_checkpoint=(True, "save at every eval; False: only when val loss improves (and at max_iters)"),
+        init_from=("scratch", "scratch | resume (from out_dir) | auto (resume if out_dir has a checkpoint, done if "
+                   "it reached max_iters) | gpt2* | a Hugging Face directory"),
+    ),
+    "logging": dict(
+        wandb_log=(False, "also log to Weights & Biases (wandb is imported only when enabled)"),
+        wandb_project=("owt", "wandb project"),
+        wandb_run_name=("gpt2", "wandb run name"),
+    ),
+    "data": dict(
+        dataset=("openwebtext", "the prepared dataset's name (nanogpt-prepare NAME)"),
+        data_dir=("", "where its train.bin/val.bin are (\"\": data/<dataset>)"),
+        sampler=("random", "random (with replacement, nanoGPT) | epoch (without replacement, disjoint ranks)"),
+        gradient_accumulation_steps=(5 * 8, "global micro-steps per update (divided among DDP ranks)"),
+        batch_size=(12, "micro-batch size per rank"),
+        block_size=(1024, "context length in tokens"),
+    ),
+    "model": dict(
+        n_layer=(12, "transformer blocks"),
+        n_head=(12, "attention heads"),
+        n_embd=(768, "embedding width"),
+        dropout=(0.0, "dropout probability"),
+        bias=(False, "biases in the Linear layers and LayerNorms"),
+        gelu=("none", "the GELU's tanh approximation: none | tanh"),
+        kernels=("auto", "auto | torch | triton | ext | per op, e.g. attention:triton,layer_norm:torch "
+                 "(nanogpt.ops)"),
+        autotune=(True, "auto measures each op's backends here (cached); False: the fixed order"),
+    ),
+    "optimizer": dict(
+        learning_rate=(6e-4, "peak learning rate (AdamW)"),
+        max_iters=(600000, "the last iteration to train"),
+        weight_decay=(1e-1, "AdamW weight decay (2-D weights only)"),
+        beta1=(0.9, "AdamW beta1"),
+        beta2=(0.95, "AdamW beta2"),
+        grad_clip=(1.0, "clip the gradient norm to this (0 disables clipping)"),
+    ),
+    "schedule": dict(
+        decay_lr=(True, "linear warmup, then cosine decay to min_lr; False: constant learning_rate"),
+        warmup_iters=(2000, "iters of linear warmup"),
+        lr_decay_iters=(600000, "iter where the cosine decay reaches min_lr"),
+        min_lr=(6e-5, "learning rate after lr_decay_iters"),
+    ),
+    "system": dict(
+        backend=("nccl", "DDP backend on CUDA (CPU always uses gloo)"),
+        device=("cuda", "cpu | cuda | cuda:N | mps"),
+        dtype=("float32" if not torch.cuda.is_available() else "bfloat16" if torch.cuda.is_bf16_supported()
+               else "float16", "float32 | bfloat16 | float16 (with a GradScaler) | auto (the faster precision for "
+               "this device and these kernels)"),
+        compile=(True, "torch.compile the model"),
+        seed=(1337, "random seed (rank r uses seed + r)"),
+        deterministic=(False, "torch.use_deterministic_algorithms, for bitwise-reproducible runs"),
+        max_skips=(20, "stop after this many consecutive non-finite steps"),
+    ),
+})
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "gelu")
 
@@ -195,8 +205,7 @@ class Run:
 
 
 def train(c):
-    """nanoGPT's loop: every eval_interval evaluate (and save), then one update per iteration, logged; a signal
-    saves and stops at the end of its step."""
+    """Set up, run the loop (unless init_from=auto finds out_dir's run done), draw out_dir/loss.png."""
     proc = setup_distributed(c)
     gas, B, T = c["gradient_accumulation_steps"] // proc.world, c["batch_size"], c["block_size"]
     tokens_per_iter = gas * proc.world * B * T
@@ -204,13 +213,25 @@ def train(c):
         print(f"tokens per iteration: {tokens_per_iter:,} ({proc.world} ranks x {gas} micro-steps x {B} x {T})")
     ctx = seed_and_precision(c, proc)
     run = init_run(c, proc, ctx, gas)
+    if run is not None:
+        loop(run, tokens_per_iter)
+        if proc.master and not c["eval_only"]:
+            write_loss_plot(c["out_dir"])
+    if proc.ddp:
+        dist.destroy_process_group()
+
+
+def loop(run, tokens_per_iter):
+    """nanoGPT's loop: every eval_interval (and at max_iters) evaluate (and save), then one update per iteration,
+    logged; a signal saves and stops at the end of its step."""
+    c, proc = run.c, run.proc
     with open_metrics(c, run) as metrics, StopOnSignal() as stop:
         run.batch_state = run.batcher.state_dict()
         run.X, run.Y = run.batcher.get_batch("train")  # each step fetches the next step's batch
         t0 = time.time()
         while True:
             lr = set_lr(run)
-            if run.iter_num % c["eval_interval"] == 0:
+            if run.iter_num % c["eval_interval"] == 0 or run.iter_num == c["max_iters"]:
                 evaluate(run, lr, metrics)
             if c["eval_only"]:
                 break
@@ -229,8 +250,6 @@ def train(c):
                 break
             if run.iter_num > c["max_iters"]:
                 break
-    if proc.ddp:
-        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------ setup
@@ -321,12 +340,17 @@ def choose_kernels(c, model, proc, ctx, batcher, state):
 
 def init_run(c, proc, ctx, gas):
     """Model, data, optimizer and GradScaler, restored from out_dir's checkpoint when resuming; the model compiled
-    and wrapped in DDP last."""
+    and wrapped in DDP last. None when init_from=auto resumes a checkpoint that has reached max_iters."""
     data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
     init_from = c["init_from"]
     if init_from == "auto":
         init_from = "resume" if checkpoint.exists(c["out_dir"]) else "scratch"
     model, state = load_model(c, proc.device_type, init_from, data_dir)
+    if c["init_from"] == "auto" and state is not None and state["iter_num"] >= c["max_iters"] and not c["eval_only"]:
+        if proc.master:  # e.g. the quick start's command run again: done, not an error
+            print(f"already trained to iter {state['iter_num']} in {c['out_dir']}; raise --max_iters to train "
+                  "further, or pass a new --out_dir")
+        return None
     margs = {k: getattr(model.config, k) for k in MODEL_KEYS}
     model.to(proc.device)
     if proc.master:
@@ -426,7 +450,8 @@ def estimate_loss(run):
 
 
 def evaluate(run, lr, metrics):
-    """Print and log both splits' losses; save when val improved (every eval with always_save_checkpoint)."""
+    """Print and log both splits' losses; save when val improved (every eval with always_save_checkpoint), and
+    at max_iters."""
     losses = estimate_loss(run)
     if run.proc.master:
         print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -434,7 +459,8 @@ def evaluate(run, lr, metrics):
     improved = losses["val"] < run.best_val_loss
     if improved:
         run.best_val_loss = losses["val"]
-    if (improved or run.c["always_save_checkpoint"]) and run.iter_num > 0 and not run.c["eval_only"]:
+    last = run.iter_num == run.c["max_iters"]  # saved always: a finished run's checkpoint says it is done
+    if (improved or run.c["always_save_checkpoint"] or last) and run.iter_num > 0 and not run.c["eval_only"]:
         save(run, best=improved)
 
 
@@ -522,6 +548,16 @@ def save(run, best):
         print(f"saved checkpoint at iter {run.iter_num} to {c['out_dir']}{' (best)' if best else ''}")
     if run.proc.ddp:
         dist.barrier()
+
+
+def write_loss_plot(out_dir):
+    """out_dir/loss.png from metrics.jsonl (as `benchmarks/plot.py loss` draws it) when matplotlib is installed;
+    it is optional."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"no {os.path.join(out_dir, 'loss.png')}: matplotlib is not installed (pip install matplotlib)")
+        return
+    from nanogpt.plot import plot_loss
+    print(f"wrote {plot_loss([os.path.join(out_dir, 'metrics.jsonl')], os.path.join(out_dir, 'loss.png'))}")
 
 
 def _main(argv):

@@ -73,3 +73,69 @@ def test_sample_from_a_local_hugging_face_gpt2(tmp_path):
     encode, _ = load_codec(None)
     text = out.split("---------------")[0].rstrip("\n")
     assert text.startswith("Hello world") and len(encode(text)) >= len(encode("Hello world")) + 1
+
+
+# ---------------------------------------------------------------- the quick start, run as a newcomer does
+
+def readme_quick_start():
+    """The trainer's part of README's quick-start command: [(console script, args)] after the install steps."""
+    import shlex
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if "nanogpt-train configs/quickstart.py" in ln)
+    steps = [shlex.split(part) for part in line.split(" && ")]
+    return [(s[0], s[1:]) for s in steps if s[0].startswith("nanogpt-")]
+
+
+def test_quick_start_runs_twice_and_draws_loss_png(tmp_path, monkeypatch, capsys):
+    """README's command in a fresh directory (the installed console scripts' functions, in this process; a tiny
+    model and max_iters): the second run trains nothing and samples again; a raised max_iters resumes."""
+    import shutil
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    tiny = {"nanogpt-train": [*TINY, "--batch_size=2", "--max_iters=3"],
+            "nanogpt-sample": ["--max_new_tokens=8", "--kernels=torch"]}
+    steps = readme_quick_start()
+    assert [s for s, _ in steps] == ["nanogpt-prepare", "nanogpt-train", "nanogpt-sample"]
+
+    def run_readme():
+        outs = {}
+        for script, args in steps:
+            (entry,) = entry_points(group="console_scripts", name=script)
+            entry.load()([*args, *tiny.get(script, [])])  # an error would exit (SystemExit)
+            outs[script] = capsys.readouterr().out
+        assert outs["nanogpt-sample"].count("---------------") == 2
+        return outs["nanogpt-train"]
+
+    out_dir = tmp_path / "out-shakespeare-char"
+    first = run_readme()
+    assert "saved checkpoint at iter 3 to out-shakespeare-char" in first
+    assert f"wrote {os.path.join('out-shakespeare-char', 'loss.png')}" in first
+    assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = {p: p.stat().st_mtime_ns for p in out_dir.rglob("*")}
+
+    second = run_readme()
+    assert ("already trained to iter 3 in out-shakespeare-char; raise --max_iters to train further, or pass a new "
+            "--out_dir") in second
+    assert not any(line.startswith(("iter ", "step ")) for line in second.splitlines())  # not one step, no eval
+    assert {p: p.stat().st_mtime_ns for p in out_dir.rglob("*")} == before  # nothing written
+
+    # a run that stopped short of max_iters (here: max_iters raised) resumes
+    train_args = dict(steps)["nanogpt-train"]
+    from nanogpt.train import main
+    main([*train_args, *tiny["nanogpt-train"], "--max_iters=5"])
+    assert "resuming from iter 3" in capsys.readouterr().out and checkpoint.latest_iter(out_dir) == 5
+
+
+def test_train_without_matplotlib(workdir):
+    """matplotlib is optional: without it the run ends as usual, with a note instead of loss.png."""
+    code = "import sys; sys.modules['matplotlib'] = None; from nanogpt.train import main; main(sys.argv[1:])"
+    out = subprocess.run([sys.executable, "-c", code, *TINY, "--out_dir=out-nompl", "--batch_size=2", "--max_iters=2",
+                          "--gradient_accumulation_steps=1"],
+                         cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "saved checkpoint at iter 2" in out.stdout and "matplotlib is not installed" in out.stdout
+    assert not (workdir / "out-nompl" / "loss.png").exists()
