@@ -1,4 +1,6 @@
-"""Training batches from a prepared dataset (train.bin / val.bin of uint16 token ids).
+"""Training batches from a prepared dataset: train.bin / val.bin of uint16 token ids, or a directory of llm.c's
+token shards (nanogpt.shards: `nanogpt-prepare fineweb`'s, llm.c's, modded-nanogpt's), each split's shards read
+as one token sequence.
 
 Two samplers:
 - "random" (nanoGPT's): each row starts at a uniformly random offset, with replacement.
@@ -15,6 +17,7 @@ import os
 import numpy as np
 import torch
 
+from nanogpt import shards
 from nanogpt.errors import UserError
 
 
@@ -22,21 +25,60 @@ class DataError(UserError, ValueError):
     pass
 
 
+class Tokens:
+    """One split's tokens as one sequence: its .bin file, or its shards (after their headers) end to end."""
+
+    def __init__(self, name, parts):
+        self.name, self.parts = name, [p for p in parts if p[2]]  # [(path, byte offset, tokens)], none empty
+        self.starts = np.cumsum([0] + [n for _, _, n in self.parts])
+
+    @classmethod
+    def open(cls, data_dir, split):
+        path = os.path.join(data_dir, f"{split}.bin")
+        if os.path.exists(path):
+            return cls(path, [(path, 0, os.path.getsize(path) // 2)])
+        files = shards.find(data_dir, split)
+        try:
+            return cls(os.path.join(data_dir, f"*_{split}_*.bin"), [(f, shards.HEADER_BYTES, shards.read_header(f))
+                                                                    for f in files])
+        except ValueError as e:
+            raise DataError(f"{e}; re-prepare {data_dir} or remove the shard") from None
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def _map(self, k):
+        # a fresh memmap per read: nanoGPT's fix for memmap's memory growth
+        path, offset, n = self.parts[k]
+        return np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(n,))
+
+    def read(self, start, n):
+        """Tokens start..start+n, across shard boundaries."""
+        pieces, k = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while n > 0:
+            piece = self._map(k)[start - self.starts[k]:][:n]
+            pieces.append(piece)
+            start, n, k = start + len(piece), n - len(piece), k + 1
+        return np.concatenate(pieces)
+
+    def max(self):
+        return max(int(self._map(k).max()) for k in range(len(self.parts)))
+
+
 def check_data(data_dir, dataset, block_size):
-    """The prepared dataset's manifest; a one-line DataError naming the fix if it is missing, incomplete or
-    too short for block_size."""
+    """(the prepared dataset's manifest or None for another tool's shards, {split: Tokens}); a one-line DataError
+    naming the fix if it is missing, incomplete or too short for block_size."""
     from nanogpt.prepare import check_prepared
     try:
         manifest = check_prepared(data_dir, dataset)
     except (FileNotFoundError, ValueError) as e:
         raise DataError(str(e)) from None
-    paths = {split: os.path.join(data_dir, f"{split}.bin") for split in ("train", "val")}
-    sizes = {split: os.path.getsize(path) // 2 for split, path in paths.items()}
-    short = min(sizes, key=sizes.get)
-    if sizes[short] < block_size + 1:
-        raise DataError(f"{paths[short]} holds {sizes[short]} tokens, fewer than block_size+1 = "
-                        f"{block_size + 1}; use --block_size={max(1, sizes[short] - 1)} or less, or prepare more data")
-    return manifest
+    data = {split: Tokens.open(data_dir, split) for split in shards.SPLITS}
+    short = min(data.values(), key=len)
+    if len(short) < block_size + 1:
+        raise DataError(f"{short.name} holds {len(short)} tokens, fewer than block_size+1 = "
+                        f"{block_size + 1}; use --block_size={max(1, len(short) - 1)} or less, or prepare more data")
+    return manifest, data
 
 
 class Batcher:
@@ -44,32 +86,26 @@ class Batcher:
 
     def __init__(self, data_dir, dataset, block_size, batch_size, vocab_size, device, sampler="random",
                  seed=1337, rank=0, world_size=1):
-        manifest = check_data(data_dir, dataset, block_size)
+        manifest, self.data = check_data(data_dir, dataset, block_size)
         if sampler not in ("random", "epoch"):
             raise DataError(f"sampler must be 'random' or 'epoch', got {sampler!r}")
-        self.paths = {split: os.path.join(data_dir, f"{split}.bin") for split in ("train", "val")}
         data_vocab = manifest.get("vocab_size") if isinstance(manifest, dict) else None
         if isinstance(data_vocab, int) and data_vocab > vocab_size:
             raise DataError(f"{data_dir} was prepared with vocab_size {data_vocab} but the model has {vocab_size}; "
                             "use a model with a large enough vocabulary or re-prepare the data with its tokenizer")
-        for split, path in self.paths.items():  # cheap for small datasets; big ones are checked batch by batch
-            if os.path.getsize(path) // 2 <= self.SCAN_TOKENS:
-                self._check_vocab(self._tokens(split), split, vocab_size)
+        for split, tokens in self.data.items():  # cheap for small datasets; big ones are checked batch by batch
+            if len(tokens) <= self.SCAN_TOKENS:
+                self._check_vocab(tokens.max(), split, vocab_size)
         self.block_size, self.batch_size, self.vocab_size = block_size, batch_size, vocab_size
         self.device = torch.device(device)
         self.sampler, self.rank, self.world_size, self.seed = sampler, rank, world_size, seed
         self.gen = torch.Generator().manual_seed(seed)
         self.epoch, self.pos, self.order = 0, 0, None
 
-    def _check_vocab(self, tokens, split, vocab_size):
-        top = int(tokens.max())
+    def _check_vocab(self, top, split, vocab_size):
         if top >= vocab_size:
-            raise DataError(f"{self.paths[split]} holds token id {top} >= the model's vocab_size {vocab_size}; "
+            raise DataError(f"{self.data[split].name} holds token id {top} >= the model's vocab_size {vocab_size}; "
                             "re-prepare the data with the model's tokenizer (or train a model with a larger vocab)")
-
-    def _tokens(self, split):
-        # a fresh memmap per batch: nanoGPT's fix for memmap's memory growth
-        return np.memmap(self.paths[split], dtype=np.uint16, mode="r")
 
     def _starts(self, split, n_tokens, gen):
         """Row start offsets for this rank. Every rank draws the whole global batch (batch_size x world_size
@@ -94,12 +130,11 @@ class Batcher:
 
     def get_batch(self, split, gen=None):
         """(x, y) on the device; `gen` lets evaluation draw without touching the training stream."""
-        data = self._tokens(split)
+        data = self.data[split]
         ix = self._starts(split, len(data), gen or self.gen)
-        x = torch.from_numpy(np.stack([data[i:i + self.block_size] for i in ix.tolist()]).astype(np.int64))
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + self.block_size] for i in ix.tolist()]).astype(np.int64))
-        self._check_vocab(y, split, self.vocab_size)  # y covers x but for its first token
-        self._check_vocab(x[:, :1], split, self.vocab_size)
+        rows = torch.from_numpy(np.stack([data.read(i, self.block_size + 1) for i in ix.tolist()]).astype(np.int64))
+        x, y = rows[:, :-1], rows[:, 1:]
+        self._check_vocab(int(rows.max()), split, self.vocab_size)
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)

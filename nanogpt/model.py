@@ -15,6 +15,9 @@ from nanogpt_kernels import registry
 from nanogpt import generate as engine
 from nanogpt.mfu import peak_flops
 
+# the weights OpenAI's (and Hugging Face's) GPT-2 keeps in Conv1D layers: our Linear weights transposed
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
 
 @dataclass
 class GPTConfig:
@@ -150,8 +153,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None):
-        """cache: a nanogpt.generate.KVCache that idx's tokens are appended to (generation)."""
+    def forward(self, idx, targets=None, cache=None, all_logits=False):
+        """cache: a nanogpt.generate.KVCache that idx's tokens are appended to (generation). Without targets the
+        logits are the last position's, or every position's with all_logits (scoring, as in evaluation)."""
         b, t = idx.size()
         if t > self.config.block_size:
             raise ValueError(f"sequence of length {t} exceeds block_size {self.config.block_size}; "
@@ -170,8 +174,8 @@ class GPT(nn.Module):
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        else:  # inference: only the last position's logits are needed
-            logits = self.lm_head(x[:, [-1], :])
+        else:  # inference: only the last position's logits are needed, unless all_logits
+            logits = self.lm_head(x if all_logits else x[:, [-1], :])
             loss = None
         return logits, loss
 
@@ -207,14 +211,12 @@ class GPT(nn.Module):
         sd = model.state_dict()
         sd_hf = {k: v for k, v in hf.state_dict().items()
                  if not k.endswith((".attn.masked_bias", ".attn.bias"))}
-        # OpenAI's checkpoints use Conv1D, i.e. transposed Linear weights
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         missing = [k for k in sd if k not in sd_hf]
         if missing:
             raise ValueError(f"{name_or_path}: keys missing from the pretrained model: {missing[:5]}")
         with torch.no_grad():
             for k in sd:
-                src = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                src = sd_hf[k].t() if k.endswith(CONV1D) else sd_hf[k]
                 if src.shape != sd[k].shape:
                     raise ValueError(f"{name_or_path}: {k} has shape {tuple(src.shape)}, expected {tuple(sd[k].shape)}")
                 sd[k].copy_(src)

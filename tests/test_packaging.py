@@ -35,7 +35,7 @@ def test_installed_package_from_outside_the_tree(tmp_path):
             "asset": res.files("nanogpt").joinpath("assets", "tinyshakespeare.txt").is_file(),
             "ext": ext.unavailable("cpu")}))
     """)
-    assert out["scripts"] == ["nanogpt-prepare", "nanogpt-sample", "nanogpt-train"]
+    assert out["scripts"] == ["nanogpt-eval", "nanogpt-export", "nanogpt-prepare", "nanogpt-sample", "nanogpt-train"]
     assert out["asset"]
     # the extension, when this install has it, imports the same from anywhere
     assert out["ext"] == ext.unavailable("cpu"), out

@@ -217,8 +217,10 @@ def test_check_prepared_names_the_command(tmp_path, monkeypatch):
         P.check_prepared("data/shakespeare_char")
     with pytest.raises(FileNotFoundError, match=r"run `nanogpt-prepare shakespeare --data_dir data/foo` first"):
         P.check_prepared("data/foo", "shakespeare")
-    with pytest.raises(FileNotFoundError, match=r"nanogpt-prepare \{shakespeare_char\|shakespeare\|openwebtext\}"):
+    with pytest.raises(FileNotFoundError, match=r"nanogpt-prepare \{shakespeare_char\|shakespeare\|openwebtext\|fineweb\}"):
         P.check_prepared("data/foo")
+    with pytest.raises(FileNotFoundError, match=r"no token shards in data/fineweb: run `nanogpt-prepare fineweb` first"):
+        P.check_prepared("data/fineweb")
 
 
 def test_cli_subprocess(tmp_path):
@@ -229,7 +231,7 @@ def test_cli_subprocess(tmp_path):
     assert r.returncode == 0 and P.is_prepared(tmp_path / "data/shakespeare_char")
     r = run_cli("tinystories", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
-    assert all(n in r.stderr for n in ("shakespeare_char", "shakespeare", "openwebtext"))
+    assert all(n in r.stderr for n in ("shakespeare_char", "shakespeare", "openwebtext", "fineweb"))
     r = run_cli("shakespeare_char", "--input", tmp_path / "missing.txt", "--data_dir", tmp_path / "m")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "missing.txt" in r.stderr
 
@@ -249,3 +251,34 @@ def test_bad_inputs(tmp_path):
     encode, _ = load_codec(tmp_path / "sc")
     with pytest.raises(ValueError, match="not in the 65-char vocab"):
         encode("naïve ✓")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_killed_fineweb_run_is_incomplete_and_rebuilt(tmp_path):
+    """Shards a killed run left are whole (each is renamed into place), but the set is not: the trainer refuses
+    it, and the next run rebuilds it without --force."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(40)), encoding="utf-8")
+    d = tmp_path / "fw"
+    argv = ["fineweb", "--files", str(rows), "--data_dir", str(d), "--shard_size", "200", "--num_proc", "1",
+            "--cache_dir", str(tmp_path / "hf")]
+    r = subprocess.run([sys.executable, "-c", KILL_AFTER, "after", "fineweb_train_000002.bin", *argv],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr
+    assert (d / "fineweb_train_000002.bin").exists() and not (d / "fineweb_train_000003.bin").exists()
+    assert not P.is_prepared(d)
+    with pytest.raises(FileNotFoundError, match=f"{d} is incomplete.*nanogpt-prepare fineweb --data_dir {d}"):
+        P.check_prepared(d, "fineweb")
+    assert P.main(argv) == 0 and P.is_prepared(d, verify=True) and len(P.read_manifest(d)["files"]) > 3
+
+
+def test_unloadable_openwebtext_names_fineweb(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    def load_dataset(*a, **kw):  # what datasets >= 4 says for openwebtext's loading script
+        raise RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert P.main(["openwebtext", "--data_dir", str(tmp_path / "owt")]) == 1
+    err = capsys.readouterr().err
+    assert "Dataset scripts are no longer supported" in err and "nanogpt-prepare fineweb" in err
+    assert err.count("\n") == 1
