@@ -17,16 +17,18 @@ import sys
 import torch
 
 from nanogpt import checkpoint
-from nanogpt.configurator import configure
+from nanogpt.configurator import Keys, configure
 from nanogpt.errors import UserError, run_cli
 from nanogpt.model import CONV1D
 
-DEFAULTS = dict(
-    out_dir="out",
-    which="best",  # best | latest checkpoint of out_dir
-    format="hf",  # hf | nanogpt
-    to="",  # the directory to write (must not exist)
-)
+DEFAULTS = Keys("nanogpt-export", __doc__, {
+    "export": dict(
+        out_dir=("out", "the training run's out_dir"),
+        which=("best", "best | latest checkpoint of out_dir"),
+        format=("hf", "hf (a transformers GPT2LMHeadModel directory) | nanogpt (nanoGPT's ckpt.pt)"),
+        to=("", "the directory to write (must not exist)"),
+    ),
+})
 GPT2_VOCAB, EOT = 50257, 50256
 NANOGPT_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # its GPTConfig
 # tiktoken's gpt2 files (tiktoken_ext.openai_public.gpt2): OpenAI's vocabulary and merges, as transformers reads them

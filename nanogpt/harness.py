@@ -20,26 +20,33 @@ import torch.nn.functional as F
 from nanogpt import checkpoint
 from nanogpt import generate as engine
 from nanogpt.codec import gpt2
-from nanogpt.configurator import configure
+from nanogpt.configurator import Keys, configure
 from nanogpt.errors import UserError, run_cli
 from nanogpt.sample import load_model
 
-DEFAULTS = dict(
-    init_from="resume",  # resume (from out_dir) | gpt2* | a Hugging Face model directory
-    out_dir="out",
-    which="best",  # best | latest checkpoint of out_dir
-    tasks="hellaswag",  # comma-separated harness task (or group) names
-    include_path="",  # a directory of extra task YAMLs
-    num_fewshot=0,
-    limit=0,  # evaluate only the first `limit` documents of each task (0: all)
-    batch_size=16,
-    output="",  # the results JSON (default: out_dir/eval.json, or eval_<init_from>.json)
-    log_samples=False,  # also write every document's requests and the model's responses to the JSON
-    seed=1234,
-    device="cuda" if torch.cuda.is_available() else "cpu",
-    dtype="bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32",
-    kernels="auto",
-)
+DEFAULTS = Keys("nanogpt-eval", __doc__, {
+    "model": dict(
+        init_from=("resume", "resume (from out_dir) | gpt2* | a Hugging Face model directory"),
+        out_dir=("out", "the training run's out_dir"),
+        which=("best", "best | latest checkpoint of out_dir"),
+    ),
+    "tasks": dict(
+        tasks=("hellaswag", "comma-separated lm-evaluation-harness task (or group) names"),
+        include_path=("", "a directory of extra task YAMLs"),
+        num_fewshot=(0, "few-shot examples per document"),
+        limit=(0, "evaluate only the first `limit` documents of each task (0: all)"),
+        output=("", "the results JSON (default: out_dir/eval.json, or eval_<init_from>.json)"),
+        log_samples=(False, "also write every document's requests and the model's responses to the JSON"),
+        seed=(1234, "random seed"),
+    ),
+    "system": dict(
+        batch_size=(16, "documents per forward"),
+        device=("cuda" if torch.cuda.is_available() else "cpu", "cpu | cuda | cuda:N | mps"),
+        dtype=("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32",
+               "float32 | bfloat16 | float16 (autocast)"),
+        kernels=("auto", "auto | torch | triton | ext | per op (see nanogpt-train --help)"),
+    ),
+})
 
 
 def lm_class():

@@ -35,7 +35,9 @@ def _norm64(ps):
 
 
 @pytest.mark.parametrize("max_norm,steps", [(1.0, 100), (0.0, 30)])
-def test_adamw_matches_torch_adamw(impl, device, max_norm, steps):
+def test_adamw_matches_torch_adamw(impl, backend, device, max_norm, steps):
+    if backend == "triton" and torch.device(device).type == "cpu":
+        steps = min(steps, 30)  # the interpreter pays per program: 100 steps take 14 s on a 2-core CPU
     ours = _params(device)
     ref = [p.detach().clone().requires_grad_() for p in ours]
     kw = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

@@ -92,9 +92,11 @@ def assert_tracks(name, ours, ref):
 
 @pytest.mark.backends("triton", "ext")
 @pytest.mark.parametrize("gelu", ["none", pytest.param("tanh", marks=pytest.mark.compiled_only("a second training"))])
-def test_training_50_steps_tracks_torch_backend(backend, device, gelu):
-    _, _, ref, ref_norms = _train("torch", device, 50, gelu)
-    model, opt, ours, norms = _train(backend, device, 50, gelu)
+def test_training_tracks_torch_backend(backend, device, gelu):
+    # 50 steps; 12 under the Triton interpreter (85 s for 50 on a 2-core CPU), where the loss already falls by > 1
+    steps = 12 if backend == "triton" and torch.device(device).type == "cpu" else 50
+    _, _, ref, ref_norms = _train("torch", device, steps, gelu)
+    model, opt, ours, norms = _train(backend, device, steps, gelu)
     assert model.backends["layer_norm"] == backend
     assert isinstance(opt, registry.get("adamw", backend))
     assert all(p.device.type == torch.device(device).type for g in opt.param_groups for p in g["params"])
