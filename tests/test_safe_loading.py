@@ -72,14 +72,18 @@ def state_file(out):
     return out / json.loads((out / "latest.json").read_text())["state"]
 
 
-def bad_sample(capsys, *expect, **over):
-    """nanogpt-sample's main in-process: a one-line error and exit 2."""
-    from nanogpt.sample import main
-    args = dict(device="cpu", dtype="float32", kernels="torch", num_samples=1, max_new_tokens=4) | over
+def bad_cli(capsys, main, *expect, **args):
+    """A command's main in-process: a one-line error and exit 2."""
     capsys.readouterr()
     with torch.random.fork_rng(), pytest.raises(SystemExit) as e:
         main([f"--{k}={v}" for k, v in args.items()])
     return _one_line(capsys.readouterr().err, e.value.code, *expect)
+
+
+def bad_sample(capsys, *expect, **over):
+    from nanogpt.sample import main
+    args = dict(device="cpu", dtype="float32", kernels="torch", num_samples=1, max_new_tokens=4) | over
+    return bad_cli(capsys, main, *expect, **args)
 
 
 # ---------------------------------------------------------------- checkpoints of earlier releases
@@ -126,8 +130,11 @@ def test_checkpoint_that_would_run_code_is_refused(wd, ref, capsys, tmp_path, wh
                path)
     before = snapshot(out)
     expect = (f"checkpoint file {path} is refused: it holds {MKDIR}", "could run code")
-    if where != "state":  # sampling reads the model file only
+    if where != "state":  # sampling, export and eval read the model file only
+        from nanogpt import export, harness
         bad_sample(capsys, *expect, out_dir=out)
+        bad_cli(capsys, export.main, *expect, out_dir=out, to=tmp_path / "exported")
+        bad_cli(capsys, harness.main, *expect, out_dir=out, device="cpu", dtype="float32", kernels="torch")
     for init_from in ("resume", "auto"):
         bad(wd, capsys, *expect, out_dir=out, init_from=init_from)
     assert not marker.exists() and snapshot(out) == before
