@@ -145,6 +145,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   return {out, lse};
 }
 
+// The same checks and per-(batch, head) task loop as attention_fwd, over the backward's inputs and outputs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout_, const at::Tensor& q_,
                                                              const at::Tensor& k_, const at::Tensor& v_,
                                                              const at::Tensor& out_, const at::Tensor& lse,

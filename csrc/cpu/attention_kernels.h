@@ -141,6 +141,7 @@ NG_INLINE void fwd_bh(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, f
   }
 }
 
+// The backward carves its fp32 workspace as fwd_bh does (row-major tiles padded to Tp x Dp), with more tiles.
 template <class T, bool DROP>
 NG_INLINE void bwd_bh(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out, const float* lse, T* dq, T* dk,
                       T* dv, int64_t g_st, const Shape& sh, uint64_t key, float* buf) {

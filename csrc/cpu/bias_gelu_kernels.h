@@ -25,6 +25,7 @@ NG_INLINE void fwd_rows(const T* __restrict x, const B* __restrict b, T* __restr
   }
 }
 
+// The backward's row loop is the forward's with gelu' in place of gelu, times dy (and dbias's column sums).
 // dx for rows [r0, r1) and (when HAS_BIAS) this chunk's column sums of dx in part[N]
 template <class T, class B, bool TANH, bool HAS_BIAS>
 NG_INLINE void bwd_rows(const T* __restrict dy, const T* __restrict x, const B* __restrict b, T* __restrict dx,

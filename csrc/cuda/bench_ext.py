@@ -52,6 +52,17 @@ def _ok(name, ours, theirs, ref, failures):
     return f"err {e_o:.2g} (budget {tol:.2g})" + ("" if good else "  <-- FAIL")
 
 
+def _report(name, nbytes, bw, t_fwd, t_fwd_t, t_bwd, t_bwd_t, checks):
+    """One row op's line: fwd (reads x, writes y) and bwd (reads dy and x, writes dx) in us, GB/s and the share
+    of the measured copy bandwidth `bw`, beside torch's times; then its correctness checks."""
+    def gbs(nb, ms):
+        return nb / ms / 1e6
+    print(f"{name}: fwd {t_fwd * 1e3:7.1f} us {gbs(2 * nbytes, t_fwd):6.0f} GB/s ({gbs(2 * nbytes, t_fwd) / bw:4.0%}) "
+          f"| torch {t_fwd_t * 1e3:7.1f} us; bwd {t_bwd * 1e3:7.1f} us {gbs(3 * nbytes, t_bwd):6.0f} GB/s "
+          f"({gbs(3 * nbytes, t_bwd) / bw:4.0%}) | torch {t_bwd_t * 1e3:7.1f} us")
+    print("    " + "; ".join(checks))
+
+
 def bench_layer_norm(rows, cols, dtype, iters, bw, failures):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(rows, cols, device="cuda", generator=g).to(dtype)
@@ -81,12 +92,7 @@ def bench_layer_norm(rows, cols, dtype, iters, bw, failures):
     t_bwd = _time(lambda: E.layer_norm_bwd(dy, x, w, mean, rstd, True), iters)
     t_bwd_t = _time(lambda: torch.ops.aten.native_layer_norm_backward(dy, x, (cols,), tmean, trstd, w, b,
                                                                         [True, True, True]), iters)
-    gbs = lambda nb, ms: nb / ms / 1e6  # noqa: E731
-    print(f"layer_norm {str(dtype):15s} {rows}x{cols}: fwd {t_fwd * 1e3:7.1f} us {gbs(2 * nbytes, t_fwd):6.0f} GB/s "
-          f"({gbs(2 * nbytes, t_fwd) / bw:4.0%}) | torch {t_fwd_t * 1e3:7.1f} us; "
-          f"bwd {t_bwd * 1e3:7.1f} us {gbs(3 * nbytes, t_bwd):6.0f} GB/s ({gbs(3 * nbytes, t_bwd) / bw:4.0%}) "
-          f"| torch {t_bwd_t * 1e3:7.1f} us")
-    print("    " + "; ".join(checks))
+    _report(f"layer_norm {str(dtype):15s} {rows}x{cols}", nbytes, bw, t_fwd, t_fwd_t, t_bwd, t_bwd_t, checks)
 
 
 def bench_bias_gelu(rows, cols, dtype, approximate, iters, bw, failures):
@@ -113,12 +119,8 @@ def bench_bias_gelu(rows, cols, dtype, approximate, iters, bw, failures):
     t_fwd_t = _time(lambda: F.gelu(x + b, approximate=approximate), iters)
     t_bwd = _time(lambda: E.bias_gelu_bwd(dy, x, b, tanh), iters)
     t_bwd_t = _time(lambda: (torch.ops.aten.gelu_backward(dy, x + b, approximate=approximate).sum(0)), iters)
-    gbs = lambda nb, ms: nb / ms / 1e6  # noqa: E731
-    print(f"bias_gelu({approximate}) {str(dtype):15s} {rows}x{cols}: fwd {t_fwd * 1e3:7.1f} us "
-          f"{gbs(2 * nbytes, t_fwd):6.0f} GB/s ({gbs(2 * nbytes, t_fwd) / bw:4.0%}) | torch {t_fwd_t * 1e3:7.1f} us; "
-          f"bwd {t_bwd * 1e3:7.1f} us {gbs(3 * nbytes, t_bwd):6.0f} GB/s ({gbs(3 * nbytes, t_bwd) / bw:4.0%}) "
-          f"| torch {t_bwd_t * 1e3:7.1f} us")
-    print("    " + "; ".join(checks))
+    _report(f"bias_gelu({approximate}) {str(dtype):15s} {rows}x{cols}", nbytes, bw, t_fwd, t_fwd_t, t_bwd, t_bwd_t,
+            checks)
 
 
 def bench_adamw(dtype, iters, bw, failures):

@@ -26,6 +26,9 @@ __global__ void __launch_bounds__(256) gelu_fwd_kernel(const T* __restrict__ x, 
 
 constexpr int kRowLanes = 8;
 
+// The column-partial tiling of layer_norm.cu's ln_bwd_dwdb_partial_kernel (32 x VEC columns, kRowLanes row
+// lanes, fixed row chunks: the same deterministic reduction), fused with dx's elementwise pass so dy and x
+// are read once; the two kernels read different inputs, so they share the layout, not the code.
 template <class T, class B, int VEC, bool TANH, bool HAS_BIAS>
 __global__ void __launch_bounds__(32 * kRowLanes) gelu_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                                                   const B* __restrict__ bias, T* __restrict__ dx,

@@ -266,6 +266,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_
     return dq
 
 
+# FlashAttention-2's second backward kernel: the dK/dV kernel's prologue with the query and key tiles' roles
+# swapped (one program per query block looping over key blocks). Two kernels, so neither needs atomics.
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, SEED, sm_scale, p_drop,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,

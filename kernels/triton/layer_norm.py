@@ -226,6 +226,7 @@ def _compile_configs():
                                 signature=fsig, num_warps=warps, num_stages=1, key=(block, sig),
                                 constexprs={"HAS_BIAS": has_bias, "BLOCK_M": rows, "BLOCK_N": block,
                                             "EMU_BF16": False}))
+                # the backward's entry has the forward's shape with its own arguments and row block
                 bsig = {"DY": sig, "X": sig, "W": wsig, "Mean": "*fp32", "Rstd": "*fp32", "DX": sig,
                         "DW": "*fp32", "DB": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32",
                         "M": "i32", "N": "i32", "rows_per_prog": "i32",
