@@ -35,6 +35,7 @@ DEFAULTS = Keys("python benchmarks/kernel_roofline.py", __doc__, {"run": dict(
     device=(default_device(), "cpu | cuda | cuda:N"),
     preset=("", f"the shapes: {' | '.join(PRESETS)} (\"\": the device's default)"),
     ops=("", "comma-separated ops to measure (\"\": all)"),
+    backends=("", "comma-separated backends to measure (\"\": every one that runs here)"),
     json=("", "write the results here too (rewritten after every row)"),
     rep_ms=(100.0, "milliseconds of repetitions per timing"),
     compile_ref=(None, "True | False: also time the PyTorch op under torch.compile (None: on cuda)"),
@@ -129,14 +130,19 @@ def run(cfg, argv=(), log=print):
     log(f"ceilings: copy {ceil['copy_GBps']:.1f} GB/s ({ceil['copy_bytes'] / 2**20:.0f} MiB copy), "
         f"matmul {ceil['matmul_TFLOPs']:.2f} TFLOP/s ({ceil['matmul_dtype']} {ceil['matmul_n']}^3)")
 
+    chosen = [b.strip() for b in cfg["backends"].split(",")] if cfg["backends"] else list(registry.BACKENDS)
+    if set(chosen) - set(registry.BACKENDS):
+        raise SystemExit(f"error: unknown backend(s) {', '.join(sorted(set(chosen) - set(registry.BACKENDS)))}; "
+                         f"backends are {', '.join(registry.BACKENDS)}")
     for name in registry.BACKENDS:
-        why = registry.backend_unavailable(name, torch.device(device).type)
+        why = (registry.backend_unavailable(name, torch.device(device).type) if name in chosen
+               else "not in --backends")
         res["backends"][name] = why or "available"
         if why:
             log(f"backend {name}: skipped: {why}")
     # (row label, backend, compiled?): "torch.compile" is the torch backend under torch.compile
-    columns = [(name, name, False) for name in registry.BACKENDS] + ([("torch.compile", "torch", True)]
-                                                                     if compile_ref else [])
+    columns = [(name, name, False) for name in registry.BACKENDS if name in chosen] + (
+        [("torch.compile", "torch", True)] if compile_ref and "torch" in chosen else [])
     wanted = [o.strip() for o in cfg["ops"].split(",")] if cfg["ops"] else list(OPS)
     W = max(map(len, OPS))  # the op column of the log
     for op in wanted:
