@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt import checkpoint, ops
+from nanogpt import checkpoint, harness, ops
 from nanogpt.codec import read_meta
 from nanogpt.configurator import Keys, configure
 from nanogpt.data import Batcher, check_data
@@ -47,6 +47,13 @@ DEFAULTS = Keys("nanogpt-train", __doc__, {
         always_save_checkpoint=(True, "save at every eval; False: only when val loss improves (and at max_iters)"),
         init_from=("scratch", "scratch | resume (from out_dir) | auto (resume if out_dir has a checkpoint, done if "
                    "it reached max_iters) | gpt2* | a Hugging Face directory"),
+    ),
+    "evaluation": dict(
+        eval_tasks=("", "lm-evaluation-harness tasks to score during training, e.g. hellaswag (\"\": none; GPT-2 "
+                    "BPE models; pip install lm_eval)"),
+        eval_tasks_interval=(0, "score eval_tasks every this many iters, at an eval (a multiple of eval_interval)"),
+        eval_tasks_limit=(0, "documents per task (0: all)"),
+        eval_include_path=("", "a directory of extra task YAMLs (as nanogpt-eval's --include_path)"),
     ),
     "logging": dict(
         wandb_log=(False, "also log to Weights & Biases (wandb is imported only when enabled)"),
@@ -134,6 +141,11 @@ def check_config(c, world):
                         f"the world size {world}; make it a multiple of {world}")
     if c["device"].startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={c['device']} but CUDA is not available; pass --device=cpu")
+    if bool(c["eval_tasks"]) != (c["eval_tasks_interval"] > 0) or c["eval_tasks_interval"] % c["eval_interval"]:
+        raise UserError(f"eval_tasks={c['eval_tasks']!r} with eval_tasks_interval={c['eval_tasks_interval']}: give "
+                        f"both, the interval a multiple of eval_interval={c['eval_interval']} (or neither)")
+    if c["eval_tasks"]:
+        harness.lm_class()  # lm_eval is installed
     device_type = "cuda" if "cuda" in c["device"] else c["device"]
     ops.resolve(c["kernels"], device_type)  # unknown or unusable kernels
     if c["dtype"] == "auto":  # resolved here, so the checkpoint's config holds the precision that ran
@@ -141,7 +153,10 @@ def check_config(c, world):
     if c["init_from"] == "scratch" and not c["eval_only"] and checkpoint.exists(c["out_dir"]):
         raise UserError(f"{c['out_dir']} already holds a checkpoint; pass --init_from=resume (or auto) to continue "
                         "it, or a new --out_dir to start over")
-    check_data(c["data_dir"] or os.path.join("data", c["dataset"]), c["dataset"], c["block_size"])
+    data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
+    check_data(data_dir, c["dataset"], c["block_size"])
+    if c["eval_tasks"] and read_meta(data_dir) is not None:
+        raise UserError(f"eval_tasks scores GPT-2 BPE models, and {data_dir} is char-level data; drop --eval_tasks")
 
 
 def rng_state():
@@ -456,12 +471,31 @@ def evaluate(run, lr, metrics):
     if run.proc.master:
         print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     metrics.write({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+    if run.c["eval_tasks"] and run.iter_num % run.c["eval_tasks_interval"] == 0:
+        score_tasks(run, metrics)
     improved = losses["val"] < run.best_val_loss
     if improved:
         run.best_val_loss = losses["val"]
     last = run.iter_num == run.c["max_iters"]  # saved always: a finished run's checkpoint says it is done
     if (improved or run.c["always_save_checkpoint"] or last) and run.iter_num > 0 and not run.c["eval_only"]:
         save(run, best=improved)
+
+
+def score_tasks(run, metrics):
+    """eval_tasks through lm-evaluation-harness on rank 0 (the others wait at their next collective): one line
+    and one metrics record of each task's scores."""
+    if not run.proc.master:
+        return
+    c = run.c
+    results = harness.run_tasks(harness.lm_class()(run.raw_model, c["batch_size"], run.ctx),
+                                [t.strip() for t in c["eval_tasks"].split(",") if t.strip()], c["eval_include_path"],
+                                limit=c["eval_tasks_limit"], seed=c["seed"])
+    scores = {task: {k.split(",")[0]: v for k, v in r.items() if isinstance(v, float) and "stderr" not in k}
+              for task, r in results["results"].items()}
+    run.raw_model.train()
+    print(f"step {run.iter_num}: " + "; ".join(f"{t} " + ", ".join(f"{k} {v:.4f}" for k, v in s.items())
+                                              for t, s in scores.items()))
+    metrics.write({"iter": run.iter_num, "eval_tasks": scores})
 
 
 def train_step(run, stop):

@@ -46,9 +46,10 @@ def logprob(model, ctx, cont):
     return logp[-len(cont):].gather(1, torch.tensor(cont)[:, None]).sum().item()
 
 
-def test_harness_hellaswag_layout_end_to_end(tmp_path, monkeypatch):
+@pytest.fixture
+def tasks(tmp_path, monkeypatch):
+    """A directory holding the task tiny_hellaswag: DOCS in HellaSwag's jsonl layout, offline."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    model, _ = tiny_run(tmp_path / "out", tmp_path / "data", block_size=32)
     data = tmp_path / "hs.jsonl"
     data.write_text("".join(json.dumps({"ind": i, "activity_label": a, "ctx_a": ca, "ctx_b": cb,
                                         "ctx": f"{ca} {cb.capitalize()}", "endings": e, "source_id": f"x{i}",
@@ -58,6 +59,11 @@ def test_harness_hellaswag_layout_end_to_end(tmp_path, monkeypatch):
     tasks.mkdir()
     hellaswag = Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "hellaswag.yaml"
     (tasks / "tiny_hellaswag.yaml").write_text(TASK.format(hellaswag=hellaswag, data=data))
+    return tasks
+
+
+def test_harness_hellaswag_layout_end_to_end(tmp_path, tasks):
+    model, _ = tiny_run(tmp_path / "out", tmp_path / "data", block_size=32)
     out = tmp_path / "eval.json"
     harness.main([f"--out_dir={tmp_path / 'out'}", "--tasks=tiny_hellaswag", f"--include_path={tasks}",
                   "--device=cpu", "--dtype=float32", "--kernels=torch", "--batch_size=3", f"--output={out}",
@@ -132,3 +138,34 @@ def test_bad_task_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "unknown task(s) no_such_task" in err
     assert not os.path.exists(tmp_path / "out" / "eval.json")
+
+
+def test_trainer_scores_eval_tasks_every_interval(tmp_path, tasks, capsys):
+    """--eval_tasks: the harness's scores at iters 0 and 2 in metrics.jsonl, the last equal to nanogpt-eval's on the
+    checkpoint the run ends with."""
+    from nanogpt import prepare, train
+    prepare.prepare("shakespeare", tmp_path / "bpe")
+    out = tmp_path / "run"
+    common = ["--device=cpu", "--dtype=float32", "--kernels=torch", f"--include_path={tasks}"]
+    train.main([f"--out_dir={out}", "--dataset=shakespeare", f"--data_dir={tmp_path / 'bpe'}", "--n_layer=1",
+                "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--gradient_accumulation_steps=1",
+                "--max_iters=2", "--eval_interval=1", "--eval_iters=1", "--compile=False", "--autotune=False",
+                "--eval_tasks=tiny_hellaswag", "--eval_tasks_interval=2", *common[:3],
+                f"--eval_include_path={tasks}"])
+    assert "step 2: tiny_hellaswag acc " in capsys.readouterr().out
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_tasks" in r]
+    assert [r["iter"] for r in records] == [0, 2]
+    harness.main([f"--out_dir={out}", "--which=latest", "--tasks=tiny_hellaswag", f"--output={tmp_path / 'e.json'}",
+                  *common])
+    got = json.loads((tmp_path / "e.json").read_text())["results"]["tiny_hellaswag"]
+    assert records[-1]["eval_tasks"]["tiny_hellaswag"] == {k.split(",")[0]: v for k, v in got.items()
+                                                           if isinstance(v, float) and "stderr" not in k}
+
+
+def test_trainer_eval_tasks_settings_are_checked(tmp_path, capsys):
+    from nanogpt import train
+    for bad in (["--eval_tasks=hellaswag"], ["--eval_tasks_interval=4"],
+                ["--eval_tasks=hellaswag", "--eval_tasks_interval=3", "--eval_interval=2"]):
+        with pytest.raises(SystemExit) as e:
+            train.main([f"--out_dir={tmp_path}", "--device=cpu", *bad])
+        assert e.value.code == 2 and "give both, the interval a multiple of eval_interval" in capsys.readouterr().err
