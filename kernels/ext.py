@@ -14,7 +14,7 @@ import math
 import torch
 
 from nanogpt_kernels.contract import FusedAdamWBase, sdpa_fallback
-from nanogpt_kernels.registry import lce_args, lce_fake, rms_norm_eps
+from nanogpt_kernels.registry import lce_args, lce_fake, rms_norm_eps, rope_check
 
 _C = None
 _IMPORT_ERROR = None
@@ -170,6 +170,7 @@ def bias_relu2(x, bias=None):
 def rope(q, k, cos, sin):
     """Rotary embeddings on q and k (B, H, T, D) in one pass (CPU; float32/bfloat16, q and k of one dtype; any
     strides with a contiguous last dim); cos, sin (T, D/2) float32. Returns contiguous (q_rot, k_rot)."""
+    rope_check(q, k, cos, sin)
     return torch.ops.nanogpt_ext.rope(q, k, cos.float(), sin.float())
 
 

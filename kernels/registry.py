@@ -7,11 +7,11 @@ repository's root (where the folder kernels/ is on sys.path first). It imports n
     op          torch (reference)                 triton                         ext (C++/CUDA, nanogpt_kernels._C)
     attention   F.scaled_dot_product_attention    triton/attention.py            csrc/attention.cpp (CPU only)
     layer_norm  F.layer_norm                      triton/layer_norm.py           csrc/cpu|cuda/layer_norm
-    bias_gelu   F.gelu(x + bias)                  triton/bias_gelu.py            csrc/cpu|cuda/bias_gelu
+    bias_gelu   F.gelu(x + bias)                  triton/bias_gelu.py            csrc/cpu|cuda/bias_act
     adamw       torch.optim.AdamW + clipping      triton/adamw.py                csrc/cpu|cuda/adamw
     linear_cross_entropy  chunked (below)         triton/linear_cross_entropy.py csrc/cpu/linear_cross_entropy
     rms_norm    F.rms_norm                        triton/rms_norm.py             csrc/cpu|cuda/rms_norm
-    bias_relu2  F.relu(x + bias).square()         triton/bias_relu2.py           csrc/cpu|cuda/bias_relu2
+    bias_relu2  F.relu(x + bias).square()         triton/bias_relu2.py           csrc/cpu|cuda/bias_act
     rope        rotate-half (below)               triton/rope.py                 csrc/cpu/rope
 
 `REGISTRY` is the one table of that: everything else (the model, the compile check, the benchmark cases,

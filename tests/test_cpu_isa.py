@@ -78,6 +78,17 @@ def test_bias_relu2(isa, dtype):
              {"x": x, "bias": b}, _randn(37, 1023, dtype=dtype, grad=False))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope(isa, dtype):
+    from test_rope import cos_sin, flat, qk
+
+    from nanogpt_kernels.registry import rope
+    q, k = qk(2, 3, 1, 17, 30, dtype, "cpu")  # (B, H, T, D) views of (B, T, H, D) buffers, odd T, D/2 = 15
+    cos, sin = cos_sin(17, 30, dtype=torch.float32)
+    check_op(f"rope {isa}", flat(torch.ops.nanogpt_ext.rope), flat(rope), {"q": q, "k": k, "cos": cos, "sin": sin},
+             _randn(q.numel() + k.numel(), dtype=dtype, grad=False))
+
+
 def _attention(q, k, v, causal, scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return torch.ops.nanogpt_ext.attention(q, k, v, causal, scale, 0.0, None)
