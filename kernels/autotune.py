@@ -75,14 +75,15 @@ class Call:
             return a if isinstance(a, (int, float, str, bool, type(None))) else repr(a)
         return [[sig(a) for a in self.args], {k: sig(v) for k, v in sorted(self.kwargs.items())}]
 
-    def leaves(self, dtype=None):
-        """Fresh leaf copies of the tensors (floating ones require grad), optionally cast to `dtype`."""
-        def leaf(a):
+    def leaves(self, dtype=None, constants=()):
+        """Fresh leaf copies of the tensors (floating ones require grad, but for the op's `constants` positions),
+        optionally cast to `dtype`."""
+        def leaf(i, a):
             if not isinstance(a, torch.Tensor):
                 return a
             t = _keep(a) if dtype is None else a.detach().to(dtype)
-            return t.requires_grad_(t.is_floating_point())
-        return [leaf(a) for a in self.args]
+            return t.requires_grad_(t.is_floating_point() and i not in constants)
+        return [leaf(i, a) for i, a in enumerate(self.args)]
 
 
 def _keep(t):
@@ -135,10 +136,10 @@ def check_layer(op, backend, call):
     kwargs = dict(call.kwargs)
     if "dropout_p" in kwargs:
         kwargs["dropout_p"] = 0.0  # a random mask cannot be compared; the kernels' masks are tested elsewhere
-    ref, dtype = registry.get(op, "torch"), call.args[0].dtype
-    ref64, douts = _forward_backward(ref, call.leaves(torch.float64), kwargs, 0, dtype)
-    theirs, _ = _forward_backward(ref, call.leaves(), kwargs, 0, dtype)
-    ours, _ = _forward_backward(registry.get(op, backend), call.leaves(), kwargs, 0, dtype)
+    ref, dtype, constants = registry.get(op, "torch"), call.args[0].dtype, registry.REGISTRY[op].constants
+    ref64, douts = _forward_backward(ref, call.leaves(torch.float64, constants), kwargs, 0, dtype)
+    theirs, _ = _forward_backward(ref, call.leaves(constants=constants), kwargs, 0, dtype)
+    ours, _ = _forward_backward(registry.get(op, backend), call.leaves(constants=constants), kwargs, 0, dtype)
     hints = {}
     if op == "attention":  # grads 0, 1 (dq, dk) cancel: see attention_grad_hints
         hints = dict(zip((1, 2), attention_grad_hints(*call.args[:3], douts[0], kwargs.get("scale"))))
@@ -166,7 +167,8 @@ def measure_layer(op, backends, call, ctx, budget_s):
         if why:
             trials[b].error = why
             continue
-        fn, leaves = (registry.unfused(op) if b == registry.NONE else registry.get(op, b)), call.leaves()
+        fn = registry.unfused(op) if b == registry.NONE else registry.get(op, b)
+        leaves = call.leaves(constants=registry.REGISTRY[op].constants)
 
         def run(fn=fn, leaves=leaves, douts=None):  # the timed part: forward and backward, nothing else
             for t in leaves:

@@ -59,6 +59,7 @@ class OpSpec:
     optional: bool = False  # the selector may name "none" for it: the model then does without the op
     unfused: str = None  # for an optional op, "module:attr" computing what the model does without it: the
     #                      measured auto's baseline for that op, as torch's op is for the others
+    constants: tuple = ()  # positions of a layer op's tensor arguments it is not differentiated in (rope's tables)
 
 
 _T, _E = "nanogpt_kernels.triton", "nanogpt_kernels.ext"
@@ -80,7 +81,7 @@ REGISTRY = {
     "bias_relu2": OpSpec("layer", {"torch": Impl(f"{__name__}:bias_relu2"),
                                    "triton": Impl(f"{_T}.bias_relu2:bias_relu2"), "ext": Impl(f"{_E}:bias_relu2")}),
     "rope": OpSpec("layer", {"torch": Impl(f"{__name__}:rope"), "triton": Impl(f"{_T}.rope:rope"),
-                             "ext": Impl(f"{_E}:rope", ("cpu",))}),
+                             "ext": Impl(f"{_E}:rope", ("cpu",))}, constants=(2, 3)),
 }
 NONE = "none"
 OPS = tuple(REGISTRY)
