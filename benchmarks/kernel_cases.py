@@ -6,8 +6,10 @@ A case is one op x pass x backend at one shape preset. The ops and backends are 
   optimizer  step (clip + AdamW step over a GPT's parameter list, the optimizer contract)
 A layer op needs a row in LAYER_CASES (its inputs and its work, for rates); an optimizer op needs nothing.
 The work is
-  layer_norm, bias_gelu   bytes: the minimum DRAM traffic (fwd reads x and writes y = 2 tensors;
-                          bwd reads x and dy and writes dx = 3; full = 5; weights/stats ignored)
+  layer_norm, rms_norm,   bytes: the minimum DRAM traffic (fwd reads x and writes y = 2 tensors;
+  bias_gelu, bias_relu2   bwd reads x and dy and writes dx = 3; full = 5; weights/stats ignored)
+  rope                    bytes: fwd reads q, k and writes their turns; bwd the same for the grads
+                          (2 x (q + k) each, cos/sin ignored)
   attention               FLOPs: fwd 4*B*H*T*T*D/2 (causal half), bwd 2.5x fwd, full 3.5x fwd
   linear_cross_entropy    FLOPs: fwd 2*N*V*C (the logits), full 3x fwd (plus dx and dW); no bwd pass:
                           the kernels take the gradient in the forward, the backward only scales it
@@ -56,6 +58,11 @@ def _logits_flops(p, esize):
     return "flop", fwd, 2 * fwd
 
 
+def _rope_bytes(p, esize):
+    n = 2 * 2 * p["B"] * p["H"] * p["T"] * p["D"] * esize  # q and k in, their turns out
+    return "byte", n, n
+
+
 def _traffic(cols):  # memory-bound row ops: fwd moves 2 tensors of rows x cols, bwd 3
     return lambda p, esize: ("byte", 2 * p["rows"] * cols(p) * esize, 3 * p["rows"] * cols(p) * esize)
 
@@ -65,6 +72,14 @@ LAYER_CASES = {
                             lambda fn, x, w, b: fn(x, w, b, 1e-5), _traffic(lambda p: p["C"])),
     "bias_gelu": LayerCase(lambda p, rnd: (rnd(p["rows"], 4 * p["C"]), rnd(4 * p["C"])),
                            lambda fn, x, b: fn(x, b, "none"), _traffic(lambda p: 4 * p["C"])),
+    "rms_norm": LayerCase(lambda p, rnd: (rnd(p["rows"], p["C"]), rnd(p["C"])),
+                          lambda fn, x, w: fn(x, w), _traffic(lambda p: p["C"])),
+    "bias_relu2": LayerCase(lambda p, rnd: (rnd(p["rows"], 4 * p["C"]), rnd(4 * p["C"])),
+                            lambda fn, x, b: fn(x, b), _traffic(lambda p: 4 * p["C"])),
+    "rope": LayerCase(lambda p, rnd: (rnd(p["B"], p["H"], p["T"], p["D"]), rnd(p["B"], p["H"], p["T"], p["D"]),
+                                      rnd(p["T"], p["D"] // 2, dtype=torch.float32, grad=False),
+                                      rnd(p["T"], p["D"] // 2, dtype=torch.float32, grad=False)),
+                      lambda fn, q, k, cos, sin: fn(q, k, cos, sin), _rope_bytes),
     "attention": LayerCase(lambda p, rnd: tuple(rnd(p["B"], p["H"], p["T"], p["D"]) for _ in range(3)),
                            lambda fn, q, k, v: fn(q, k, v, causal=True), _attention_flops),
     "linear_cross_entropy": LayerCase(
@@ -158,13 +173,14 @@ def make_case(op, pass_, backend, preset, device, compile_fn=False):
                 return f()
         return run, work, unit
     out = f()
-    dy = torch.randn(out.shape, generator=g).to(device=dev, dtype=out.dtype)
+    outs = tuple(out) if isinstance(out, tuple) else (out,)  # rope gives (q_rot, k_rot)
+    dys = [torch.randn(o.shape, generator=g).to(device=dev, dtype=o.dtype) for o in outs]
     if pass_ == "bwd":
         def run():
-            return torch.autograd.grad(out, wrt, dy, retain_graph=True)
+            return torch.autograd.grad(outs, wrt, dys, retain_graph=True)
     else:
         def run():
-            return torch.autograd.grad(f(), wrt, dy)
+            return torch.autograd.grad(f(), wrt, dys)
     return run, work, unit
 
 

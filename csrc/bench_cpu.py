@@ -5,8 +5,8 @@
 
 `ops`: each ext kernel against the PyTorch op it replaces, per ISA clone of the CPU kernels, in
 float32 and bfloat16, at the CPU quick-start shapes (12 x 64 tokens, C=128, 4 heads, 4 layers;
-bias_gelu on 768 x 512) and GPT-2-small-ish ones (C=768, 12 heads, 3 x 256 tokens; bias_gelu on
-768 x 3072; AdamW over one GPT-2-small block). fwd is the forward call with inputs that need
+bias_gelu / bias_relu2 on 768 x 512) and GPT-2-small-ish ones (C=768, 12 heads, 3 x 256 tokens; bias_gelu /
+bias_relu2 on 768 x 3072; AdamW over one GPT-2-small block); rope turns the attention's q and k. fwd is the forward call with inputs that need
 grad (as in training), bwd the backward of that graph; adamw is grad_norm + adamw_ against
 clip_grad_norm_ + torch.optim.AdamW (foreach). ext and torch run in turn (interleaved), so load
 from other processes hits both alike; medians over --reps. --isa all runs one process per clone
@@ -71,7 +71,15 @@ def _cases(name, s, dtype):
             (lambda: F.layer_norm(x, (C,), w, b, 1e-5))
         return f, dy
 
+    def rms_norm(backend):
+        f = (lambda: ops.rms_norm(x, w, 1e-6)) if backend == "ext" else (lambda: F.rms_norm(x, (C,), w, 1e-6))
+        return f, dy
+
     xh, bh, dyh = rnd(rows, hidden), rnd(hidden), rnd(rows, hidden, grad=False)
+
+    def relu2(backend):
+        f = (lambda: ops.bias_relu2(xh, bh)) if backend == "ext" else (lambda: F.relu(xh + bh).square())
+        return f, dyh
 
     def gelu(tanh):
         def make(backend):
@@ -91,6 +99,14 @@ def _cases(name, s, dtype):
         f = (lambda: ops.attention(q, k, v, True, sc, 0.0, None)) if backend == "ext" else \
             (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         return f, do
+
+    angles = torch.outer(torch.arange(T, dtype=torch.float32), 1e4 ** (-torch.arange(0, C // H, 2) / (C // H)))
+    cos, sin = angles.cos(), angles.sin()
+
+    def rope(backend):
+        from nanogpt_kernels.registry import rope as torch_rope
+        f = (lambda: ops.rope(q, k, cos, sin)) if backend == "ext" else (lambda: torch_rope(q, k, cos, sin))
+        return f, (do, do)
 
     def adamw(backend):
         ps = [torch.randn(sh, generator=g).to(dtype) for sh in _param_shapes(name, s)]
@@ -115,8 +131,9 @@ def _cases(name, s, dtype):
             ops.adamw_(ps, grads, m, vv, steps, lr, norm, 0.9, 0.99, 1e-8, 0.1, 1.0)
         return step, None
 
-    return [("layer_norm", layer_norm), ("bias_gelu erf", gelu(False)), ("bias_gelu tanh", gelu(True)),
-            ("attention causal", attention), ("grad_norm+adamw_", adamw)]
+    return [("layer_norm", layer_norm), ("rms_norm", rms_norm), ("bias_gelu erf", gelu(False)),
+            ("bias_gelu tanh", gelu(True)), ("bias_relu2", relu2), ("rope", rope), ("attention causal", attention),
+            ("grad_norm+adamw_", adamw)]
 
 
 def _time(make, reps, warmup):
@@ -129,7 +146,7 @@ def _time(make, reps, warmup):
             out = call()
             t1 = time.perf_counter()
             if dy is not None:
-                out.backward(dy)
+                torch.autograd.backward(out, dy)
             if i >= warmup:
                 t[be][0].append(t1 - t0)
                 if dy is not None:

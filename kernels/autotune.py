@@ -1,6 +1,7 @@
 """Measured `auto`: each op runs on the fastest backend that is correct here, never slower than PyTorch.
 
-A layer op (attention, layer_norm, bias_gelu) is measured on one real call of the model: the tensors it
+A layer op (attention, layer_norm, rms_norm, bias_gelu, ...) is measured on one real call of the model (an op
+the model never calls keeps the fixed order): the tensors it
 passed (cloned with their strides and values) go through every candidate backend, forward and backward
 with a fixed random output gradient, round-robin over the backends so that drift hits all alike, under
 the training's autocast context. The optimizer (adamw) is measured as one step over copies of the model's
@@ -74,14 +75,15 @@ class Call:
             return a if isinstance(a, (int, float, str, bool, type(None))) else repr(a)
         return [[sig(a) for a in self.args], {k: sig(v) for k, v in sorted(self.kwargs.items())}]
 
-    def leaves(self, dtype=None):
-        """Fresh leaf copies of the tensors (floating ones require grad), optionally cast to `dtype`."""
-        def leaf(a):
+    def leaves(self, dtype=None, constants=()):
+        """Fresh leaf copies of the tensors (floating ones require grad, but for the op's `constants` positions),
+        optionally cast to `dtype`."""
+        def leaf(i, a):
             if not isinstance(a, torch.Tensor):
                 return a
             t = _keep(a) if dtype is None else a.detach().to(dtype)
-            return t.requires_grad_(t.is_floating_point())
-        return [leaf(a) for a in self.args]
+            return t.requires_grad_(t.is_floating_point() and i not in constants)
+        return [leaf(i, a) for i, a in enumerate(self.args)]
 
 
 def _keep(t):
@@ -115,14 +117,18 @@ def _round_robin(runs, device, budget_s):
 
 # ---------------------------------------------------------------- layer ops
 
+def _outputs(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]  # rope gives (q_rot, k_rot)
+
+
 def _forward_backward(fn, leaves, kwargs, seed, dout_dtype):
-    """out and the leaves' grads after out.backward(dout); dout is drawn in float32 from `seed` and rounded
-    to dout_dtype (the call's dtype), so the float64 reference and the low-precision runs see the same one."""
-    out = fn(*leaves, **kwargs)
-    gen = torch.Generator(device=out.device).manual_seed(seed)
-    dout = torch.randn(out.shape, generator=gen, device=out.device).to(dout_dtype).to(out.dtype)
-    out.backward(dout)
-    return [out] + [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad], dout
+    """(outputs, then the leaves' grads after backward(douts)), douts; each dout is drawn in float32 from `seed`
+    and rounded to dout_dtype (the call's dtype), so the float64 reference and the low-precision runs see the same."""
+    outs = _outputs(fn(*leaves, **kwargs))
+    gen = torch.Generator(device=outs[0].device).manual_seed(seed)
+    douts = [torch.randn(o.shape, generator=gen, device=o.device).to(dout_dtype).to(o.dtype) for o in outs]
+    torch.autograd.backward(outs, douts)
+    return outs + [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad], douts
 
 
 def check_layer(op, backend, call):
@@ -130,14 +136,16 @@ def check_layer(op, backend, call):
     kwargs = dict(call.kwargs)
     if "dropout_p" in kwargs:
         kwargs["dropout_p"] = 0.0  # a random mask cannot be compared; the kernels' masks are tested elsewhere
-    ref, dtype = registry.get(op, "torch"), call.args[0].dtype
-    ref64, dout = _forward_backward(ref, call.leaves(torch.float64), kwargs, 0, dtype)
-    theirs, _ = _forward_backward(ref, call.leaves(), kwargs, 0, dtype)
-    ours, _ = _forward_backward(registry.get(op, backend), call.leaves(), kwargs, 0, dtype)
+    ref, dtype, constants = registry.get(op, "torch"), call.args[0].dtype, registry.REGISTRY[op].constants
+    ref64, douts = _forward_backward(ref, call.leaves(torch.float64, constants), kwargs, 0, dtype)
+    theirs, _ = _forward_backward(ref, call.leaves(constants=constants), kwargs, 0, dtype)
+    ours, _ = _forward_backward(registry.get(op, backend), call.leaves(constants=constants), kwargs, 0, dtype)
     hints = {}
     if op == "attention":  # grads 0, 1 (dq, dk) cancel: see attention_grad_hints
-        hints = dict(zip((1, 2), attention_grad_hints(*call.args[:3], dout, kwargs.get("scale"))))
-    names = ["output"] + [f"grad {i}" for i in range(len(ours) - 1)]
+        hints = dict(zip((1, 2), attention_grad_hints(*call.args[:3], douts[0], kwargs.get("scale"))))
+    n_out = len(douts)
+    names = [f"output {i}" if n_out > 1 else "output" for i in range(n_out)] + [
+        f"grad {i}" for i in range(len(ours) - n_out)]
     for i, (name, a, t, r) in enumerate(zip(names, ours, theirs, ref64)):
         if a is None or a.shape != r.shape:
             return f"{name} has shape {None if a is None else tuple(a.shape)}, expected {tuple(r.shape)}"
@@ -159,19 +167,20 @@ def measure_layer(op, backends, call, ctx, budget_s):
         if why:
             trials[b].error = why
             continue
-        fn, leaves = (registry.unfused(op) if b == registry.NONE else registry.get(op, b)), call.leaves()
+        fn = registry.unfused(op) if b == registry.NONE else registry.get(op, b)
+        leaves = call.leaves(constants=registry.REGISTRY[op].constants)
 
-        def run(fn=fn, leaves=leaves, dout=None):  # the timed part: forward and backward, nothing else
+        def run(fn=fn, leaves=leaves, douts=None):  # the timed part: forward and backward, nothing else
             for t in leaves:
                 if isinstance(t, torch.Tensor):
                     t.grad = None
             with ctx:
-                out = fn(*leaves, **call.kwargs)
-            out.backward(dout)
+                outs = _outputs(fn(*leaves, **call.kwargs))
+            torch.autograd.backward(outs, douts)
         try:
-            with ctx:  # warm-up (Triton compiles here, the extension allocates its first buffers), and dout
-                _, dout = _forward_backward(fn, leaves, call.kwargs, 1, call.args[0].dtype)
-            runs[b] = functools.partial(run, dout=dout)
+            with ctx:  # warm-up (Triton compiles here, the extension allocates its first buffers), and douts
+                _, douts = _forward_backward(fn, leaves, call.kwargs, 1, call.args[0].dtype)
+            runs[b] = functools.partial(run, douts=douts)
         except Exception as e:
             trials[b].error = f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     for b, (ms, med) in _round_robin(runs, call.args[0].device, budget_s).items():
@@ -339,6 +348,8 @@ def select(ops, device, calls, groups=None, hyper=None, ctx=None, autocast_dtype
     budget = TIME_BUDGET_S * (4 if device.type == "cuda" else 1)
     verdicts, new = {}, {}
     for op in ops:
+        if op != "adamw" and op not in calls:
+            continue  # a layer op this model never calls (rope in a GPT-2 recipe): nothing to measure
         backends = registry.candidates(op, device.type) + ([registry.NONE] if registry.REGISTRY[op].optional else [])
         if op == "adamw":
             what = [[list(p.shape), str(p.dtype)] for g in groups for p in g["params"]] + [sorted(hyper.items())]

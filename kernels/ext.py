@@ -2,9 +2,9 @@
 
 The extension registers torch custom ops in the `nanogpt_ext` namespace
 (torch.ops.nanogpt_ext.*) with CPU kernels (vectorized, multi-threaded C++) and, when built
-with CUDA, CUDA kernels; layer_norm, bias_gelu and attention carry C++ autograd formulas. This module
-adds fake (meta) kernels so they work under torch.compile(fullgraph=True), and exposes the
-backend contract (nanogpt_kernels.contract): layer_norm, bias_gelu, attention, FusedAdamW, unavailable.
+with CUDA, CUDA kernels; the layer ops carry C++ autograd formulas. This module adds fake (meta) kernels so
+they work under torch.compile(fullgraph=True), and exposes the backend contract (nanogpt_kernels.contract):
+layer_norm, rms_norm, bias_gelu, bias_relu2, rope, attention, linear_cross_entropy, FusedAdamW, unavailable.
 
 Build: `pip install --no-build-isolation -e .` with torch installed (see setup.py).
 """
@@ -14,7 +14,7 @@ import math
 import torch
 
 from nanogpt_kernels.contract import FusedAdamWBase, sdpa_fallback
-from nanogpt_kernels.registry import lce_args, lce_fake
+from nanogpt_kernels.registry import lce_args, lce_fake, rms_norm_eps, rope_check
 
 _C = None
 _IMPORT_ERROR = None
@@ -104,13 +104,39 @@ def _register():
     def _(x, bias, tanh):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    if not hasattr(ops, "linear_cross_entropy"):  # a build from before the op: the other ops still load
-        return
-    torch.library.register_fake("nanogpt_ext::linear_cross_entropy_fwd", lce_fake)
+    def fake(name):  # registers a fake kernel for an op this build has (one from before it lacks the op)
+        return (lambda fn: torch.library.register_fake(f"nanogpt_ext::{name}", fn)) if hasattr(ops, name) else (
+            lambda fn: fn)
 
-    @torch.library.register_fake("nanogpt_ext::linear_cross_entropy")
+    fake("linear_cross_entropy_fwd")(lce_fake)
+
+    @fake("linear_cross_entropy")
     def _(x, weight, targets, bias, ignore_index, reduction, softcap, chunk):
         return x.new_empty((), dtype=torch.float32)
+
+    def like_x(x, *_):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @fake("rms_norm_fwd")
+    def _(x, weight, eps):
+        return like_x(x), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+
+    @fake("rms_norm_bwd")
+    def _(dy, x, weight, rstd):
+        return like_x(x), (weight.new_empty((x.shape[-1],)) if weight is not None else x.new_empty((0,)))
+
+    def bias_grads(dy, x, bias):
+        return like_x(x), (bias.new_empty((x.shape[-1],)) if bias is not None else x.new_empty((0,)))
+
+    for name in ("rms_norm", "bias_relu2", "bias_relu2_fwd"):
+        fake(name)(like_x)
+    fake("bias_relu2_bwd")(bias_grads)
+
+    def rope_fake(q, k, cos, sin, *_):
+        return like_x(q), torch.empty_like(k, dtype=q.dtype, memory_format=torch.contiguous_format)
+
+    for name in ("rope", "rope_fwd"):
+        fake(name)(rope_fake)
 
 
 # ------------------------------------------------------------ the backend contract
@@ -124,6 +150,28 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
     if bias is not None and bias.dtype != weight.dtype:
         bias = bias.to(weight.dtype)
     return torch.ops.nanogpt_ext.layer_norm(x, weight, bias, float(eps))
+
+
+def rms_norm(x, weight=None, eps=None):
+    """RMSNorm over the last dim: fused kernel, fp32 statistics (x fp32/bf16, + fp16 on CUDA); eps None is
+    float32's eps (F.rms_norm's default for the fp32 math)."""
+    if weight is not None and weight.dtype not in (x.dtype, torch.float32):
+        weight = weight.to(x.dtype)
+    return torch.ops.nanogpt_ext.rms_norm(x, weight, rms_norm_eps(eps))
+
+
+def bias_relu2(x, bias=None):
+    """relu(x + bias)^2 in one pass."""
+    if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+        bias = bias.to(x.dtype)
+    return torch.ops.nanogpt_ext.bias_relu2(x, bias)
+
+
+def rope(q, k, cos, sin):
+    """Rotary embeddings on q and k (B, H, T, D) in one pass (CPU; float32/bfloat16, q and k of one dtype; any
+    strides with a contiguous last dim); cos, sin (T, D/2) float32. Returns contiguous (q_rot, k_rot)."""
+    rope_check(q, k, cos, sin)
+    return torch.ops.nanogpt_ext.rope(q, k, cos.float(), sin.float())
 
 
 def bias_gelu(x, bias=None, approximate="none"):
@@ -204,5 +252,7 @@ class FusedAdamW(FusedAdamWBase):
         return norm
 
 
-if _load() is not None and not hasattr(torch.ops.nanogpt_ext, "linear_cross_entropy"):
-    linear_cross_entropy = None  # a build from before the op: registry.unavailable asks for a rebuild
+if _load() is not None:
+    for _op in ("linear_cross_entropy", "rms_norm", "bias_relu2", "rope"):
+        if not hasattr(torch.ops.nanogpt_ext, _op):
+            globals()[_op] = None  # a build from before the op: registry.unavailable asks for a rebuild

@@ -7,9 +7,12 @@ repository's root (where the folder kernels/ is on sys.path first). It imports n
     op          torch (reference)                 triton                         ext (C++/CUDA, nanogpt_kernels._C)
     attention   F.scaled_dot_product_attention    triton/attention.py            csrc/attention.cpp (CPU only)
     layer_norm  F.layer_norm                      triton/layer_norm.py           csrc/cpu|cuda/layer_norm
-    bias_gelu   F.gelu(x + bias)                  triton/bias_gelu.py            csrc/cpu|cuda/bias_gelu
+    bias_gelu   F.gelu(x + bias)                  triton/bias_gelu.py            csrc/cpu|cuda/bias_act
     adamw       torch.optim.AdamW + clipping      triton/adamw.py                csrc/cpu|cuda/adamw
     linear_cross_entropy  chunked (below)         triton/linear_cross_entropy.py csrc/cpu/linear_cross_entropy
+    rms_norm    F.rms_norm                        triton/rms_norm.py             csrc/cpu|cuda/rms_norm
+    bias_relu2  F.relu(x + bias).square()         triton/bias_relu2.py           csrc/cpu|cuda/bias_act
+    rope        rotate-half (below)               triton/rope.py                 csrc/cpu/rope
 
 `REGISTRY` is the one table of that: everything else (the model, the compile check, the benchmark cases,
 the tests, `python -m nanogpt_kernels`) reads it. The torch reference implementations live here, beside it.
@@ -56,6 +59,7 @@ class OpSpec:
     optional: bool = False  # the selector may name "none" for it: the model then does without the op
     unfused: str = None  # for an optional op, "module:attr" computing what the model does without it: the
     #                      measured auto's baseline for that op, as torch's op is for the others
+    constants: tuple = ()  # positions of a layer op's tensor arguments it is not differentiated in (rope's tables)
 
 
 _T, _E = "nanogpt_kernels.triton", "nanogpt_kernels.ext"
@@ -72,6 +76,12 @@ REGISTRY = {
                                              "triton": Impl(f"{_T}.linear_cross_entropy:linear_cross_entropy"),
                                              "ext": Impl(f"{_E}:linear_cross_entropy", ("cpu",))}, optional=True,
                                    unfused=f"{__name__}:unfused_linear_cross_entropy"),
+    "rms_norm": OpSpec("layer", {"torch": Impl(f"{__name__}:rms_norm"), "triton": Impl(f"{_T}.rms_norm:rms_norm"),
+                                 "ext": Impl(f"{_E}:rms_norm")}),
+    "bias_relu2": OpSpec("layer", {"torch": Impl(f"{__name__}:bias_relu2"),
+                                   "triton": Impl(f"{_T}.bias_relu2:bias_relu2"), "ext": Impl(f"{_E}:bias_relu2")}),
+    "rope": OpSpec("layer", {"torch": Impl(f"{__name__}:rope"), "triton": Impl(f"{_T}.rope:rope"),
+                             "ext": Impl(f"{_E}:rope", ("cpu",))}, constants=(2, 3)),
 }
 NONE = "none"
 OPS = tuple(REGISTRY)
@@ -89,6 +99,43 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
 
 def bias_gelu(x, bias=None, approximate="none"):
     return F.gelu(x if bias is None else x + bias, approximate=approximate)
+
+
+def rms_norm(x, weight=None, eps=None):
+    """RMSNorm over the last dimension (QK-norm is this over the head dimension)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def rms_norm_eps(eps):
+    """The eps our kernels use: eps=None is F.rms_norm's default, the eps of the fp32 math they all do."""
+    return torch.finfo(torch.float32).eps if eps is None else float(eps)
+
+
+def bias_relu2(x, bias=None):
+    """relu(x + bias)^2, the modern GPT's MLP activation."""
+    return F.relu(x if bias is None else x + bias).square()
+
+
+def rope(q, k, cos, sin):
+    """Rotary embeddings on q (B, H, T, D) and k (B, Hk, T, D) in Hugging Face's rotate-half convention: with
+    x1, x2 the halves of the last dim, cat(x1 cos - x2 sin, x2 cos + x1 sin); cos, sin (T, D/2), float32. Both
+    outputs have q's dtype (transformers' apply_rotary_pos_emb with cos, sin repeated to D)."""
+    def rotate(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(q.dtype)
+    return rotate(q), rotate(k)
+
+
+def rope_check(q, k, cos, sin):
+    """The shapes and dtypes our rope kernels take (a ValueError naming the problem otherwise)."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] or q.shape[3] % 2:
+        raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, H, T, D) with one B, T and "
+                         "an even D")
+    T, D = q.shape[2], q.shape[3]
+    if cos.shape != (T, D // 2) or sin.shape != (T, D // 2):
+        raise ValueError(f"rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be (T, D/2) = {(T, D // 2)}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"rope: q is {q.dtype} but k is {k.dtype}; cast them to one dtype")
 
 
 class FusedAdamW(torch.optim.AdamW):

@@ -81,13 +81,29 @@ def test_correct_kernels_pass_the_check():
     for dtype in (torch.float32, torch.bfloat16):
         ctx = nullcontext() if dtype == torch.float32 else torch.autocast("cpu", dtype=dtype)
         calls = ops.capture_calls(model, X, Y, ctx)
-        assert set(calls) == {op for op in registry.OPS if registry.REGISTRY[op].kind == "layer"}
+        assert set(calls) == {m.op for m in model.modules() if hasattr(m, "op")}
         for op, call in calls.items():
             for b in registry.candidates(op, "cpu"):
                 assert at.check_layer(op, b, call) is None, (op, b, dtype)
     for b in registry.candidates("adamw", "cpu"):
         hyper = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)
         assert at.check_optimizer(b, model.optimizer_groups(0.1), hyper) is None, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_modern_ops_are_checked_and_timed(dtype):
+    """rms_norm (QK-norm shape), bias_relu2 and rope (two outputs) on calls as a modern GPT makes them: every
+    backend that runs here passes the check and gets a time."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 2, 24, generator=g).to(dtype)  # (B, T, H, D): QK-norm over the head dim
+    q, k = (torch.randn(2, 16, 2, 24, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    angles = torch.outer(torch.arange(16.0), torch.rand(12, generator=g))
+    calls = {"rms_norm": at.Call((x, torch.randn(24, generator=g).to(dtype)), {}),
+             "bias_relu2": at.Call((torch.randn(32, 96, generator=g).to(dtype), torch.randn(96).to(dtype)), {}),
+             "rope": at.Call((q, k, angles.cos(), angles.sin()), {})}
+    for op, call in calls.items():
+        trials = at.measure_layer(op, registry.candidates(op, "cpu"), call, nullcontext(), 0.01)
+        assert trials and all(t.error is None and t.ms > 0 for t in trials), (op, trials)
 
 
 def test_cache_hit_and_miss(monkeypatch, cache_dir):
@@ -97,7 +113,7 @@ def test_cache_hit_and_miss(monkeypatch, cache_dir):
     model, X, Y = tiny()
     kw = dict(kernels="auto", optim=OPTIM, log=lambda s: None)
     ops.select_kernels(model, X, Y, nullcontext(), **kw)
-    layer_ops = sorted(op for op in registry.OPS if registry.REGISTRY[op].kind == "layer")
+    layer_ops = sorted({m.op for m in model.modules() if hasattr(m, "op")})  # what this model calls
     assert sorted(measured) == layer_ops and (cache_dir / "autotune.json").exists()
     measured.clear()
     lines = []

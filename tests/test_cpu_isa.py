@@ -62,6 +62,33 @@ def test_bias_gelu(isa, dtype, tanh):
              _randn(37, 1023, dtype=dtype, grad=False))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "noweight"])
+def test_rms_norm(isa, dtype, weight):
+    x, w = _randn(3, 37, 1023, dtype=dtype, scale=2.0), _randn(1023, dtype=dtype) if weight else None
+    check_op(f"rms_norm {isa}", lambda x, w: torch.ops.nanogpt_ext.rms_norm(x, w, 1e-6),
+             lambda x, w: F.rms_norm(x, (1023,), w, 1e-6), {"x": x, "weight": w},
+             _randn(3, 37, 1023, dtype=dtype, grad=False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_relu2(isa, dtype):
+    x, b = _randn(37, 1023, dtype=dtype, scale=3.0), _randn(1023, dtype=dtype)
+    check_op(f"bias_relu2 {isa}", torch.ops.nanogpt_ext.bias_relu2, lambda x, b: F.relu(x + b).square(),
+             {"x": x, "bias": b}, _randn(37, 1023, dtype=dtype, grad=False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope(isa, dtype):
+    from test_rope import cos_sin, flat, qk
+
+    from nanogpt_kernels.registry import rope
+    q, k = qk(2, 3, 1, 17, 30, dtype, "cpu")  # (B, H, T, D) views of (B, T, H, D) buffers, odd T, D/2 = 15
+    cos, sin = cos_sin(17, 30, dtype=torch.float32)
+    check_op(f"rope {isa}", flat(torch.ops.nanogpt_ext.rope), flat(rope), {"q": q, "k": k, "cos": cos, "sin": sin},
+             _randn(q.numel() + k.numel(), dtype=dtype, grad=False))
+
+
 def _attention(q, k, v, causal, scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return torch.ops.nanogpt_ext.attention(q, k, v, causal, scale, 0.0, None)

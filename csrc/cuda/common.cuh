@@ -55,6 +55,16 @@ inline int64_t colsum_chunks(int64_t rows) {
   return c < 1 ? 1 : (c > 256 ? 256 : c);
 }
 
+// out[j] = sum over chunks of partial[c][j], in chunk order (deterministic); out may be null (nothing to do)
+template <class W>
+__global__ void colsum_final_kernel(const float* __restrict__ partial, int64_t nchunks, int cols, W* __restrict__ out) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= cols || out == nullptr) return;
+  float s = 0.f;
+  for (int64_t c = 0; c < nchunks; ++c) s += partial[c * cols + j];
+  out[j] = from_f<W>(s);
+}
+
 // GELU (exact erf / tanh) and its derivative, fp32
 constexpr float kSqrt1_2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;

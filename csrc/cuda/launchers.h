@@ -1,4 +1,4 @@
-// Plain C launchers of nanogpt's CUDA kernels (layer_norm.cu, bias_gelu.cu, adamw.cu).
+// Plain C launchers of nanogpt's CUDA kernels (layer_norm.cu, rms_norm.cu, bias_act.cu, adamw.cu).
 // Torch-free: raw pointers, sizes, a stream; each returns the launch's cudaError_t.
 // Tensors are contiguous and row-major: x is [rows, cols], weight/bias are [cols].
 #pragma once
@@ -27,15 +27,26 @@ cudaError_t ng_layer_norm_bwd(const void* dy, const void* x, const void* w, cons
                               void* dx, void* dw, void* db, float* workspace, int64_t rows, int64_t cols,
                               int x_dtype, int w_dtype, cudaStream_t stream);
 
-// y = gelu(x + bias) (bias may be NULL); tanh != 0 selects the tanh approximation.
-cudaError_t ng_bias_gelu_fwd(const void* x, const void* bias, void* y, int64_t rows, int64_t cols, int tanh,
-                             int x_dtype, int b_dtype, cudaStream_t stream);
+// RMSNorm forward: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) [rows] fp32. w may be NULL (no weight).
+// x/y in x_dtype (F32/BF16/F16); w in w_dtype (x_dtype or F32; x_dtype without a weight).
+cudaError_t ng_rms_norm_fwd(const void* x, const void* w, void* y, float* rstd, int64_t rows, int64_t cols,
+                            float eps, int x_dtype, int w_dtype, cudaStream_t stream);
 
-// dx = dy * gelu'(x + bias); dbias = column sums of dx (b_dtype), when bias != NULL.
+// RMSNorm backward: dx [rows, cols] (x_dtype) and, with a weight, dw [cols] (w_dtype).
+// workspace: ng_colsum_chunks(rows) * cols floats (unused, may be NULL, without a weight).
+cudaError_t ng_rms_norm_bwd(const void* dy, const void* x, const void* w, const float* rstd, void* dx, void* dw,
+                            float* workspace, int64_t rows, int64_t cols, int x_dtype, int w_dtype,
+                            cudaStream_t stream);
+
+// y = act(x + bias) (bias may be NULL); act: 0 exact (erf) GELU, 1 tanh GELU, 2 ReLU^2.
+cudaError_t ng_bias_act_fwd(const void* x, const void* bias, void* y, int64_t rows, int64_t cols, int act,
+                            int x_dtype, int b_dtype, cudaStream_t stream);
+
+// dx = dy * act'(x + bias); dbias = column sums of dx (b_dtype), when bias != NULL.
 // workspace: ng_colsum_chunks(rows) * cols floats (unused, may be NULL, without bias).
-cudaError_t ng_bias_gelu_bwd(const void* dy, const void* x, const void* bias, void* dx, void* dbias,
-                             float* workspace, int64_t rows, int64_t cols, int tanh, int x_dtype, int b_dtype,
-                             cudaStream_t stream);
+cudaError_t ng_bias_act_bwd(const void* dy, const void* x, const void* bias, void* dx, void* dbias,
+                            float* workspace, int64_t rows, int64_t cols, int act, int x_dtype, int b_dtype,
+                            cudaStream_t stream);
 
 // Total L2 norm of n tensors (grads[i]: numels[i] elements of dtypes[i]) into *norm_out (fp32),
 // deterministically. workspace: ng_grad_norm_workspace(numels, n) doubles.

@@ -140,15 +140,6 @@ __global__ void __launch_bounds__(32 * kRowLanes) ln_bwd_dwdb_partial_kernel(
   }
 }
 
-// out[j] = sum over chunks of partial[c][j], in chunk order
-template <class W>
-__global__ void colsum_final_kernel(const float* __restrict__ partial, int64_t nchunks, int cols, W* __restrict__ out) {
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= cols || out == nullptr) return;
-  float s = 0.f;
-  for (int64_t c = 0; c < nchunks; ++c) s += partial[c * cols + j];
-  out[j] = from_f<W>(s);
-}
 
 template <class T, class W>
 cudaError_t fwd(const void* x, const void* w, const void* b, void* y, float* mean, float* rstd, int64_t rows,

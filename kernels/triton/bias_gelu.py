@@ -112,11 +112,11 @@ def _check(approximate):
         raise ValueError(f"bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
-def _fwd(x, bias, approximate):
-    _check(approximate)
+def launch_fwd(kernel, x, bias, op, **flags):
+    """y = kernel(x + bias) over (rows, N) tiles; `flags` are the kernel's own constexprs (bias_relu2 shares this)."""
     N = x.shape[-1]
     if bias is not None and bias.shape != (N,):
-        raise ValueError(f"bias_gelu: bias has shape {tuple(bias.shape)}, expected ({N},)")
+        raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}, expected ({N},)")
     x2 = x.reshape(-1, N).contiguous()
     M = x2.shape[0]
     y = nan_like((M, N), x.dtype, x.device)
@@ -124,13 +124,14 @@ def _fwd(x, bias, approximate):
         BN = _block_n(N)
         BM = BLOCK_M_INTERP if interpreting() else BLOCK_M_FWD
         grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-        _bias_gelu_fwd_kernel[grid](x2, bias.contiguous() if bias is not None else x2, y, M, N,
-                                    HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
-                                    BLOCK_M=BM, BLOCK_N=BN, EMU_BF16=emu_bf16(x.dtype), num_warps=4)
+        kernel[grid](x2, bias.contiguous() if bias is not None else x2, y, M, N, HAS_BIAS=bias is not None,
+                     BLOCK_M=BM, BLOCK_N=BN, EMU_BF16=emu_bf16(x.dtype), num_warps=4, **flags)
     return y.view(x.shape)
 
 
-def _bwd(dy, x, bias, approximate):
+def launch_bwd(kernel, dy, x, bias, **flags):
+    """(dx, dbias) from `kernel`, which writes dx and per-program fp32 column partials of it (summed here in a
+    fixed order); dbias is zeros without a bias."""
     N = x.shape[-1]
     x2 = x.reshape(-1, N).contiguous()
     dy2 = dy.reshape(-1, N).contiguous()
@@ -146,15 +147,22 @@ def _bwd(dy, x, bias, approximate):
     n_row = triton.cdiv(max(M, 1), rows_per_prog)
     db_part = nan_like((n_row, N), torch.float32, x.device) if has_bias else dx
     if M > 0 and N > 0:
-        _bias_gelu_bwd_kernel[(n_row, n_col)](dy2, x2, bias.contiguous() if has_bias else x2, dx, db_part,
-                                              M, N, rows_per_prog, HAS_BIAS=has_bias,
-                                              APPROX_TANH=approximate == "tanh",
-                                              BLOCK_M=BM, BLOCK_N=BN, EMU_BF16=emu_bf16(x.dtype),
-                                              num_warps=4)
+        kernel[(n_row, n_col)](dy2, x2, bias.contiguous() if has_bias else x2, dx, db_part, M, N, rows_per_prog,
+                               HAS_BIAS=has_bias, BLOCK_M=BM, BLOCK_N=BN, EMU_BF16=emu_bf16(x.dtype), num_warps=4,
+                               **flags)
     elif has_bias:
         db_part.zero_()
     db = db_part.sum(0).to(bias.dtype) if has_bias else x.new_zeros((N,))
     return dx.view(x.shape), db
+
+
+def _fwd(x, bias, approximate):
+    _check(approximate)
+    return launch_fwd(_bias_gelu_fwd_kernel, x, bias, "bias_gelu", APPROX_TANH=approximate == "tanh")
+
+
+def _bwd(dy, x, bias, approximate):
+    return launch_bwd(_bias_gelu_bwd_kernel, dy, x, bias, APPROX_TANH=approximate == "tanh")
 
 
 @torch.library.custom_op("nanogpt_triton::bias_gelu_fwd", mutates_args=())

@@ -1,0 +1,83 @@
+// bias + activation leaf kernels (GELU erf / tanh, ReLU^2) on raw pointers, compiled once per ISA clone
+// (isa_clones.h). ACT is a BiasAct (bias_act.cpp).
+namespace bact {
+
+template <int ACT>
+NG_INLINE float act(float u) {
+  if (ACT == kRelu2) {
+    const float r = u > 0.0f ? u : 0.0f;
+    return r * r;
+  }
+  return ACT == kGeluTanh ? gelu_tanh(u) : gelu_erf(u);
+}
+template <int ACT>
+NG_INLINE float act_grad(float u) {
+  if (ACT == kRelu2) return u > 0.0f ? 2.0f * u : 0.0f;
+  return ACT == kGeluTanh ? gelu_tanh_grad(u) : gelu_erf_grad(u);
+}
+
+template <class T, class B, int ACT, bool HAS_BIAS>
+NG_INLINE void fwd_rows(const T* __restrict x, const B* __restrict b, T* __restrict y, int64_t r0, int64_t r1,
+                        int64_t N) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * N;
+    T* yr = y + r * N;
+    NG_SIMD
+    for (int64_t j = 0; j < N; ++j) {
+      float u = ld(xr, j);
+      if (HAS_BIAS) u += ld(b, j);
+      st(yr, j, act<ACT>(u));
+    }
+  }
+}
+
+// dx for rows [r0, r1) and (when HAS_BIAS) this chunk's column sums of dx in part[N]
+template <class T, class B, int ACT, bool HAS_BIAS>
+NG_INLINE void bwd_rows(const T* __restrict dy, const T* __restrict x, const B* __restrict b, T* __restrict dx,
+                        float* __restrict part, int64_t r0, int64_t r1, int64_t N) {
+  if (HAS_BIAS) {
+    NG_SIMD
+    for (int64_t j = 0; j < N; ++j) part[j] = 0.0f;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * N;
+    const T* dyr = dy + r * N;
+    T* dxr = dx + r * N;
+    NG_SIMD
+    for (int64_t j = 0; j < N; ++j) {
+      float u = ld(xr, j);
+      if (HAS_BIAS) u += ld(b, j);
+      const float g = ld(dyr, j) * act_grad<ACT>(u);
+      st(dxr, j, g);
+      // dbias is the sum of the fp32 dx (before rounding dx to T), like an fp32 accumulation
+      if (HAS_BIAS) part[j] += g;
+    }
+  }
+}
+
+// rows [r0, r1) of y = act(x + b) (b may be null)
+template <class T, class B, int ACT>
+void fwd_act(const T* x, const B* b, T* y, int64_t r0, int64_t r1, int64_t N) {
+  if (b) fwd_rows<T, B, ACT, true>(x, b, y, r0, r1, N);
+  else fwd_rows<T, B, ACT, false>(x, b, y, r0, r1, N);
+}
+template <class T, class B>
+void fwd(const T* x, const B* b, T* y, int64_t r0, int64_t r1, int64_t N, int act) {
+  if (act == kGeluErf) fwd_act<T, B, kGeluErf>(x, b, y, r0, r1, N);
+  else if (act == kGeluTanh) fwd_act<T, B, kGeluTanh>(x, b, y, r0, r1, N);
+  else fwd_act<T, B, kRelu2>(x, b, y, r0, r1, N);
+}
+
+template <class T, class B, int ACT>
+void bwd_act(const T* dy, const T* x, const B* b, T* dx, float* part, int64_t r0, int64_t r1, int64_t N) {
+  if (b) bwd_rows<T, B, ACT, true>(dy, x, b, dx, part, r0, r1, N);
+  else bwd_rows<T, B, ACT, false>(dy, x, b, dx, part, r0, r1, N);
+}
+template <class T, class B>
+void bwd(const T* dy, const T* x, const B* b, T* dx, float* part, int64_t r0, int64_t r1, int64_t N, int act) {
+  if (act == kGeluErf) bwd_act<T, B, kGeluErf>(dy, x, b, dx, part, r0, r1, N);
+  else if (act == kGeluTanh) bwd_act<T, B, kGeluTanh>(dy, x, b, dx, part, r0, r1, N);
+  else bwd_act<T, B, kRelu2>(dy, x, b, dx, part, r0, r1, N);
+}
+
+}  // namespace bact
