@@ -235,6 +235,7 @@ std::tuple<at::Tensor, at::Tensor> act_bwd(const at::Tensor& dy, const at::Tenso
   return {dx, db};
 }
 
+// the CUDA entry points, as the CPU ones above: each op's schema over this namespace's act_fwd/act_bwd
 using nanogpt_cpu::kGeluErf, nanogpt_cpu::kGeluTanh, nanogpt_cpu::kRelu2;
 at::Tensor bias_gelu_fwd(const at::Tensor& x, const Bias& bias, bool tanh) {
   return act_fwd(x, bias, tanh ? kGeluTanh : kGeluErf, "nanogpt_ext::bias_gelu_fwd");

@@ -1,6 +1,7 @@
 // RMSNorm leaf kernels on raw pointers, compiled once per ISA clone (isa_clones.h).
 namespace rn {
 
+// layer_norm_kernels.h's row loops without the mean (and with an optional weight): the same shape, other sums.
 template <class T, class W, bool HAS_W>
 NG_INLINE void fwd_rows(const T* __restrict x, const W* __restrict w, T* __restrict y, float* rstd, int64_t r0,
                         int64_t r1, int64_t N, float eps) {

@@ -40,8 +40,6 @@ __global__ void __launch_bounds__(256) act_fwd_kernel(const T* __restrict__ x, c
   }
 }
 
-constexpr int kRowLanes = 8;
-
 template <class T, class B, int VEC, int ACT, bool HAS_BIAS>
 __global__ void __launch_bounds__(32 * kRowLanes) act_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                                                   const B* __restrict__ bias, T* __restrict__ dx,
@@ -73,18 +71,7 @@ __global__ void __launch_bounds__(32 * kRowLanes) act_bwd_kernel(const T* __rest
     }
   }
   if constexpr (HAS_BIAS) {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) sp[ty][tx * VEC + k] = acc[k];
-    __syncthreads();
-    for (int k = ty * 32 + tx; k < 32 * VEC; k += 32 * kRowLanes) {
-      const int col = blockIdx.x * 32 * VEC + k;
-      if (col < cols) {
-        float s = 0.f;
-#pragma unroll
-        for (int l = 0; l < kRowLanes; ++l) s += sp[l][k];
-        partial[blockIdx.y * static_cast<int64_t>(cols) + col] = s;
-      }
-    }
+    write_col_partials<VEC>(sp, acc, partial, cols);
   }
 }
 

@@ -55,6 +55,29 @@ inline int64_t colsum_chunks(int64_t rows) {
   return c < 1 ? 1 : (c > 256 ? 256 : c);
 }
 
+// The column-partial kernels (dweight, dbias): a block of 32 x kRowLanes threads covers 32 * VEC columns of one
+// row chunk, each row lane ty summing rows r0 + ty, r0 + ty + kRowLanes, ... into acc[VEC] (fp32). This sums
+// the lanes in fixed order through shared memory `lanes` and writes the chunk's row `blockIdx.y` of `partial`
+// [chunks][cols]: deterministic, no atomics. Every thread of the block must call it.
+constexpr int kRowLanes = 8;
+template <int VEC>
+__device__ __forceinline__ void write_col_partials(float (*lanes)[32 * VEC + 1], const float (&acc)[VEC],
+                                                   float* __restrict__ partial, int cols) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) lanes[ty][tx * VEC + k] = acc[k];
+  __syncthreads();
+  for (int k = ty * 32 + tx; k < 32 * VEC; k += 32 * kRowLanes) {  // thread (tx, ty) finishes some columns
+    const int col = blockIdx.x * 32 * VEC + k;
+    if (col < cols) {
+      float s = 0.f;
+#pragma unroll
+      for (int l = 0; l < kRowLanes; ++l) s += lanes[l][k];
+      partial[blockIdx.y * static_cast<int64_t>(cols) + col] = s;
+    }
+  }
+}
+
 // out[j] = sum over chunks of partial[c][j], in chunk order (deterministic); out may be null (nothing to do)
 template <class W>
 __global__ void colsum_final_kernel(const float* __restrict__ partial, int64_t nchunks, int cols, W* __restrict__ out) {

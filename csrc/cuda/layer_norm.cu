@@ -88,8 +88,6 @@ __global__ void __launch_bounds__(kWarps * 32) ln_bwd_dx_kernel(const T* __restr
   }
 }
 
-constexpr int kRowLanes = 8;  // threadIdx.y of the column-partial kernels
-
 // partial[2][chunk][cols]: sums over the chunk's rows of dy*xhat and dy
 template <class T, int VEC>
 __global__ void __launch_bounds__(32 * kRowLanes) ln_bwd_dwdb_partial_kernel(
@@ -118,26 +116,8 @@ __global__ void __launch_bounds__(32 * kRowLanes) ln_bwd_dwdb_partial_kernel(
       }
     }
   }
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    sw[ty][tx * VEC + i] = aw[i];
-    sb[ty][tx * VEC + i] = ab[i];
-  }
-  __syncthreads();
-  // fixed-order sum over the row lanes: thread (tx, ty) finishes columns tx*VEC.. of lane ty's share
-  for (int k = ty * 32 + tx; k < 32 * VEC; k += 32 * kRowLanes) {
-    const int col = blockIdx.x * 32 * VEC + k;
-    if (col < cols) {
-      float s1 = 0.f, s2 = 0.f;
-#pragma unroll
-      for (int l = 0; l < kRowLanes; ++l) {
-        s1 += sw[l][k];
-        s2 += sb[l][k];
-      }
-      partial[blockIdx.y * static_cast<int64_t>(cols) + col] = s1;
-      partial[(nchunks + blockIdx.y) * static_cast<int64_t>(cols) + col] = s2;
-    }
-  }
+  write_col_partials<VEC>(sw, aw, partial, cols);
+  write_col_partials<VEC>(sb, ab, partial + nchunks * static_cast<int64_t>(cols), cols);
 }
 
 

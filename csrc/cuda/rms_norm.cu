@@ -41,6 +41,7 @@ __global__ void __launch_bounds__(kWarps * 32) rms_fwd_kernel(const T* __restric
   if (lane == 0) rstd[row] = rs;
 }
 
+// layer_norm.cu's ln_bwd_dx_kernel without the mean: one warp a row, the same prologue over other sums.
 template <class T, class W, int VEC>
 __global__ void __launch_bounds__(kWarps * 32) rms_bwd_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                                                  const W* __restrict__ w,
@@ -71,8 +72,6 @@ __global__ void __launch_bounds__(kWarps * 32) rms_bwd_dx_kernel(const T* __rest
   }
 }
 
-constexpr int kRowLanes = 8;  // threadIdx.y of the column-partial kernel
-
 // partial[chunk][cols]: sums over the chunk's rows of dy * x * rstd
 template <class T, int VEC>
 __global__ void __launch_bounds__(32 * kRowLanes) rms_bwd_dw_partial_kernel(
@@ -96,18 +95,7 @@ __global__ void __launch_bounds__(32 * kRowLanes) rms_bwd_dw_partial_kernel(
       for (int i = 0; i < VEC; ++i) aw[i] += d[i] * v[i] * rs;
     }
   }
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) sw[ty][tx * VEC + i] = aw[i];
-  __syncthreads();
-  for (int k = ty * 32 + tx; k < 32 * VEC; k += 32 * kRowLanes) {
-    const int col = blockIdx.x * 32 * VEC + k;
-    if (col < cols) {
-      float s = 0.f;
-#pragma unroll
-      for (int l = 0; l < kRowLanes; ++l) s += sw[l][k];
-      partial[blockIdx.y * static_cast<int64_t>(cols) + col] = s;
-    }
-  }
+  write_col_partials<VEC>(sw, aw, partial, cols);
 }
 
 template <class T, class W>
