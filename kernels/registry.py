@@ -10,6 +10,9 @@ repository's root (where the folder kernels/ is on sys.path first). It imports n
     bias_gelu   F.gelu(x + bias)                  triton/bias_gelu.py            csrc/cpu|cuda/bias_gelu
     adamw       torch.optim.AdamW + clipping      triton/adamw.py                csrc/cpu|cuda/adamw
     linear_cross_entropy  chunked (below)         triton/linear_cross_entropy.py csrc/cpu/linear_cross_entropy
+    rms_norm    F.rms_norm                        -                              -
+    bias_relu2  relu(x + bias)^2                  -                              -
+    rope        rotate-half (Hugging Face's)      -                              -
 
 `REGISTRY` is the one table of that: everything else (the model, the compile check, the benchmark cases,
 the tests, `python -m nanogpt_kernels`) reads it. The torch reference implementations live here, beside it.
@@ -72,6 +75,10 @@ REGISTRY = {
                                              "triton": Impl(f"{_T}.linear_cross_entropy:linear_cross_entropy"),
                                              "ext": Impl(f"{_E}:linear_cross_entropy", ("cpu",))}, optional=True,
                                    unfused=f"{__name__}:unfused_linear_cross_entropy"),
+    # the modern GPT's ops (GPTConfig's norm, qk_norm, mlp and pos_emb options): torch's reference only so far
+    "rms_norm": OpSpec("layer", {"torch": Impl(f"{__name__}:rms_norm")}),
+    "bias_relu2": OpSpec("layer", {"torch": Impl(f"{__name__}:bias_relu2")}),
+    "rope": OpSpec("layer", {"torch": Impl(f"{__name__}:rope")}),
 }
 NONE = "none"
 OPS = tuple(REGISTRY)
@@ -89,6 +96,23 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
 
 def bias_gelu(x, bias=None, approximate="none"):
     return F.gelu(x if bias is None else x + bias, approximate=approximate)
+
+
+def rms_norm(x, weight=None, eps=None):
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def bias_relu2(x, bias=None):
+    return F.relu(x if bias is None else x + bias).square()
+
+
+def rope(q, k, cos, sin):
+    """Rotary embeddings on q and k (B, H, T, D) in Hugging Face's rotate-half convention: the halves x1, x2 of
+    the head dimension become x1 cos - x2 sin, x2 cos + x1 sin, with cos/sin (T, D/2) float32; q's dtype out."""
+    def rotate(x):
+        x1, x2 = x.chunk(2, dim=-1)  # times float32 cos/sin: computed in float32 (float64 for a float64 x)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(q.dtype)
+    return rotate(q), rotate(k)
 
 
 class FusedAdamW(torch.optim.AdamW):
