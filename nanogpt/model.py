@@ -351,7 +351,7 @@ class GPT(nn.Module):
             return adamw(groups, max_grad_norm=grad_clip, **kw)
         if optimizer != "muon":
             raise ValueError(f"optimizer must be adamw or muon, got {optimizer!r}")
-        return muon.muon_class(adamw)(muon.split_params(self)[0], groups, muon_lr, momentum=muon_momentum,
+        return muon.muon_class(adamw)(muon.split_params(self)[0], groups, muon_lr, muon_momentum=muon_momentum,
                                       max_grad_norm=grad_clip, **kw)
 
     def flops_per_token(self):

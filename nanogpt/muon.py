@@ -42,10 +42,11 @@ def muon_class(adamw_cls):
     over the others, one state."""
 
     class Muon(adamw_cls):
-        def __init__(self, muon_params, adamw_groups, muon_lr, momentum=0.95, weight_decay=0.0, nesterov=True,
-                     ns_steps=DEFAULT_NS_STEPS, max_grad_norm=0.0, **adamw_kwargs):
-            muon_group = dict(params=list(muon_params), muon=True, lr=muon_lr, momentum=momentum, nesterov=nesterov,
-                              weight_decay=weight_decay, ns_steps=ns_steps)
+        def __init__(self, muon_params, adamw_groups, muon_lr, muon_momentum=0.95, muon_weight_decay=0.0,
+                     nesterov=True, ns_steps=DEFAULT_NS_STEPS, max_grad_norm=0.0, **adamw_kwargs):
+            """adamw_kwargs: the AdamW backend's (lr, betas, eps, weight_decay), for adamw_groups."""
+            muon_group = dict(params=list(muon_params), muon=True, lr=muon_lr, momentum=muon_momentum,
+                              nesterov=nesterov, weight_decay=muon_weight_decay, ns_steps=ns_steps)
             if any(p.dim() != 2 for p in muon_group["params"]):
                 raise ValueError("Muon takes 2-D parameters only")
             # the AdamW backend clips nothing: the norm is taken and clipped here, over both parts
@@ -77,8 +78,10 @@ def muon_class(adamw_cls):
             updates = []
             for p in params:
                 st = self.state[p]
-                if "momentum_buffer" not in st:
+                if "momentum_buffer" not in st:  # and a step count: AdamW's load_state_dict wants every state's
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     st["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                st["step"] += 1
                 buf = st["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
