@@ -208,3 +208,15 @@ def test_trainer_with_every_option_and_muon_resumes_bitwise(tmp_path, monkeypatc
     assert a_opt["param_groups"][0]["muon"] and a_opt["param_groups"] == b_opt["param_groups"]
     for i, st in a_opt["state"].items():
         assert all(torch.equal(v, b_opt["state"][i][key]) for key, v in st.items()), i
+
+
+def test_export_refuses_a_modern_model(tmp_path):
+    from nanogpt.export import DEFAULTS, ExportError, export
+    model = tiny(pos_emb="rope", mlp="relu2")
+    margs = {k: getattr(model.config, k) for k in (*TINY, *MODERN, "rope_theta")}
+    checkpoint.save(str(tmp_path / "out"), 1, {"model": model.state_dict(), "model_args": margs},
+                    {"optimizer": {"state": {}, "param_groups": []}, "iter_num": 1, "best_val_loss": 9.0, "ranks": []})
+    for fmt in ("hf", "nanogpt"):
+        with pytest.raises(ExportError, match="uses pos_emb='rope', mlp='relu2', which GPT-2's architecture"):
+            export(DEFAULTS | {"out_dir": str(tmp_path / "out"), "format": fmt, "to": str(tmp_path / fmt)})
+        assert not (tmp_path / fmt).exists()
