@@ -19,7 +19,7 @@ import torch
 from nanogpt import checkpoint
 from nanogpt.configurator import Keys, configure
 from nanogpt.errors import UserError, run_cli
-from nanogpt.model import CONV1D
+from nanogpt.model import CONV1D, non_gpt2
 
 DEFAULTS = Keys("nanogpt-export", __doc__, {
     "export": dict(
@@ -125,6 +125,11 @@ def export(c):
         raise ExportError(f"{c['to']} already exists; pass a new --to, or remove it first")
     which = c["which"] if os.path.exists(os.path.join(c["out_dir"], f"{c['which']}.json")) else "latest"
     payload, state = checkpoint.load(c["out_dir"], which, with_state=c["format"] == "nanogpt")
+    modern = non_gpt2(payload["model_args"])
+    if modern:
+        raise ExportError(f"the model uses {', '.join(modern)}, which GPT-2's architecture (Hugging Face's and "
+                          f"nanoGPT's) lacks, so --format={c['format']} cannot hold it; sample and evaluate it here "
+                          "(nanogpt-sample, nanogpt-eval)")
     tmp = f"{dest}.tmp{os.getpid()}"  # built beside dest and renamed into place: dest is whole or absent
     try:
         what = export_nanogpt(payload, state, tmp) if c["format"] == "nanogpt" else export_hf(payload, tmp)

@@ -4,7 +4,8 @@
 different lengths are left-padded: each row keeps its own positions (0 at its first real token) and never
 attends to padding, so a row gets the tokens it would get alone. Past block_size every row conditions on its
 last block_size tokens, as in nanoGPT: the cropped window is prefilled again (learned absolute positions move
-with the window, so the cached keys cannot be reused).
+with the window, so the cached keys cannot be reused). With rotary embeddings (pos_emb=rope) every row's
+queries and keys are rotated by cache slot, padding included: the scores depend on relative positions only.
 """
 import time
 from dataclasses import dataclass

@@ -1,8 +1,12 @@
-"""The GPT language model (GPT-2 architecture), with nanoGPT's API.
+"""The GPT language model (GPT-2 architecture), with nanoGPT's API, and a modern recipe as options.
 
 Hot ops (attention, layer_norm, the MLP's bias+GELU, the AdamW step) go through the backend
 chosen by `GPTConfig.kernels` (see nanogpt_kernels.registry); parameter names match nanoGPT
 and Hugging Face's GPT-2 so checkpoints and pretrained weights load as they are.
+
+The options (`MODERN`: each default is GPT-2's) are those of modded-nanogpt and nanochat: rotary position
+embeddings, RMSNorm, QK-norm, a ReLU^2 MLP, an untied head, a logit softcap and zero-initialised projections.
+Their ops (rope, rms_norm, bias_relu2) go through the registry too; the optimizer for them is nanogpt.muon.
 """
 import math
 from dataclasses import dataclass
@@ -13,6 +17,7 @@ from torch.nn import functional as F
 
 from nanogpt_kernels import registry
 from nanogpt import generate as engine
+from nanogpt import muon
 from nanogpt.mfu import peak_flops
 
 # the weights OpenAI's (and Hugging Face's) GPT-2 keeps in Conv1D layers: our Linear weights transposed
@@ -30,6 +35,38 @@ class GPTConfig:
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     gelu: str = "none"  # "none" (exact erf) or "tanh"; GPT-2's weights were trained with "tanh"
     kernels: str = "auto"  # backend selector, see nanogpt_kernels.registry
+    # the modern options; defaults are GPT-2's, so older checkpoints' model args (which lack them) load as they were
+    pos_emb: str = "learned"  # "learned" (GPT-2's wpe table) or "rope" (rotary, in every attention layer)
+    rope_theta: float = 10000.0  # RoPE's base
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm" (with a gain, no bias)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys (over the head dimension)
+    mlp: str = "gelu"  # "gelu" or "relu2" (ReLU squared)
+    tie_embeddings: bool = True  # the token embedding is lm_head's weight
+    logit_softcap: float = 0.0  # > 0: logits become softcap * tanh(logits / softcap); 0: off
+    zero_init_proj: bool = False  # the residual projections (attn and MLP c_proj) start at zero
+
+
+MODERN = {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False,
+          "logit_softcap": 15.0, "zero_init_proj": True}  # every option on (the modern configs' values)
+CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2"),
+           "gelu": ("none", "tanh")}
+
+
+def non_gpt2(model_args):
+    """The modern options model_args sets away from GPT-2's, as ["key=value", ...] (what GPT-2 formats lack)."""
+    default = GPTConfig()
+    return [f"{k}={model_args[k]!r}" for k in MODERN if k in model_args and model_args[k] != getattr(default, k)]
+
+
+class Op(nn.Module):
+    """A registry op without weights (e.g. rope) as a module, so that GPT.set_backends sets its backend."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, *args):
+        return self.fn(*args)
 
 
 class LayerNorm(nn.Module):
@@ -45,6 +82,36 @@ class LayerNorm(nn.Module):
         return self.fn(x, self.weight, self.bias, 1e-5)
 
 
+class RMSNorm(nn.Module):
+    op = "rms_norm"
+
+    def __init__(self, ndim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return self.fn(x, self.weight)
+
+
+def make_norm(config, ndim=None):
+    return RMSNorm(ndim or config.n_embd) if config.norm == "rmsnorm" else LayerNorm(ndim or config.n_embd, config.bias)
+
+
+class Rotary(nn.Module):
+    """RoPE's cos and sin (block_size, head_dim / 2), float32, for the positions a forward covers."""
+
+    def __init__(self, head_dim, block_size, theta):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+        # not in the state dict: a function of the config
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start, t):
+        return self.cos[start:start + t], self.sin[start:start + t]
+
+
 class CausalSelfAttention(nn.Module):
     op = "attention"
 
@@ -56,12 +123,20 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        head_dim = config.n_embd // config.n_head
+        self.q_norm, self.k_norm = (RMSNorm(head_dim), RMSNorm(head_dim)) if config.qk_norm else (None, None)
+        self.rope = Op("rope") if config.pos_emb == "rope" else None
 
-    def forward(self, x, kv=None):
+    def forward(self, x, kv=None, rotary=None):
+        """rotary: RoPE's (cos, sin) for these tokens' positions (pos_emb=rope)."""
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         # query, key, values for all heads in batch, and move head forward to be the batch dim
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q, k, *rotary)
         causal, mask = True, None
         if kv is not None:  # generation (nanogpt.generate.LayerKV): attend over every cached token
             k, v, causal, mask = kv.append(k, v)
@@ -74,33 +149,34 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    op = "bias_gelu"
-
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.approximate = config.gelu
+        self.op = "bias_relu2" if config.mlp == "relu2" else "bias_gelu"
+        self.args = () if config.mlp == "relu2" else (config.gelu,)  # the op's arguments after x and bias
 
     def forward(self, x):
         if self.fn is registry.bias_gelu:  # plain PyTorch: let addmm take the bias
-            h = F.gelu(self.c_fc(x), approximate=self.approximate)
+            h = F.gelu(self.c_fc(x), approximate=self.args[0])
+        elif self.fn is registry.bias_relu2:
+            h = F.relu(self.c_fc(x)).square()
         else:
-            h = self.fn(F.linear(x, self.c_fc.weight), self.c_fc.bias, self.approximate)
+            h = self.fn(F.linear(x, self.c_fc.weight), self.c_fc.bias, *self.args)
         return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv=None):
-        x = x + self.attn(self.ln_1(x), kv)
+    def forward(self, x, kv=None, rotary=None):
+        x = x + self.attn(self.ln_1(x), kv, rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -111,38 +187,60 @@ class GPT(nn.Module):
     def __init__(self, config, device_type=None):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
-        if config.gelu not in ("none", "tanh"):
-            raise ValueError(f"gelu must be 'none' or 'tanh', got {config.gelu!r}")
+        for key, allowed in CHOICES.items():
+            if getattr(config, key) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
+        if config.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be > 0 (or 0: off), got {config.logit_softcap}")
+        if config.pos_emb == "rope" and (config.n_embd // config.n_head) % 2:
+            raise ValueError(f"pos_emb=rope needs an even head dimension, got n_embd/n_head = "
+                             f"{config.n_embd // config.n_head}")
         self.config = config
         device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.transformer = nn.ModuleDict(dict(
+        learned = config.pos_emb == "learned"
+        self.transformer = nn.ModuleDict(dict(  # in GPT-2's order: the parameters' order is the optimizer state's
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if learned else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias),
+            ln_f=make_norm(config),
         ))
+        if not learned:
+            self.rotary = Rotary(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
-        # GPT-2 paper: residual projections scaled by 1/sqrt(2 * n_layer)
+        # GPT-2 paper: residual projections scaled by 1/sqrt(2 * n_layer); zero_init_proj: zero (modded-nanogpt)
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                torch.nn.init.normal_(p, mean=0.0, std=0.0 if config.zero_init_proj else
+                                      0.02 / math.sqrt(2 * config.n_layer))
         self.set_backends(registry.resolve(config.kernels, device_type))
 
+    def ops(self):
+        """The registry ops this model runs, in the registry's order: its layers' and the optimizer's (AdamW, for
+        every parameter or, with Muon, those Muon does not take)."""
+        used = {m.op for m in self.modules() if hasattr(m, "op")} | {"adamw"}
+        return [op for op in registry.OPS if op in used]
+
     def set_backends(self, backends):
-        """Run each op on the backend {op: name} names (e.g. the measured choice); the weights stay as they are."""
-        self.backends = dict(backends)
+        """Run each op on the backend {op: name} names (e.g. the measured choice; ops the model does not run are
+        left out); the weights stay as they are."""
+        self.backends = {op: backends[op] for op in self.ops()}
         for m in self.modules():
             if hasattr(m, "op"):
                 m.fn = registry.get(m.op, self.backends[m.op])
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; position embeddings excluded by default (token ones are tied to lm_head)."""
+        """Parameter count; embedding lookups excluded by default: position embeddings, and token ones unless they
+        are tied to lm_head."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def _init_weights(self, module):
@@ -161,22 +259,30 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {t} exceeds block_size {self.config.block_size}; "
                              "crop the input or raise block_size")
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device) if cache is None else cache.begin(t)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x, rotary = self.transformer.wte(idx), None
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)
+        else:  # RoPE by cache slot, the same for every row: scores depend on relative positions only, so a
+            # left-padded row scores as it would alone
+            rotary = self.rotary(0 if cache is None else cache.start, t)
+        x = self.transformer.drop(x)
         for block, kv in zip(self.transformer.h, [None] * len(self.transformer.h) if cache is None else cache.layers):
-            x = block(x, kv)
+            x = block(x, kv, rotary)
         x = self.transformer.ln_f(x)
+        softcap = self.config.logit_softcap or None
         if targets is not None and self.fn is not None:  # fused: the (b, t, vocab) logits are never built
             w = self.lm_head.weight
             if torch.is_autocast_enabled(x.device.type):  # as autocast would have run lm_head
                 x, w = (a.to(torch.get_autocast_dtype(x.device.type)) for a in (x, w))
             # targets by keyword: the measured auto keeps keyword arguments as they are (no float copies)
-            return None, self.fn(x.reshape(-1, x.size(-1)), w, targets=targets.reshape(-1), ignore_index=-1)
+            kw = {} if softcap is None else {"softcap": softcap}  # (GPT-2's call unchanged: its autotune cache holds)
+            return None, self.fn(x.reshape(-1, x.size(-1)), w, targets=targets.reshape(-1), ignore_index=-1, **kw)
+        logits = self.lm_head(x if targets is not None or all_logits else x[:, [-1], :])  # inference: the last only
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        loss = None
         if targets is not None:
-            logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        else:  # inference: only the last position's logits are needed, unless all_logits
-            logits = self.lm_head(x if all_logits else x[:, [-1], :])
-            loss = None
         return logits, loss
 
     def crop_block_size(self, block_size):
@@ -184,7 +290,8 @@ class GPT(nn.Module):
         if block_size > self.config.block_size:
             raise ValueError(f"block_size {block_size} is larger than the model's {self.config.block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
@@ -224,19 +331,28 @@ class GPT(nn.Module):
             model.crop_block_size(override_args["block_size"])
         return model
 
-    def optimizer_groups(self, weight_decay):
-        """AdamW's parameter groups: weight decay on 2-D tensors (matmuls, embeddings) only."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def optimizer_groups(self, weight_decay, optimizer="adamw"):
+        """AdamW's parameter groups: weight decay on 2-D tensors (matmuls, embeddings) only. With optimizer=muon,
+        of the parameters Muon does not take (nanogpt.muon.split_params)."""
+        params = muon.split_params(self)[1] if optimizer == "muon" else [p for p in self.parameters() if p.requires_grad]
         return [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type=None, eps=1e-8, grad_clip=0.0):
-        """AdamW from the model's adamw backend (device_type: unused, kept for nanoGPT's signature)."""
-        return registry.get("adamw", self.backends["adamw"])(self.optimizer_groups(weight_decay), lr=learning_rate,
-                                                             betas=betas, eps=eps, weight_decay=weight_decay,
-                                                             max_grad_norm=grad_clip)
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type=None, eps=1e-8, grad_clip=0.0,
+                             optimizer="adamw", muon_lr=0.02, muon_momentum=0.95):
+        """AdamW from the model's adamw backend (device_type: unused, kept for nanoGPT's signature); optimizer=muon:
+        Muon at muon_lr on the hidden matrices (no weight decay, as nanochat), that AdamW on the rest."""
+        adamw = registry.get("adamw", self.backends["adamw"])
+        kw = dict(lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
+        groups = self.optimizer_groups(weight_decay, optimizer)
+        if optimizer == "adamw":
+            return adamw(groups, max_grad_norm=grad_clip, **kw)
+        if optimizer != "muon":
+            raise ValueError(f"optimizer must be adamw or muon, got {optimizer!r}")
+        return muon.muon_class(adamw)(muon.split_params(self)[0], groups, muon_lr, muon_momentum=muon_momentum,
+                                      max_grad_norm=grad_clip, **kw)
 
     def flops_per_token(self):
         """Forward+backward FLOPs per token (PaLM appendix B): 6N + 12 L H Q T."""

@@ -59,14 +59,16 @@ def select_kernels(model, X, Y, ctx, kernels="auto", autotune=True, optim=None, 
     or read from its cache; without it they take the fixed order. `recorded` is what a checkpoint says
     it trained with ({"device": ..., "backends": ...}): on the same machine a resume reuses it. Under
     DDP rank 0 decides and broadcasts, so every rank runs the same backends. `optim`: the keyword
-    arguments of model.configure_optimizers (weight_decay, learning_rate, betas, eps, grad_clip)."""
+    arguments of model.configure_optimizers (weight_decay, learning_rate, betas, eps, grad_clip, optimizer:
+    with muon, AdamW is measured on the parameters Muon leaves to it). Only the ops the model runs
+    (model.ops()) are measured and returned."""
     device = X.device
     log = log or (lambda line: None)
     wanted, fixed = parse(kernels), resolve(kernels, device.type)
-    auto = [op for op, name in wanted.items() if name == "auto" and (op != "adamw" or optim is not None)]
+    auto = [op for op in model.ops() if wanted[op] == "auto" and (op != "adamw" or optim is not None)]
     dist = torch.distributed
     ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    choice, report = dict(fixed), None
+    choice, report = {op: fixed[op] for op in model.ops()}, None
     if autotune and auto and (not ddp or dist.get_rank() == 0):
         key = device_key(device)
         if recorded and recorded.get("device") == key and all(
@@ -76,7 +78,7 @@ def select_kernels(model, X, Y, ctx, kernels="auto", autotune=True, optim=None, 
         else:
             groups = hyper = None
             if "adamw" in auto:
-                groups = model.optimizer_groups(optim["weight_decay"])
+                groups = model.optimizer_groups(optim["weight_decay"], optim.get("optimizer", "adamw"))
                 hyper = dict(lr=optim["learning_rate"], betas=tuple(optim["betas"]), eps=optim.get("eps", 1e-8),
                              weight_decay=optim["weight_decay"], max_grad_norm=optim.get("grad_clip", 0.0))
             layer_ops = [op for op in auto if op != "adamw"]

@@ -34,7 +34,7 @@ from nanogpt.configurator import Keys, configure
 from nanogpt.data import Batcher, check_data
 from nanogpt.errors import UserError, run_cli
 from nanogpt.metrics import MetricsLog, trim_log
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.model import CHOICES, GPT, MODERN, GPTConfig
 from nanogpt.signals import StopOnSignal
 
 DEFAULTS = Keys("nanogpt-train", __doc__, {
@@ -78,6 +78,14 @@ DEFAULTS = Keys("nanogpt-train", __doc__, {
         kernels=("auto", "auto | torch | triton | ext | per op, e.g. attention:triton,layer_norm:torch "
                  "(nanogpt.ops)"),
         autotune=(True, "auto measures each op's backends here (cached); False: the fixed order"),
+        pos_emb=("learned", "position embeddings: learned (GPT-2) | rope (rotary)"),
+        rope_theta=(10000.0, "RoPE's base (pos_emb=rope)"),
+        norm=("layernorm", "layernorm (GPT-2) | rmsnorm"),
+        qk_norm=(False, "RMSNorm on each head's queries and keys"),
+        mlp=("gelu", "the MLP's activation: gelu (GPT-2) | relu2 (ReLU squared)"),
+        tie_embeddings=(True, "the token embedding is lm_head's weight (GPT-2); False: untied"),
+        logit_softcap=(0.0, "logits become softcap * tanh(logits / softcap) when > 0; 0: off"),
+        zero_init_proj=(False, "the residual projections (attn and MLP c_proj) start at zero"),
     ),
     "optimizer": dict(
         learning_rate=(6e-4, "peak learning rate (AdamW)"),
@@ -86,6 +94,10 @@ DEFAULTS = Keys("nanogpt-train", __doc__, {
         beta1=(0.9, "AdamW beta1"),
         beta2=(0.95, "AdamW beta2"),
         grad_clip=(1.0, "clip the gradient norm to this (0 disables clipping)"),
+        optimizer=("adamw", "adamw | muon (Muon on the hidden matrices, AdamW on the rest; nanogpt.muon)"),
+        muon_lr=(0.02, "Muon's peak learning rate (optimizer=muon; the schedule scales it as learning_rate)"),
+        muon_momentum=(0.95, "Muon's Nesterov momentum"),
+        muon_momentum_warmup=(300, "iters over which Muon's momentum ramps from 0.85 up to muon_momentum"),
     ),
     "schedule": dict(
         decay_lr=(True, "linear warmup, then cosine decay to min_lr; False: constant learning_rate"),
@@ -106,7 +118,8 @@ DEFAULTS = Keys("nanogpt-train", __doc__, {
     ),
 })
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "gelu")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "gelu", *MODERN,
+              "rope_theta")
 
 
 class TrainingError(UserError, RuntimeError):
@@ -123,6 +136,12 @@ def get_lr(it, c):
     return c["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c["learning_rate"] - c["min_lr"])
 
 
+def get_muon_momentum(it, c):
+    """Muon's momentum: from 0.85 up to muon_momentum over muon_momentum_warmup iters (nanochat's ramp)."""
+    frac = min(1.0, it / c["muon_momentum_warmup"]) if c["muon_momentum_warmup"] > 0 else 1.0
+    return (1 - frac) * 0.85 + frac * c["muon_momentum"]
+
+
 def check_config(c, world):
     """Refuse bad settings before anything is loaded or written."""
     if c["init_from"] not in ("scratch", "resume", "auto", *PRETRAINED) and not os.path.isdir(c["init_from"]):
@@ -132,6 +151,14 @@ def check_config(c, world):
         raise UserError(f"unknown dtype {c['dtype']!r}; use float32, bfloat16, float16 or auto")
     if c["sampler"] not in ("random", "epoch"):
         raise UserError(f"unknown sampler {c['sampler']!r}; use random or epoch")
+    for key, allowed in [*CHOICES.items(), ("optimizer", ("adamw", "muon"))]:
+        if c[key] not in allowed:
+            raise UserError(f"unknown {key} {c[key]!r}; use {' or '.join(allowed)}")
+    if c["pos_emb"] == "rope" and (c["n_embd"] // c["n_head"]) % 2:
+        raise UserError(f"pos_emb=rope needs an even head size, n_embd/n_head = {c['n_embd'] // c['n_head']}; "
+                        "change n_embd or n_head")
+    if c["logit_softcap"] < 0:
+        raise UserError(f"logit_softcap must be > 0 (or 0: off), got {c['logit_softcap']}")
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval",
                 "log_interval", "max_skips"):
         if c[key] < 1:
@@ -329,10 +356,11 @@ def load_model(c, device_type, init_from, data_dir):
     if init_from == "resume":
         mp, state = checkpoint.load(c["out_dir"])
         margs = mp["model_args"]
-        for k in MODEL_KEYS:
-            if k not in ("vocab_size", "dropout") and k in margs and margs[k] != c[k]:
-                raise UserError(f"the checkpoint in {c['out_dir']} has {k}={margs[k]!r} but the config says "
-                                f"{c[k]!r}; pass --{k}={margs[k]!r} (the run's config) or use a new out_dir")
+        for k in MODEL_KEYS:  # a key older checkpoints lack is GPTConfig's default (GPT-2's)
+            saved = margs.get(k, getattr(GPTConfig, k, None))
+            if k not in ("vocab_size", "dropout") and saved is not None and saved != c[k]:
+                raise UserError(f"the checkpoint in {c['out_dir']} has {k}={saved!r} but the config says "
+                                f"{c[k]!r}; pass --{k}={saved!r} (the run's config) or use a new out_dir")
         model = build_model(c, device_type, margs)
         checkpoint.load_model_state(model, mp["model"], c["out_dir"])
         return model, state
@@ -345,7 +373,7 @@ def choose_kernels(c, model, proc, ctx, batcher, state):
     or a resumed checkpoint's choice on the same machine) and print it; returns what the checkpoint records."""
     X, Y = batcher.get_batch("train", torch.Generator().manual_seed(c["seed"]))  # leaves the sampler as it is
     optim = dict(weight_decay=c["weight_decay"], learning_rate=c["learning_rate"], betas=(c["beta1"], c["beta2"]),
-                 grad_clip=c["grad_clip"])
+                 grad_clip=c["grad_clip"], optimizer=c["optimizer"])
     ops.select_kernels(model, X, Y, ctx, c["kernels"], c["autotune"], optim, log=print if proc.master else None,
                        recorded=(state or {}).get("kernels"))
     if proc.master:
@@ -375,7 +403,8 @@ def init_run(c, proc, ctx, gas):
     kernels = choose_kernels(c, model, proc, ctx, batcher, state)
     scaler = torch.amp.GradScaler(proc.device_type, enabled=(c["dtype"] == "float16"))
     optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
-                                           proc.device_type, grad_clip=c["grad_clip"])
+                                           proc.device_type, grad_clip=c["grad_clip"], optimizer=c["optimizer"],
+                                           muon_lr=c["muon_lr"], muon_momentum=c["muon_momentum"])
     run = Run(c, proc, ctx, gas, raw_model=model, model=model, margs=margs, optimizer=optimizer, scaler=scaler,
               batcher=batcher, kernels=kernels)
     if state is not None:
@@ -394,6 +423,10 @@ def restore(run, state):
     if ranks is not None and len(ranks) != run.proc.world:
         raise UserError(f"the checkpoint was written by {len(ranks)} ranks, this run has {run.proc.world}; "
                         "resume with the same number of ranks")
+    trained = state.get("config", {}).get("optimizer", "adamw")
+    if trained != run.c["optimizer"]:
+        raise UserError(f"the checkpoint in {run.c['out_dir']} was trained with optimizer={trained}; pass "
+                        f"--optimizer={trained} (the run's config) or use a new out_dir")
     saved = state["optimizer"]
     if len(saved["param_groups"]) == len(run.optimizer.param_groups):  # (else load_state_dict names the mismatch)
         # a group keeps its saved hyperparameters; what it lacks (nanoGPT's: how to run, fused or not) is this run's
@@ -438,9 +471,16 @@ def open_metrics(c, run):
 # ------------------------------------------------------------ the steps of the loop
 
 def set_lr(run):
-    lr = get_lr(run.iter_num, run.c) if run.c["decay_lr"] else run.c["learning_rate"]
+    """Every group's lr from the schedule (AdamW's is returned); Muon's group: its own peak, muon_lr, on the same
+    schedule, and its momentum ramp."""
+    c = run.c
+    lr = get_lr(run.iter_num, c) if c["decay_lr"] else c["learning_rate"]
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        if group.get("muon"):
+            group["lr"] = c["muon_lr"] * (lr / c["learning_rate"] if c["learning_rate"] > 0 else 0.0)
+            group["momentum"] = get_muon_momentum(run.iter_num, c)
+        else:
+            group["lr"] = lr
     return lr
 
 

@@ -8,12 +8,14 @@ import torch
 
 from nanogpt import generate as engine
 from nanogpt.configurator import configure
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.model import GPT, MODERN, GPTConfig
 from nanogpt_kernels import registry
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=71, dropout=0.0)
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(registry.unavailable("attention", b, "cpu") is not None,
                                                      reason=f"{b} attention cannot run here")) for b in ("torch", "ext")]
+# GPT-2's recipe, and every modern option (rotary embeddings: cached keys rotated by their slot)
+RECIPES = pytest.mark.parametrize("recipe", [{}, MODERN], ids=["gpt2", "modern"])
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,11 +26,12 @@ def tiny_model(kernels="torch", **kw):
     return GPT(GPTConfig(**(TINY | kw), kernels=kernels), device_type="cpu").eval()
 
 
-@pytest.mark.parametrize("kernels", BACKENDS)
-def test_cache_equals_recomputing_past_block_size(kernels, monkeypatch):
+@pytest.mark.parametrize("kernels,recipe", [pytest.param(b.values[0], {}, marks=b.marks, id=b.values[0])
+                                            for b in BACKENDS] + [pytest.param("torch", MODERN, id="modern")])
+def test_cache_equals_recomputing_past_block_size(kernels, recipe, monkeypatch):
     """Greedy: the same tokens, and logits within 1e-5 at every step, 200 tokens past block_size; the cache's
     buffers are allocated once per layer for the whole generation."""
-    model = tiny_model(kernels)
+    model = tiny_model(kernels, **recipe)
     buffers, append = set(), engine.LayerKV.append
 
     def spy(self, k, v):
@@ -65,9 +68,10 @@ def test_greedy_equals_transformers_generate(tmp_path):
     assert torch.equal(model.generate(idx, 50, top_k=1), ref)
 
 
-def test_batched_prompts_of_different_lengths_equal_each_alone():
+@RECIPES
+def test_batched_prompts_of_different_lengths_equal_each_alone(recipe):
     """Left-padded rows, across the re-prefills past block_size, with and without the cache, and eos per row."""
-    model = tiny_model()
+    model = tiny_model(**recipe)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in (3, 17, 9)]
     alone = [model.generate([p], 40, top_k=1)[0] for p in prompts]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nanogpt import checkpoint
+from nanogpt.model import MODERN as MODERN_OPTIONS
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--device=cpu", "--dtype=float32",
         "--compile=False", "--eval_iters=2", "--log_interval=1", "--dropout=0.0", "--dataset=shakespeare_char",
@@ -49,14 +50,23 @@ def test_train_then_sample(workdir):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not in the 65-char vocab" in bad.stderr
 
 
-def test_ddp_two_ranks_equal_one_process(workdir):
+# every modern option (with AdamW: Muon's orthogonalisation lifts the gradient's smallest singular directions,
+# where the all-reduced mean and the single process's sum differ by rounding, to full size; its sharding is
+# tests/test_modern.py's)
+MODERN = [f"--{k}={v}" for k, v in MODERN_OPTIONS.items()]
+
+
+@pytest.mark.parametrize("recipe", [[], MODERN], ids=["gpt2", "modern"])
+def test_ddp_two_ranks_equal_one_process(workdir, recipe):
     """2 gloo ranks x 2 micro-steps x batch 4 end with the parameters of 1 process x 2 micro-steps x batch 8."""
-    common = [*TINY, "--max_iters=5", "--eval_interval=5"]
-    run(["nanogpt.train", *common, "--out_dir=out-single", "--batch_size=8", "--gradient_accumulation_steps=2"], workdir)
+    common = [*TINY, *recipe, "--max_iters=5", "--eval_interval=5"]
+    name = "-modern" if recipe else ""
+    run(["nanogpt.train", *common, f"--out_dir=out-single{name}", "--batch_size=8", "--gradient_accumulation_steps=2"],
+        workdir)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run(["torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt.train", *common,
-         "--out_dir=out-ddp", "--batch_size=4", "--gradient_accumulation_steps=4"], workdir, env=env)
-    single, ddp = final_params(workdir / "out-single"), final_params(workdir / "out-ddp")
+         f"--out_dir=out-ddp{name}", "--batch_size=4", "--gradient_accumulation_steps=4"], workdir, env=env)
+    single, ddp = final_params(workdir / f"out-single{name}"), final_params(workdir / f"out-ddp{name}")
     assert single.keys() == ddp.keys()
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-5, msg=k)

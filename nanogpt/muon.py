@@ -1,0 +1,119 @@
+"""Muon on the hidden matrices, AdamW on the rest, as one optimizer (`optimizer=muon`).
+
+Muon (Keller Jordan's; modded-nanogpt, nanochat) replaces each 2-D hidden matrix's update by its Nesterov
+momentum orthogonalised with a Newton-Schulz iteration. The arithmetic is torch.optim.Muon's (the reference:
+its momentum, its bf16 Newton-Schulz function, its decoupled weight decay and its sqrt(max(1, rows / cols)) lr
+scaling); ours adds what the trainer needs, as the AdamW backends have it:
+
+- one optimizer over both parts: the embeddings, head, norms and biases stay with the model's `adamw` backend
+  (its kernels, its state), the Muon group carries its own lr and momentum, and state_dict/load_state_dict are
+  the AdamW backend's, so a checkpoint saves and resumes exactly as with AdamW alone;
+- the gradient norm over every parameter, clipping to max_grad_norm, a non-finite norm skipping the step, and
+  the norm returned (the backends' contract);
+- under DDP each rank orthogonalises its share of the matrices (bucketed by shape, one in world_size each)
+  and the results are all-gathered, as modded-nanogpt does. The momentum is kept on every rank (the gradients
+  are already all-reduced; it costs one lerp), so rank 0's state_dict is the whole state.
+
+A fused Newton-Schulz of our own is not here: on this project's CPU machine (AMX-BF16) torch's bf16 iteration
+is already faster than an fp32 one, and there is no GPU run of it yet.
+"""
+import functools
+import math
+
+import torch
+import torch.distributed as dist
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _zeropower_via_newtonschulz
+
+
+def split_params(model):
+    """(Muon's, AdamW's) parameters: every 2-D matrix inside the transformer blocks to Muon; the embeddings,
+    lm_head, norms and biases to AdamW (torch.optim.Muon takes 2-D parameters only; an embedding or the head
+    is a lookup/readout, not a hidden layer)."""
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (muon if p.dim() == 2 and name.startswith("transformer.h.") else adamw).append(p)
+    return muon, adamw
+
+
+@functools.cache
+def muon_class(adamw_cls):
+    """The optimizer class: Muon's step over the groups marked "muon", `adamw_cls` (a registry adamw backend)
+    over the others, one state."""
+
+    class Muon(adamw_cls):
+        def __init__(self, muon_params, adamw_groups, muon_lr, muon_momentum=0.95, muon_weight_decay=0.0,
+                     nesterov=True, ns_steps=DEFAULT_NS_STEPS, max_grad_norm=0.0, **adamw_kwargs):
+            """adamw_kwargs: the AdamW backend's (lr, betas, eps, weight_decay), for adamw_groups."""
+            muon_group = dict(params=list(muon_params), muon=True, lr=muon_lr, momentum=muon_momentum,
+                              nesterov=nesterov, weight_decay=muon_weight_decay, ns_steps=ns_steps)
+            if any(p.dim() != 2 for p in muon_group["params"]):
+                raise ValueError("Muon takes 2-D parameters only")
+            # the AdamW backend clips nothing: the norm is taken and clipped here, over both parts
+            super().__init__([muon_group, *adamw_groups], max_grad_norm=0.0, **adamw_kwargs)
+            self.clip = float(max_grad_norm or 0.0)
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if not torch.isfinite(norm):
+                return norm
+            if self.clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip, norm)
+            groups = self.param_groups
+            for group in groups:
+                if group.get("muon"):
+                    self._muon(group)
+            self.param_groups = [g for g in groups if not g.get("muon")]
+            try:
+                super().step(closure)
+            finally:
+                self.param_groups = groups
+            return norm
+
+        def _muon(self, group):
+            params = [p for p in group["params"] if p.grad is not None]
+            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            updates = []
+            for p in params:
+                st = self.state[p]
+                if "momentum_buffer" not in st:  # and a step count: AdamW's load_state_dict wants every state's
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    st["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                st["step"] += 1
+                buf = st["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+            ortho = orthogonalize(updates, group["ns_steps"])
+            for p, o in zip(params, ortho):
+                p.mul_(1 - lr * wd)
+                p.add_(o, alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+
+    return Muon
+
+
+def orthogonalize(updates, ns_steps):
+    """torch.optim.Muon's Newton-Schulz of each update; under DDP rank r computes the r-th of every world_size
+    same-shaped matrices and all-gathers the others' (the same result on every rank)."""
+    ns = functools.partial(_zeropower_via_newtonschulz, ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C),
+                           ns_steps=ns_steps, eps=EPS)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return [ns(u) for u in updates]
+    rank, out, pending = dist.get_rank(), [None] * len(updates), []
+    buckets = {}
+    for i, u in enumerate(updates):
+        buckets.setdefault(tuple(u.shape), []).append(i)
+    for shape, idx in buckets.items():
+        for base in range(0, len(idx), world):
+            chunk = idx[base:base + world]
+            # (a rank without a matrix in this chunk sends zeros in the dtype the iteration returns: bf16)
+            mine = ns(updates[chunk[rank]]) if rank < len(chunk) else updates[0].new_zeros(shape, dtype=torch.bfloat16)
+            gathered = [torch.empty_like(mine) for _ in range(world)]
+            pending.append((dist.all_gather(gathered, mine.contiguous(), async_op=True), chunk, gathered))
+    for work, chunk, gathered in pending:
+        work.wait()
+        for i, g in zip(chunk, gathered):
+            out[i] = g
+    return out
