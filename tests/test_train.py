@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from budget import drift
 
 from nanogpt import checkpoint
 from nanogpt.model import MODERN as MODERN_OPTIONS
@@ -68,8 +69,9 @@ def test_ddp_two_ranks_equal_one_process(workdir, recipe):
          f"--out_dir=out-ddp{name}", "--batch_size=4", "--gradient_accumulation_steps=4"], workdir, env=env)
     single, ddp = final_params(workdir / f"out-single{name}"), final_params(workdir / f"out-ddp{name}")
     assert single.keys() == ddp.keys()
-    for k in single:
-        torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-5, msg=k)
+    for k in single:  # the two sum each gradient in another order: up to n_embd-term dot products, 5 steps
+        tol = drift(5, single[k].abs().max().item(), ulps=4 * 32)
+        assert (ddp[k] - single[k]).abs().max().item() <= tol, k
 
 
 def test_sample_from_a_local_hugging_face_gpt2(tmp_path):
