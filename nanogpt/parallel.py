@@ -80,6 +80,9 @@ def shard(model, proc, dtype, compile_blocks):
     mesh = init_device_mesh(proc.device_type, (proc.world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
                               reduce_dtype=torch.float32)
+    with torch.no_grad():  # every rank keeps its shard of rank 0's weights (each rank seeded its own init)
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
     for block in model.transformer.h:
         if compile_blocks:
             block.compile()
