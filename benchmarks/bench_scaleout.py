@@ -8,9 +8,9 @@ against a synchronous save, activation checkpointing's activation memory and ste
   DDP and FSDP, and their ratio;
 - stall: nanogpt.dcp.save of the FSDP model and optimizer, synchronous (the time it takes) and async (the time
   the caller waits: the copy into memory, allocated at the first async save and refilled after), medians;
-- activation checkpointing (rank 0, one process): the peak memory of a forward+backward beyond the weights
-  (torch.distributed._tools.MemTracker, which follows every tensor: activations, temporaries, gradients), and
-  its time, per mode.
+- activation checkpointing (rank 0, one process), per mode: the activations (what autograd keeps for backward
+  at the end of the forward, their peak) and the step's peak beyond the weights (activations, temporaries,
+  gradients), both by torch.distributed._tools.MemTracker, which follows every tensor; and the step's time.
 """
 import os
 import statistics
@@ -114,9 +114,12 @@ def main(argv):
             tracker = MemTracker()
             tracker.track_external(m)
             with tracker:
-                m(x, y)[1].backward()
+                loss = m(x, y)[1]
+                kept = next(iter(tracker.get_tracker_snapshot("current").values()))  # the forward's activations
+                loss.backward()
             peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
-            beyond = peak["Total"] - sum(v for k, v in peak.items() if str(k).endswith("PARAM"))
+            weights = sum(v for k, v in peak.items() if str(k).endswith("PARAM"))
+            acts, beyond = kept["Total"] - weights, peak["Total"] - weights
             m.zero_grad(set_to_none=True)
             times = []
             for _ in range(c["steps"]):
@@ -124,9 +127,9 @@ def main(argv):
                 m(x, y)[1].backward()
                 times.append(time.perf_counter() - t0)
                 m.zero_grad(set_to_none=True)
-            print(f"activation_checkpointing={mode}: peak {beyond / 2**20:.1f} MiB beyond the weights "
-                  f"(activations, temporaries, gradients), forward+backward {statistics.median(times) * 1000:.0f} ms "
-                  f"(median of {c['steps']})", flush=True)
+            print(f"activation_checkpointing={mode}: activations {acts / 2**20:.1f} MiB (kept for backward at the "
+                  f"end of the forward), step peak {beyond / 2**20:.1f} MiB beyond the weights, forward+backward "
+                  f"{statistics.median(times) * 1000:.0f} ms (median of {c['steps']})", flush=True)
     dist.destroy_process_group()
 
 
