@@ -212,6 +212,9 @@ def test_health_metrics_and_a_planted_spike(data, tmp_path, monkeypatch, capsys)
     tokens = np.memmap(os.path.join(data, "train.bin"), dtype=np.uint16, mode="r")
     for rows, batch in zip(spikes[0]["rows"], seen["batches"]):  # the rows are the spiking batch's
         assert np.array_equal(np.stack([tokens[r:r + 32] for r in rows]), batch.numpy())
+    from nanogpt.plot import plot_health  # benchmarks/plot.py health
+    png = plot_health(str(out / "metrics.jsonl"), str(tmp_path / "health.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
