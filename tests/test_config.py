@@ -95,10 +95,12 @@ def _load(path):
 def _commands():
     """(name, main, its Keys) of every command that takes --key=value."""
     from nanogpt import sample, train
-    bench, gen, roof = (_load(ROOT / "benchmarks" / f"{n}.py") for n in ("bench", "bench_generate", "kernel_roofline"))
+    bench, gen, roof, scale = (_load(ROOT / "benchmarks" / f"{n}.py")
+                               for n in ("bench", "bench_generate", "kernel_roofline", "bench_scaleout"))
     return [("nanogpt-train", train.main, train.DEFAULTS), ("nanogpt-sample", sample.main, sample.DEFAULTS),
             ("bench.py", bench.main, bench.defaults(bench.default_device())),
-            ("bench_generate.py", gen.main, gen.DEFAULTS), ("kernel_roofline.py", roof.main, roof.DEFAULTS)]
+            ("bench_generate.py", gen.main, gen.DEFAULTS), ("kernel_roofline.py", roof.main, roof.DEFAULTS),
+            ("bench_scaleout.py", scale.main, scale.DEFAULTS)]
 
 
 def help_lines(capsys, main, argv):
@@ -114,7 +116,7 @@ def test_every_configured_command_is_checked():
     """A new command that reads --key=value joins _commands(), so the test below checks its --help too."""
     users = {p.name for d in ("nanogpt", "benchmarks") for p in (ROOT / d).glob("*.py")
              if "configure(" in p.read_text() and p.name != "configurator.py"}
-    assert users == {"train.py", "sample.py", "bench.py", "bench_generate.py", "kernel_roofline.py"}
+    assert users == {"train.py", "sample.py", "bench.py", "bench_generate.py", "kernel_roofline.py", "bench_scaleout.py"}
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
