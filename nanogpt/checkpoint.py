@@ -7,6 +7,9 @@ Layout of an out_dir:
     latest.json                        {"iter": 250, "model": "...", "state": "..."}
     best.json                          same format, the checkpoint with the best val loss so far
 
+(parallelism=fsdp writes sharded checkpoints instead, one directory each: see nanogpt.dcp; they load here too,
+consolidated.)
+
 Every file is written to a temporary name in the same directory, fsynced and
 renamed into place; the pointer files (latest.json, best.json) are replaced
 last. A crash or kill -9 at any moment leaves the previous pointers and the

@@ -101,7 +101,7 @@ def plot_health(path, out, title=None):
         for k in keys:
             pts = [(r["iter"], r[k]) for r in steps if _finite(r.get(k)) and r[k] > 0]
             if pts:
-                ax.plot(*zip(*pts), lw=1, label=k[len(prefix):] or k)
+                ax.plot(*zip(*pts), lw=1, label=k.split("/", 1)[-1])
         if log:
             ax.set_yscale("log")
         if keys:

@@ -212,9 +212,29 @@ def test_health_metrics_and_a_planted_spike(data, tmp_path, monkeypatch, capsys)
     tokens = np.memmap(os.path.join(data, "train.bin"), dtype=np.uint16, mode="r")
     for rows, batch in zip(spikes[0]["rows"], seen["batches"]):  # the rows are the spiking batch's
         assert np.array_equal(np.stack([tokens[r:r + 32] for r in rows]), batch.numpy())
-    from nanogpt.plot import plot_health  # benchmarks/plot.py health
-    png = plot_health(str(out / "metrics.jsonl"), str(tmp_path / "health.png"))
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_is_optional_and_mirrors_the_numbers(monkeypatch):
+    from nanogpt import health
+    from nanogpt.errors import UserError
+    from nanogpt.metrics import MetricsLog
+    keys = dict(tensorboard=True, spike_k=6.0, spike_window=100)
+    monkeypatch.setattr(health.importlib.util, "find_spec", lambda name: None)  # not installed
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        health.check(keys)
+    scalars = []
+
+    class Writer:  # SummaryWriter's two calls
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+    with MetricsLog(tensorboard=Writer()) as log:
+        log.write({"iter": 3, "loss": 2.5, "grad_norm/h.0": 0.1, "mfu": None, "clipped": False})
+        log.write({"iter": 4, "event": "spike", "loss": 9.0, "rows": [[1, 2]]})
+    assert scalars == [("loss", 2.5, 3), ("grad_norm/h.0", 0.1, 3), ("clipped", False, 3), ("spike/loss", 9.0, 4),
+                       "closed"]
 
 
 def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
