@@ -5,13 +5,16 @@
         torch.compile baseline; several JSONs are drawn as grouped bars (one colour per file)
     python benchmarks/plot.py loss OUT_DIR/metrics.jsonl [OTHER/metrics.jsonl ...] -o loss.png
         training loss per iter (line) and eval train/val loss (markers), one colour per run
+    python benchmarks/plot.py health OUT_DIR/metrics.jsonl -o health.png
+        the health metrics (nanogpt.health): loss with clips and spikes marked, per-layer gradient
+        norms, update-to-weight ratios, tokens/s and peak memory
 """
 import argparse
 import json
 import os
 
 from nanogpt.errors import UserError, run_cli
-from nanogpt.plot import plot_loss, plt  # plt: matplotlib with the Agg backend
+from nanogpt.plot import plot_health, plot_loss, plt  # plt: matplotlib with the Agg backend
 
 
 def _load_json(path):
@@ -88,9 +91,15 @@ def main(argv=None):
     lo.add_argument("-o", "--out", default="loss.png")
     lo.add_argument("--title")
     lo.add_argument("--log", action="store_true", help="log-scale loss axis")
+    he = sub.add_parser("health", help="metrics.jsonl: gradient norms, update ratios, clips, spikes, memory")
+    he.add_argument("metrics")
+    he.add_argument("-o", "--out", default="health.png")
+    he.add_argument("--title")
     a = ap.parse_args(argv)
     if a.what == "bench":
         out = plot_bench(a.json, a.out, a.title)
+    elif a.what == "health":
+        out = plot_health(a.metrics, a.out, a.title)
     else:
         out = plot_loss(a.metrics, a.out, a.title, a.log)
     print(f"wrote {out}")

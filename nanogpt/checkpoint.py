@@ -7,6 +7,9 @@ Layout of an out_dir:
     latest.json                        {"iter": 250, "model": "...", "state": "..."}
     best.json                          same format, the checkpoint with the best val loss so far
 
+(parallelism=fsdp writes sharded checkpoints instead, one directory each: see nanogpt.dcp; they load here too,
+consolidated.)
+
 Every file is written to a temporary name in the same directory, fsynced and
 renamed into place; the pointer files (latest.json, best.json) are replaced
 last. A crash or kill -9 at any moment leaves the previous pointers and the
@@ -28,6 +31,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from pickle import UnpicklingError
 
 import numpy as np
@@ -75,14 +79,22 @@ def save(out_dir, iter_num, model_payload, state_payload, best=False):
         os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
         for key, payload in (("model", model_payload), ("state", state_payload)):
             atomic_write(os.path.join(out_dir, entry[key]), lambda f, p=payload: torch.save(p, f))
-        for name in ("latest", "best") if best else ("latest",):
-            atomic_write(os.path.join(out_dir, f"{name}.json"), lambda f: f.write(json.dumps(entry).encode()))
+        write_pointers(out_dir, entry, best, collect=False)
     except (OSError, RuntimeError) as e:  # disk full, permissions, ... (torch.save raises RuntimeError)
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot write the iter {iter_num} checkpoint to {out_dir} ({why}): free disk space "
                               "or fix the directory, then resume; earlier checkpoints are intact") from None
     _collect_garbage(out_dir)
     return entry
+
+
+def write_pointers(out_dir, entry, best, collect=True):
+    """Point latest.json (and best.json when `best`) at the checkpoint `entry` names, whose files are in place;
+    then delete what no pointer names."""
+    for name in ("latest", "best") if best else ("latest",):
+        atomic_write(os.path.join(out_dir, f"{name}.json"), lambda f: f.write(json.dumps(entry).encode()))
+    if collect:
+        _collect_garbage(out_dir)
 
 
 def _read_pointer(out_dir, which):
@@ -103,7 +115,7 @@ def _collect_garbage(out_dir):
         try:
             entry = _read_pointer(out_dir, which)
             if entry:
-                keep.update(os.path.basename(entry[k]) for k in ("model", "state"))
+                keep.update(os.path.basename(entry[k]) for k in ("model", "state", "dcp") if k in entry)
         except (CheckpointError, TypeError, KeyError):  # a pointer we can't read: delete nothing
             return
     ckpt_dir = os.path.join(out_dir, "checkpoints")
@@ -112,6 +124,9 @@ def _collect_garbage(out_dir):
     stale += [os.path.join(out_dir, n) for n in os.listdir(out_dir)  # a killed pointer write
               if n.startswith(tuple(f"{p}.json.tmp" for p in POINTERS)) and not n.endswith(mine)]
     for path in stale:  # unreferenced checkpoints, and another pid's temp files: a killed save
+        if os.path.isdir(path):  # a sharded checkpoint (nanogpt.dcp), or its killed save
+            shutil.rmtree(path, ignore_errors=True)
+            continue
         try:
             os.remove(path)
         except FileNotFoundError:
@@ -233,9 +248,11 @@ def _from_nanogpt(ckpt, with_state):
     return {"model": model, "model_args": margs} | extra, state_payload
 
 
-def load(out_dir, which="latest", with_state=True):
+def load(out_dir, which="latest", with_state=True, sharded=False):
     """Load (model_payload, state_payload or None) on the CPU, whatever device saved it. An out_dir with nanoGPT's
-    ckpt.pt and no latest.json of ours loads that file, converted to our payloads (the state has no "ranks")."""
+    ckpt.pt and no latest.json of ours loads that file, converted to our payloads (the state has no "ranks").
+    A sharded checkpoint (parallelism=fsdp's, nanogpt.dcp) is consolidated into whole tensors; sharded=True
+    leaves its weights and optimizer state to nanogpt.dcp.load_sharded (an FSDP run loading its own shards)."""
     entry = _read_pointer(out_dir, which)
     nanogpt_path = os.path.join(out_dir, NANOGPT_FILE)
     if entry is None and _read_pointer(out_dir, "latest") is None and os.path.exists(nanogpt_path):
@@ -244,6 +261,9 @@ def load(out_dir, which="latest", with_state=True):
     if entry is None:
         raise CheckpointError(f"no checkpoint in {out_dir} ({which}.json not found); "
                               "train first, or check --out_dir")
+    if isinstance(entry, dict) and isinstance(entry.get("dcp"), str):  # sharded (parallelism=fsdp)
+        from nanogpt import dcp
+        return dcp.read(out_dir, entry, with_state, tensors=not sharded)
     if not isinstance(entry, dict) or not {"model", "state"} <= set(entry):
         raise CheckpointError(f"{os.path.join(out_dir, which + '.json')} is corrupt (no model/state entries); "
                               f"delete it to start over, or point it at a file in {out_dir}/checkpoints")

@@ -12,6 +12,7 @@ is checkpointed, so a resumed run sees exactly the batches the uninterrupted
 run would have, and N ranks with batch B see the rows one process with batch
 N*B would.
 """
+import copy
 import os
 
 import numpy as np
@@ -138,6 +139,16 @@ class Batcher:
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
+
+    def rows(self, state, n):
+        """The row start offsets (token offsets in the train split) of the next n global batches the sampler draws
+        from `state` (a state_dict()): every rank's rows, as one process would draw them. This sampler is left as
+        it is."""
+        other = copy.copy(self)
+        other.batch_size, other.rank, other.world_size = self.batch_size * self.world_size, 0, 1
+        other.gen = torch.Generator()
+        other.load_state_dict(state)
+        return [other._starts("train", len(self.data["train"]), other.gen).tolist() for _ in range(n)]
 
     def state_dict(self):
         return {"gen": self.gen.get_state(), "epoch": self.epoch, "pos": self.pos}

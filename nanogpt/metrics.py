@@ -27,12 +27,13 @@ def trim_log(path, iter_num):
 
 
 class MetricsLog:
-    """Appends records to `path` (flushed, so a crash loses none) and to `wandb` (the module, after
-    wandb.init) when given. path=None: a log that drops everything (the ranks other than the master)."""
+    """Appends records to `path` (flushed, so a crash loses none), to `wandb` (the module, after wandb.init) and
+    to `tensorboard` (a SummaryWriter: the numbers, an event's as <event>/<key>) when given. path=None: a log
+    that drops everything (the ranks other than the master)."""
 
-    def __init__(self, path=None, wandb=None):
+    def __init__(self, path=None, wandb=None, tensorboard=None):
         self.file = open(path, "a") if path else None
-        self.wandb = wandb
+        self.wandb, self.tensorboard = wandb, tensorboard
 
     def write(self, record):
         if self.file:
@@ -40,6 +41,11 @@ class MetricsLog:
             self.file.flush()
         if self.wandb:
             self.wandb.log(record)
+        if self.tensorboard:
+            prefix = f"{record['event']}/" if "event" in record else ""
+            for k, v in record.items():
+                if k != "iter" and isinstance(v, (int, float)):
+                    self.tensorboard.add_scalar(prefix + k, v, record["iter"])
 
     def __enter__(self):
         return self
@@ -47,3 +53,5 @@ class MetricsLog:
     def __exit__(self, *exc):
         if self.file:
             self.file.close()
+        if self.tensorboard:
+            self.tensorboard.close()

@@ -1,7 +1,8 @@
-"""Train a GPT: single process, or DDP under torchrun.
+"""Train a GPT: single process, or DDP or FSDP under torchrun.
 
     nanogpt-train configs/train_shakespeare_char.py --batch_size=32
     torchrun --standalone --nproc_per_node=8 -m nanogpt.train configs/train_gpt2.py
+    torchrun --standalone --nproc_per_node=8 -m nanogpt.train configs/train_gpt2.py --parallelism=fsdp
     torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=IP --master_port=1234 \\
         -m nanogpt.train configs/train_gpt2.py
 
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt import checkpoint, harness, ops
+from nanogpt import checkpoint, dcp, harness, health, ops, parallel
 from nanogpt.codec import read_meta
 from nanogpt.configurator import Keys, configure
 from nanogpt.data import Batcher, check_data
@@ -45,6 +46,8 @@ DEFAULTS = Keys("nanogpt-train", __doc__, {
         eval_iters=(200, "batches per split in an evaluation"),
         eval_only=(False, "evaluate once, then exit"),
         always_save_checkpoint=(True, "save at every eval; False: only when val loss improves (and at max_iters)"),
+        async_checkpoint=(False, "write checkpoints in the background (parallelism=fsdp); the step loop waits only "
+                          "for the copy to memory, logged as checkpoint_ms"),
         init_from=("scratch", "scratch | resume (from out_dir) | auto (resume if out_dir has a checkpoint, done if "
                    "it reached max_iters) | gpt2* | a Hugging Face directory"),
     ),
@@ -59,6 +62,9 @@ DEFAULTS = Keys("nanogpt-train", __doc__, {
         wandb_log=(False, "also log to Weights & Biases (wandb is imported only when enabled)"),
         wandb_project=("owt", "wandb project"),
         wandb_run_name=("gpt2", "wandb run name"),
+        tensorboard=(False, "also log to TensorBoard, in out_dir/tensorboard (needs: pip install tensorboard)"),
+        spike_k=(6.0, "log a spike event when a loss is this many standard deviations above the window's mean"),
+        spike_window=(100, "logged losses the spike detector's mean and deviation are taken over"),
     ),
     "data": dict(
         dataset=("openwebtext", "the prepared dataset's name (nanogpt-prepare NAME)"),
@@ -115,6 +121,10 @@ DEFAULTS = Keys("nanogpt-train", __doc__, {
         seed=(1337, "random seed (rank r uses seed + r)"),
         deterministic=(False, "torch.use_deterministic_algorithms, for bitwise-reproducible runs"),
         max_skips=(20, "stop after this many consecutive non-finite steps"),
+        parallelism=("ddp", "ddp (every rank holds the whole model) | fsdp (FSDP2: parameters, gradients and "
+                     "optimizer state sharded over the ranks; sharded checkpoints, nanogpt.dcp)"),
+        activation_checkpointing=("none", "none | block (recompute each block in backward) | selective (keep "
+                                  "matmul and attention outputs, recompute the rest)"),
     ),
 })
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -159,6 +169,11 @@ def check_config(c, world):
                         "change n_embd or n_head")
     if c["logit_softcap"] < 0:
         raise UserError(f"logit_softcap must be > 0 (or 0: off), got {c['logit_softcap']}")
+    if c["parallelism"] == "fsdp" and c["optimizer"] == "muon":
+        raise UserError("optimizer=muon does not run under parallelism=fsdp yet; use parallelism=ddp or "
+                        "optimizer=adamw")
+    parallel.check(c)
+    health.check(c)
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval",
                 "log_interval", "max_skips"):
         if c[key] < 1:
@@ -204,7 +219,8 @@ def set_rng_state(s):
 
 @dataclass
 class Process:
-    """Where this process runs: rank `rank` of `world` (under torchrun, `ddp`), on `device`."""
+    """Where this process runs: rank `rank` of `world` (`ddp`: in a process group, under torchrun or FSDP),
+    on `device`."""
     ddp: bool
     rank: int
     local_rank: int
@@ -244,6 +260,8 @@ class Run:
     Y: torch.Tensor = None
     local_iter: int = 0  # steps this process ran (MFU waits for the loop to settle)
     running_mfu: float = -1.0
+    spikes: health.SpikeDetector = None  # the master's
+    health: dict = None  # the last logged step's health fields (nanogpt.health)
 
 
 def train(c):
@@ -260,6 +278,7 @@ def train(c):
         if proc.master and not c["eval_only"]:
             write_loss_plot(c["out_dir"])
     if proc.ddp:
+        dcp.close()
         dist.destroy_process_group()
 
 
@@ -277,12 +296,13 @@ def loop(run, tokens_per_iter):
                 evaluate(run, lr, metrics)
             if c["eval_only"]:
                 break
+            start = run.batch_state  # the sampler before this step's batches: where a spike's rows are found
             loss, grad_norm, stopping = train_step(run, stop)
             count_skip(run, grad_norm)
             t1 = time.time()
             dt, t0 = t1 - t0, t1
             if run.iter_num % c["log_interval"] == 0 and proc.master:
-                log_step(run, loss, grad_norm, lr, dt, tokens_per_iter, metrics)
+                log_step(run, loss, grad_norm, lr, dt, tokens_per_iter, metrics, start)
             run.iter_num += 1
             run.local_iter += 1
             if stopping:
@@ -292,6 +312,7 @@ def loop(run, tokens_per_iter):
                 break
             if run.iter_num > c["max_iters"]:
                 break
+        dcp.wait()  # a checkpoint still being written in the background
 
 
 # ------------------------------------------------------------ setup
@@ -308,6 +329,9 @@ def setup_distributed(c):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         init_process_group(c["backend"] if device.startswith("cuda") else "gloo", rank, world)
+    elif c["parallelism"] == "fsdp":
+        parallel.init_single_process_group(c["backend"] if device.startswith("cuda") else "gloo")
+        ddp = True
     return Process(ddp, rank, local_rank, world, device)
 
 
@@ -354,7 +378,7 @@ def load_model(c, device_type, init_from, data_dir):
         margs = {k: c[k] for k in MODEL_KEYS if k != "vocab_size"} | {"vocab_size": vocab_size}
         return build_model(c, device_type, margs), None
     if init_from == "resume":
-        mp, state = checkpoint.load(c["out_dir"])
+        mp, state = checkpoint.load(c["out_dir"], sharded=c["parallelism"] == "fsdp")
         margs = mp["model_args"]
         for k in MODEL_KEYS:  # a key older checkpoints lack is GPTConfig's default (GPT-2's)
             saved = margs.get(k, getattr(GPTConfig, k, None))
@@ -362,7 +386,8 @@ def load_model(c, device_type, init_from, data_dir):
                 raise UserError(f"the checkpoint in {c['out_dir']} has {k}={saved!r} but the config says "
                                 f"{c[k]!r}; pass --{k}={saved!r} (the run's config) or use a new out_dir")
         model = build_model(c, device_type, margs)
-        checkpoint.load_model_state(model, mp["model"], c["out_dir"])
+        if mp["model"] is not None:  # None: sharded, loaded into the FSDP model in place (restore)
+            checkpoint.load_model_state(model, mp["model"], c["out_dir"])
         return model, state
     model = checkpoint.load_pretrained(init_from, c["block_size"], dict(dropout=c["dropout"], kernels=c["kernels"]))
     return model, None
@@ -402,16 +427,25 @@ def init_run(c, proc, ctx, gas):
                       c["sampler"], c["seed"], proc.rank, proc.world)
     kernels = choose_kernels(c, model, proc, ctx, batcher, state)
     scaler = torch.amp.GradScaler(proc.device_type, enabled=(c["dtype"] == "float16"))
-    optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
-                                           proc.device_type, grad_clip=c["grad_clip"], optimizer=c["optimizer"],
-                                           muon_lr=c["muon_lr"], muon_momentum=c["muon_momentum"])
+    parallel.checkpoint_activations(model, c["activation_checkpointing"])
+    fsdp = c["parallelism"] == "fsdp"
+    if fsdp:  # sharded before the optimizer is made: AdamW's state is sharded with the parameters
+        parallel.shard(model, proc, c["dtype"], c["compile"])
+
+    def make_optimizer():
+        return model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
+                                          proc.device_type, grad_clip=c["grad_clip"], optimizer=c["optimizer"],
+                                          muon_lr=c["muon_lr"], muon_momentum=c["muon_momentum"])
+    optimizer = parallel.fsdp_optimizer(model, make_optimizer, print if proc.master else lambda line: None) \
+        if fsdp else make_optimizer()
+    kernels["backends"] = dict(model.backends)  # the optimizer's may have fallen back
     run = Run(c, proc, ctx, gas, raw_model=model, model=model, margs=margs, optimizer=optimizer, scaler=scaler,
               batcher=batcher, kernels=kernels)
     if state is not None:
         restore(run, state)
-    if c["compile"]:
+    if c["compile"] and not fsdp:  # (fsdp: compiled per block)
         run.model = torch.compile(run.model)
-    if proc.ddp:
+    if proc.ddp and not fsdp:
         run.model = DDP(run.model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
     return run
 
@@ -420,9 +454,11 @@ def restore(run, state):
     """Continue from a checkpoint's state payload: optimizer, GradScaler, counters, this rank's RNG and sampler.
     nanoGPT's ckpt.pt has no GradScaler, RNG or sampler states (no "ranks"): those start afresh, as in nanoGPT."""
     ranks = state.get("ranks")
-    if ranks is not None and len(ranks) != run.proc.world:
-        raise UserError(f"the checkpoint was written by {len(ranks)} ranks, this run has {run.proc.world}; "
-                        "resume with the same number of ranks")
+    if ranks is not None and len(ranks) != run.proc.world and run.proc.master:
+        print(f"resharding: the checkpoint was written by {len(ranks)} ranks, this run has {run.proc.world}; the "
+              "sampler goes on where it was, ranks the checkpoint did not have start their RNGs afresh")
+    if state.get("dcp"):  # a sharded checkpoint: into this FSDP run's shards, whatever ranks wrote it
+        state = state | {"optimizer": dcp.load_sharded(state, run.raw_model, run.optimizer)}
     trained = state.get("config", {}).get("optimizer", "adamw")
     if trained != run.c["optimizer"]:
         raise UserError(f"the checkpoint in {run.c['out_dir']} was trained with optimizer={trained}; pass "
@@ -434,11 +470,13 @@ def restore(run, state):
                                           for own, group in zip(run.optimizer.param_groups, saved["param_groups"])]}
     try:
         run.optimizer.load_state_dict(saved)
+        parallel.shard_optimizer_state(run.optimizer)  # FSDP from a whole (DDP) checkpoint: this rank's shard
         if "scaler" in state:
             run.scaler.load_state_dict(state["scaler"])
         if ranks is not None:
-            set_rng_state(ranks[run.proc.rank]["rng"])
-            run.batcher.load_state_dict(ranks[run.proc.rank]["batcher"])
+            if run.proc.rank < len(ranks):
+                set_rng_state(ranks[run.proc.rank]["rng"])
+            run.batcher.load_state_dict(ranks[0]["batcher"])  # the same on every rank
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # a state of another shape
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise checkpoint.CheckpointError(f"the training state in {run.c['out_dir']} does not fit this run "
@@ -454,7 +492,7 @@ def open_metrics(c, run):
     is checked by now: from here on the run writes to out_dir."""
     if not run.proc.master:
         return MetricsLog()
-    wandb = None
+    wandb = tensorboard = None
     if c["wandb_log"]:
         import wandb
         wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c)
@@ -463,7 +501,10 @@ def open_metrics(c, run):
         path = os.path.join(c["out_dir"], "metrics.jsonl")
         if not c["eval_only"]:  # the log goes on from the checkpoint (a new run: from scratch)
             trim_log(path, run.iter_num)
-        return MetricsLog(path, wandb)
+        run.spikes = health.SpikeDetector(c["spike_k"], c["spike_window"], health.logged_losses(path))
+        if c["tensorboard"]:
+            tensorboard = health.tensorboard_writer(c["out_dir"])
+        return MetricsLog(path, wandb, tensorboard)
     except OSError as e:
         raise UserError(f"cannot write to out_dir {c['out_dir']} ({e.strerror}); pass a writable --out_dir") from None
 
@@ -518,7 +559,7 @@ def evaluate(run, lr, metrics):
         run.best_val_loss = losses["val"]
     last = run.iter_num == run.c["max_iters"]  # saved always: a finished run's checkpoint says it is done
     if (improved or run.c["always_save_checkpoint"] or last) and run.iter_num > 0 and not run.c["eval_only"]:
-        save(run, best=improved)
+        metrics.write({"iter": run.iter_num, "checkpoint_ms": save(run, best=improved)})
 
 
 def score_tasks(run, metrics):
@@ -543,8 +584,7 @@ def train_step(run, stop):
     skipped, whether to stop after this step)."""
     loss_sum = torch.zeros((), device=run.proc.device)
     for micro_step in range(run.gas):
-        if run.proc.ddp:  # sync gradients on the last micro-step only
-            run.model.require_backward_grad_sync = micro_step == run.gas - 1
+        parallel.sync_gradients(run.model, micro_step == run.gas - 1)  # on the last micro-step only
         with run.ctx:
             _, loss = run.model(run.X, run.Y)
             loss = loss / run.gas
@@ -554,19 +594,23 @@ def train_step(run, stop):
         run.scaler.scale(loss).backward()
     # a non-finite loss or gradient norm skips the update (the optimizer and GradScaler skip
     # non-finite gradients themselves); a signal stops the run after this step. Under DDP one
-    # all_reduce carries both flags, so every rank skips and stops at the same step.
+    # all_reduce sums the losses (the global batch's mean loss: non-finite if any rank's is) and
+    # the stop flags, so every rank skips and stops at the same step.
     stopping = stop.signal is not None
     if run.proc.ddp:
-        flags = torch.stack([(~torch.isfinite(loss_sum)).float(),
-                             torch.full((), float(stopping), device=run.proc.device)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, stopping = (bool(f) for f in flags.tolist())
-    else:
-        nonfinite = not torch.isfinite(loss_sum).item()
+        sums = torch.stack([loss_sum, torch.full((), float(stopping), device=run.proc.device)])
+        dist.all_reduce(sums)
+        loss_sum = sums[0] / run.proc.world
+        stopping = bool(sums[1].item())
+    nonfinite = not torch.isfinite(loss_sum).item()
     grad_norm = None
+    probe = None
     if not nonfinite:
+        if run.iter_num % run.c["log_interval"] == 0:  # every rank: under FSDP its norms are collectives
+            probe = health.Probe(run.raw_model, run.optimizer, run.scaler)
         grad_norm = run.scaler.step(run.optimizer)  # unscales, clips inside; None or non-finite: skipped
         run.scaler.update()
+    run.health = probe.finish(grad_norm is not None and bool(torch.isfinite(grad_norm))) if probe else {}
     run.optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm, stopping
 
@@ -587,11 +631,15 @@ def count_skip(run, grad_norm):
                             f"warmup_iters{' (or use bfloat16)' if c['dtype'] == 'float16' else ''}; {kept}")
 
 
-def log_step(run, loss, grad_norm, lr, dt, tokens_per_iter, metrics):
-    """Print the step's line and log its record (master only)."""
+def log_step(run, loss, grad_norm, lr, dt, tokens_per_iter, metrics, start):
+    """Print the step's line and log its record with the health fields (nanogpt.health), and a spike event
+    (master only). start: the sampler's state before the step's batches."""
     lossf = loss.item()  # a sync point: the mean loss over the micro-steps
+    norm = None if grad_norm is None else grad_norm.item()
     record = {"iter": run.iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt,
-              "grad_norm": None if grad_norm is None else grad_norm.item(), "skipped": run.skipped, "mfu": None}
+              "grad_norm": norm, "skipped": run.skipped, "mfu": None,
+              "clipped": norm is not None and run.c["grad_clip"] > 0 and norm > run.c["grad_clip"],
+              "peak_mem_mb": health.peak_memory_mb(run.proc.device_type)} | run.health
     line = f"iter {run.iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s"
     if run.proc.device_type == "cuda" and run.local_iter >= 5:  # let the loop settle before measuring MFU
         mfu = run.raw_model.estimate_mfu(run.c["batch_size"] * run.gas, dt, run.c["dtype"])  # per GPU
@@ -602,26 +650,40 @@ def log_step(run, loss, grad_norm, lr, dt, tokens_per_iter, metrics):
         line += f", {run.skipped} skipped steps"
     print(line)
     metrics.write(record)
+    spike = run.spikes.check(lossf)
+    if spike:
+        print(f"iter {run.iter_num}: loss spike, {lossf:.4f} against {spike[0]:.4f} +- {spike[1]:.4f}")
+        metrics.write({"iter": run.iter_num, "event": "spike", "loss": lossf, "mean": spike[0], "std": spike[1],
+                       "rows": run.batcher.rows(start, run.gas)})
 
 
 def save(run, best):
-    """Checkpoint iter_num: the weights, and the training state with every rank's RNG and sampler states."""
+    """Checkpoint iter_num: the weights, and the training state with every rank's RNG and sampler states (under
+    FSDP sharded, nanogpt.dcp, maybe in the background). Returns the ms the step loop waited."""
+    t0 = time.perf_counter()
     ranks = [{"rng": rng_state(), "batcher": run.batch_state}]
     if run.proc.ddp:
         gathered = [None] * run.proc.world
         dist.all_gather_object(gathered, ranks[0])
         ranks = gathered
-    if run.proc.master:
-        c = run.c
-        model_payload = {"model": run.raw_model.state_dict(), "model_args": run.margs, "iter_num": run.iter_num,
-                         "config": c}
-        state_payload = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "config": c,
-                         "iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "skipped": run.skipped,
-                         "ranks": ranks, "kernels": run.kernels}
-        checkpoint.save(c["out_dir"], run.iter_num, model_payload, state_payload, best=best)
-        print(f"saved checkpoint at iter {run.iter_num} to {c['out_dir']}{' (best)' if best else ''}")
+    c = run.c
+    model_payload = {"model_args": run.margs, "iter_num": run.iter_num, "config": c}
+    state_payload = {"scaler": run.scaler.state_dict(), "config": c, "iter_num": run.iter_num,
+                     "best_val_loss": run.best_val_loss, "skipped": run.skipped, "ranks": ranks, "kernels": run.kernels}
+    where = f"iter {run.iter_num} to {c['out_dir']}{' (best)' if best else ''}"
+    if c["parallelism"] == "fsdp":  # every rank writes its shards
+        dcp.save(c["out_dir"], run.iter_num, run.raw_model, run.optimizer, model_payload, state_payload, best,
+                 background=c["async_checkpoint"])
+    elif run.proc.master:
+        checkpoint.save(c["out_dir"], run.iter_num, model_payload | {"model": run.raw_model.state_dict()},
+                        state_payload | {"optimizer": run.optimizer.state_dict()}, best=best)
     if run.proc.ddp:
         dist.barrier()
+    ms = (time.perf_counter() - t0) * 1000
+    if run.proc.master:
+        print(f"saving checkpoint at {where} in the background (the loop waited {ms:.0f} ms)"
+              if c["async_checkpoint"] else f"saved checkpoint at {where} ({ms:.0f} ms)")
+    return ms
 
 
 def write_loss_plot(out_dir):

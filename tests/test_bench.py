@@ -112,7 +112,7 @@ def test_bench_rejects_bad_mode(bench):
         bench.parse_modes("auto@fp8", "auto", "float32")
 
 
-def test_plot_bench_and_loss(tiny_result, tmp_path):
+def test_plot_bench_loss_and_health(tiny_result, tmp_path):
     plot = _load("plot")
     _, result_json = tiny_result
     png = tmp_path / "modes.png"
@@ -123,13 +123,20 @@ def test_plot_bench_and_loss(tiny_result, tmp_path):
     with metrics.open("w") as f:
         for i in range(50):
             f.write(json.dumps({"iter": i, "loss": 4.0 * math.exp(-i / 20) + 1, "lr": 1e-3, "ms": 10.0,
-                                "tokens_per_s": 1e4, "mfu": 0.01}) + "\n")
+                                "tokens_per_s": 1e4, "mfu": 0.01, "grad_norm": 1.0, "clipped": i % 7 == 0,
+                                "grad_norm/h.0": 0.5, "update_ratio/decay": 1e-3, "peak_mem_mb": 100.0}) + "\n")
+            if i == 30:
+                f.write(json.dumps({"iter": i, "event": "spike", "loss": 9.0, "mean": 2.0, "std": 0.1,
+                                    "rows": [[0, 64]]}) + "\n")
             if i % 10 == 0:
                 f.write(json.dumps({"iter": i, "train_loss": 4.0 * math.exp(-i / 20) + 1,
                                     "val_loss": 4.1 * math.exp(-i / 20) + 1.1}) + "\n")
     png2 = tmp_path / "loss.png"
     plot.main(["loss", str(metrics), "-o", str(png2)])
     assert png2.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png3 = tmp_path / "health.png"  # nanogpt.health's metrics
+    plot.main(["health", str(metrics), "-o", str(png3)])
+    assert png3.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_kernel_roofline_cpu(tmp_path):

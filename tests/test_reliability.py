@@ -170,9 +170,10 @@ class Live:
 
 
 def records(out_dir):
-    """metrics.jsonl without the timing fields."""
+    """metrics.jsonl without the timing and memory fields."""
     with open(Path(out_dir) / "metrics.jsonl") as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in ("ms", "tokens_per_s")} for line in f]
+        return [{k: v for k, v in json.loads(line).items() if k not in ("ms", "tokens_per_s", "peak_mem_mb",
+                                                                      "checkpoint_ms")} for line in f]
 
 
 def params(out_dir, which="latest"):

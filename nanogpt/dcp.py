@@ -1,0 +1,287 @@
+"""Sharded checkpoints through torch.distributed.checkpoint (DCP): what parallelism=fsdp writes.
+
+    checkpoints/iter_000250/     one directory per checkpoint
+        .metadata, __R_0.distcp  DCP: the weights ("model/<name>") and AdamW's moments ("optim/<name>/<key>"),
+                                 each rank writing its own shards
+        train.pt                 the rest: model args, config, iter, best val loss, every rank's RNG and sampler
+                                 states, the optimizer's hyperparameters with each group's parameter names
+                                 (rank 0, torch.save of tensors and plain Python)
+    latest.json, best.json       {"iter": 250, "dcp": "checkpoints/iter_000250"}
+
+A save is written into iter_000250.tmp and renamed to iter_000250 once complete (DCP writes .metadata last,
+after every rank's shards); the pointers move after that. A killed save leaves a .tmp directory that no pointer
+names and the next save deletes. With async_checkpoint the tensors are copied to memory (the step loop's stall,
+logged in ms) and written by a background thread, which renames and moves the pointers when done; the next save
+and the end of the run wait for it.
+
+An FSDP run resumes by loading its own shards in place, whatever number of ranks wrote them (DCP reshards).
+Everything else (a single process, DDP, nanogpt-sample, export) gets whole tensors (`read`, through
+nanogpt.checkpoint.load). DCP's .metadata is a pickle: it is read by an unpickler that builds DCP's metadata
+classes and nothing else, and only tensors go through DCP (it would pickle anything else), so loading runs no
+code.
+"""
+import os
+import pathlib
+import pickle
+import shutil
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import filesystem as dcp_fs
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
+from torch.distributed.checkpoint import metadata as dcp_md
+
+from nanogpt import checkpoint
+from nanogpt.checkpoint import FIX, CheckpointError
+
+TMP = ".tmp"
+PLAIN = "train.pt"
+_pending = None  # the background save in flight: (thread, {"error": ...})
+_group = None  # the process group background saves talk over (not the training loop's)
+_stager = None  # the memory background saves copy the tensors into, kept from one save to the next
+
+
+# ------------------------------------------------------------ reading .metadata without running code
+
+_METADATA_CLASSES = (dcp_md.Metadata, dcp_md.TensorStorageMetadata, dcp_md.TensorProperties,
+                     dcp_md.ChunkStorageMetadata, dcp_md.MetadataIndex, dcp_md.StorageMeta, dcp_md._MEM_FORMAT_ENCODING,
+                     dcp_fs._StorageInfo, pathlib.PosixPath, pathlib.PurePosixPath, torch.Size)
+_ALLOWED = {(c.__module__, c.__qualname__): c for c in _METADATA_CLASSES} | {
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) not in _ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}")
+        return _ALLOWED[module, name]
+
+
+class SafeReader(FileSystemReader):
+    """DCP's FileSystemReader, reading .metadata through _MetadataUnpickler; a checkpoint that holds anything
+    but tensors is refused (DCP would unpickle it with torch.load(weights_only=False))."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = os.path.join(self.path, ".metadata")
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint file {path} is missing: {FIX}") from None
+        except Exception as e:  # truncated, or naming something it must not
+            raise CheckpointError(f"checkpoint file {path} is corrupt or refused ({type(e).__name__}: "
+                                  f"{str(e)[:120]}): {FIX}") from None
+        if not isinstance(metadata, dcp_md.Metadata) or not all(
+                isinstance(m, dcp_md.TensorStorageMetadata) for m in metadata.state_dict_metadata.values()):
+            raise CheckpointError(f"checkpoint file {path} is malformed (not DCP metadata of tensors): {FIX}")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_md.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# ------------------------------------------------------------ saving
+
+def _tensors(model, optimizer):
+    """The flat {key: tensor} DCP writes (this rank's shards of DTensors), and each optimizer group's
+    hyperparameters with its parameters' names."""
+    for m in model.modules():  # the root keeps its weights gathered after a forward (evaluation): reshard
+        if hasattr(m, "reshard"):
+            m.reshard()
+    names = {p: n for n, p in model.named_parameters()}
+    out = {f"model/{k}": v for k, v in model.state_dict().items()}
+    for p, name in names.items():
+        out |= {f"optim/{name}/{k}": v for k, v in optimizer.state.get(p, {}).items()}
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[p] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return out, groups
+
+
+class _ReusedStaging(BlockingAsyncStager):
+    """Copies the tensors into memory allocated at the first background save and refilled at each one after it
+    (pinned on CUDA machines): refilling is faster than allocating anew (page faults), at the cost of that memory
+    for the rest of the run. (BlockingAsyncStager's own cache pins memory, which a CPU-only torch cannot.)"""
+
+    def stage(self, state_dict):
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+        if self.state_dict_cache is None:
+            self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+        return _copy_state_dict(state_dict, self.state_dict_cache)
+
+
+def _staging():
+    global _stager
+    if _stager is None:
+        _stager = _ReusedStaging()
+    return _stager
+
+
+def _checkpoint_group():
+    global _group
+    if _group is None:
+        _group = dist.new_group(backend="gloo")  # collectives of a background save must not interleave the loop's
+    return _group
+
+
+def save(out_dir, iter_num, model, optimizer, model_payload, state_payload, best=False, background=False):
+    """Write iter_num's checkpoint: collective, every rank writes its shards (model_payload and state_payload
+    hold the rest, as checkpoint.save's do, without the weights and the optimizer state). background: return once
+    the tensors are copied, the writing goes on in a thread. Returns the time the caller waited, in ms."""
+    global _pending
+    wait()
+    t0 = time.perf_counter()
+    name = f"checkpoints/iter_{iter_num:06d}"
+    tmp, entry = os.path.join(out_dir, name + TMP), {"iter": iter_num, "dcp": name}
+    tensors, groups = _tensors(model, optimizer)
+    master = dist.get_rank() == 0
+    try:
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)  # a killed save's
+            os.makedirs(tmp)
+            plain = {"model": model_payload, "state": state_payload | {"param_groups": groups}}
+            checkpoint.atomic_write(os.path.join(tmp, PLAIN), lambda f: torch.save(plain, f))
+        dist.barrier()
+        if background:
+            future = dcp.async_save(tensors, storage_writer=FileSystemWriter(tmp), process_group=_checkpoint_group(),
+                                    async_stager=_staging())
+        else:
+            dcp.save(tensors, storage_writer=FileSystemWriter(tmp))
+    except (OSError, RuntimeError, dcp.CheckpointException) as e:
+        raise _cannot_write(iter_num, out_dir, e) from None
+    stall = (time.perf_counter() - t0) * 1000
+    if not background:
+        if master:
+            _finish(out_dir, entry, best)
+        return stall
+    outcome = {}
+
+    def finish():  # in the background: wait for the write, then (rank 0) make it the latest checkpoint
+        try:
+            future.result()
+            if master:
+                _finish(out_dir, entry, best)
+                print(f"saved checkpoint at iter {iter_num} to {out_dir}{' (best)' if best else ''} (in the "
+                      "background)", flush=True)
+        except Exception as e:  # raised by wait(), in the loop
+            outcome["error"] = _cannot_write(iter_num, out_dir, e)
+    _pending = (threading.Thread(target=finish, daemon=True), outcome)
+    _pending[0].start()
+    return stall
+
+
+def _cannot_write(iter_num, out_dir, e):
+    why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return CheckpointError(f"cannot write the iter {iter_num} checkpoint to {out_dir} ({why}): free disk space or "
+                           "fix the directory, then resume; earlier checkpoints are intact")
+
+
+def _finish(out_dir, entry, best):
+    """Rank 0, once every rank's shards and .metadata are written: rename the directory into place, move the
+    pointers. A directory of that iteration already there (a resumed run re-saving the iteration it resumed
+    from: the same state) is kept."""
+    final = os.path.join(out_dir, entry["dcp"])
+    for path in (final + TMP, os.path.dirname(final)):
+        checkpoint._fsync_dir(path)
+    if os.path.exists(final):
+        shutil.rmtree(final + TMP)
+    else:
+        os.replace(final + TMP, final)
+    checkpoint.write_pointers(out_dir, entry, best)
+
+
+def wait():
+    """Wait for the background save in flight (if any); raise its error here."""
+    global _pending
+    if _pending is None:
+        return
+    thread, outcome = _pending
+    thread.join()
+    _pending = None
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def close():
+    """Before the process group goes: finish the background save, drop the group it used."""
+    global _group, _stager
+    wait()
+    _group = _stager = None
+
+
+# ------------------------------------------------------------ loading
+
+def _metadata(path):
+    reader = SafeReader(path)
+    return reader, reader.read_metadata().state_dict_metadata
+
+
+def _by_index(named, groups):
+    """An optimizer state_dict (parameters numbered in group order, as optimizer.state_dict() has them) from the
+    moments by parameter name and the groups' hyperparameters with their parameters' names."""
+    ids = {name: i for i, name in enumerate(n for g in groups for n in g["params"])}
+    return {"state": {ids[n]: s for n, s in named.items() if n in ids},
+            "param_groups": [g | {"params": [ids[n] for n in g["params"]]} for g in groups]}
+
+
+def read(out_dir, entry, with_state=True, tensors=True):
+    """(model payload, state payload or None) of a DCP checkpoint, as checkpoint.load returns them, the tensors
+    whole (consolidated) on the CPU. tensors=False: the payloads without the weights ("model": None) and the
+    optimizer state ("optimizer": None), and "dcp": its directory, which load_sharded reads."""
+    path = os.path.join(out_dir, entry["dcp"])
+    plain = checkpoint._load_file(os.path.join(path, PLAIN))
+    if not (isinstance(plain, dict) and isinstance(plain.get("model"), dict) and isinstance(plain.get("state"), dict)):
+        raise CheckpointError(f"checkpoint file {os.path.join(path, PLAIN)} is malformed (no model/state): {FIX}")
+    model_payload, state = plain["model"], plain["state"] if with_state else None
+    if not tensors:
+        return model_payload | {"model": None}, state and state | {"optimizer": None, "dcp": path}
+    reader, meta = _metadata(path)
+    wanted = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+              if k.startswith("model/") or (with_state and k.startswith("optim/"))}
+    try:
+        dcp.load(wanted, storage_reader=reader, no_dist=True)
+    except (OSError, RuntimeError, dcp.CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({str(e).strip()[:160]}): {FIX}") from None
+    model_payload = checkpoint._check(path, model_payload | {
+        "model": {k[len("model/"):]: v for k, v in wanted.items() if k.startswith("model/")}}, checkpoint.MODEL_SCHEMA)
+    if not with_state:
+        return model_payload, None
+    named = {}
+    for k, v in wanted.items():
+        if k.startswith("optim/"):
+            name, key = k[len("optim/"):].rsplit("/", 1)
+            named.setdefault(name, {})[key] = v
+    groups = state.pop("param_groups", [])
+    return model_payload, checkpoint._check(path, state | {"optimizer": _by_index(named, groups)},
+                                           checkpoint.STATE_SCHEMA)
+
+
+def load_sharded(state, model, optimizer):
+    """Load a DCP checkpoint (state from read(tensors=False)) into this FSDP run in place: the weights into the
+    model's shards, and the optimizer state returned as optimizer.state_dict() has it, its moments already this
+    rank's shards. Collective."""
+    path = state["dcp"]
+    groups = state["param_groups"]
+    _, own = _tensors(model, optimizer)
+    if [g["params"] for g in groups] != [g["params"] for g in own]:
+        raise CheckpointError(f"the optimizer state in {path} is for other parameters than this model's: {FIX}")
+    reader, meta = _metadata(path)
+    sd = {f"model/{k}": v for k, v in model.state_dict().items()}
+    named = {}
+    for name, p in model.named_parameters():
+        if f"optim/{name}/exp_avg" in meta:  # a parameter that took a step
+            named[name] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p),
+                           "exp_avg_sq": torch.zeros_like(p)}
+            sd |= {f"optim/{name}/{k}": v for k, v in named[name].items()}
+    try:
+        dcp.load(sd, storage_reader=reader)
+    except (OSError, RuntimeError, dcp.CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this run or is corrupt ({str(e).strip()[:160]}): "
+                              f"{FIX}") from None
+    model.load_state_dict({k[len("model/"):]: v for k, v in sd.items() if k.startswith("model/")})
+    return _by_index(named, groups)

@@ -1,0 +1,250 @@
+"""Scale-out and training health (CPU, gloo, tiny model):
+
+- FSDP over 2 ranks (our extension's kernels, selective activation checkpointing, async sharded checkpoint)
+  trains as one process does on the same global batch, losses within 1e-5 per step (gradient accumulation 2);
+  its checkpoint resumes at 1 rank under FSDP (DCP reshards), then as a plain single process (consolidated on
+  load), whose checkpoint FSDP resumes again: 10 steps in all, the uninterrupted run's losses;
+- kill -9 while an async save is being written leaves the previous checkpoint loadable;
+- activation checkpointing (block, selective) gives the gradients of none;
+- the health metrics are in metrics.jsonl under their documented names, and a planted loss spike (the loss
+  scaled once, by a monkeypatch in the test) is logged with the rows of its batch;
+- DCP's metadata pickle is read without running code.
+"""
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from nanogpt import checkpoint, dcp, parallel, train
+from nanogpt.model import GPT, GPTConfig
+
+TIMEOUT = 300
+BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, eval_iters=1, compile=False, device="cpu",
+            dtype="float32", dataset="shakespeare_char", log_interval=1, eval_interval=4, dropout=0.0,
+            learning_rate=1e-3, warmup_iters=2, lr_decay_iters=8, autotune=False)
+# one process: 2 micro-steps of 8 rows; 2 ranks: 2 micro-steps of 4 rows each (the same global batch)
+SINGLE = dict(batch_size=8, gradient_accumulation_steps=2, kernels="adamw:torch")  # the rest: ext (auto's order)
+TWO = dict(batch_size=4, gradient_accumulation_steps=4, kernels="ext")
+
+
+def _args(data, **over):
+    return [f"--{k}={v}" for k, v in (BASE | {"data_dir": data} | over).items()]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("TORCHELASTIC_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    return env | dict(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def records(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out_dir):
+    return {r["iter"]: r["loss"] for r in records(out_dir) if "loss" in r and "event" not in r}
+
+
+@pytest.fixture(autouse=True)
+def no_loss_plot(monkeypatch):
+    monkeypatch.setattr(train, "write_loss_plot", lambda out_dir: None)  # matplotlib's import: seconds, untested here
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from nanogpt.prepare import main
+    d = tmp_path_factory.mktemp("scaleout") / "sc"
+    main(["shakespeare_char", f"--data_dir={d}"])
+    return str(d)
+
+
+def test_fsdp_two_ranks_equal_one_process_and_reshard_on_resume(data, tmp_path, capsys):
+    ref, fsdp = tmp_path / "ref", tmp_path / "fsdp"
+    # 2 FSDP ranks, 4 steps, in the background while this process trains the reference
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt.train",
+           *_args(data, out_dir=fsdp, max_iters=4, parallelism="fsdp", activation_checkpointing="selective",
+                  async_checkpoint=True, **TWO)]
+    ranks = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outs = []
+    reader = threading.Thread(target=lambda: outs.extend(ranks.communicate(timeout=TIMEOUT)))
+    reader.start()
+    train.main(_args(data, out_dir=ref, max_iters=9, **SINGLE))  # one process
+    capsys.readouterr()
+    reader.join()
+    assert ranks.returncode == 0, outs[0][-3000:] + outs[1][-5000:]
+    assert "adamw: the ext backend cannot step FSDP's sharded parameters" in outs[0]  # announced, fell back
+    assert "saved checkpoint at iter 4" in outs[0] and "(in the background)" in outs[0]
+    assert any("checkpoint_ms" in r for r in records(fsdp))  # the loop's stall
+    assert sorted(os.listdir(fsdp / "checkpoints" / "iter_000004")) == [".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                                         "train.pt"]
+    want = losses(ref)
+    got = losses(fsdp)
+    assert sorted(got) == list(range(5))
+    for it in got:
+        assert abs(got[it] - want[it]) <= 1e-5, (it, got[it], want[it])
+    # per-layer gradient norms summed over the shards: the one process's
+    step = {r["iter"]: r for r in records(ref) if "loss" in r}
+    for r in records(fsdp):
+        for k in (k for k in r if k.startswith(("grad_norm/", "update_ratio/"))):
+            assert r[k] == pytest.approx(step[r["iter"]][k], rel=1e-4, abs=1e-7), (r["iter"], k)
+
+    # 2 ranks -> 1: FSDP in one process loads the shards (DCP reshards), then a plain process (consolidated) writes
+    # DDP's format, which FSDP resumes
+    train.main(_args(data, out_dir=fsdp, max_iters=6, init_from="resume", parallelism="fsdp", **SINGLE))
+    assert "resharding: the checkpoint was written by 2 ranks, this run has 1" in capsys.readouterr().out
+    assert checkpoint.latest_iter(fsdp) == 6 and "dcp" in json.loads((fsdp / "latest.json").read_text())
+    from nanogpt.sample import load_model  # nanogpt-sample reads the sharded checkpoint, consolidated
+    model, _ = load_model({"init_from": "resume", "out_dir": str(fsdp), "which": "latest", "device": "cpu",
+                           "kernels": "torch"})
+    assert model.lm_head.weight.shape == (65, 32)
+    train.main(_args(data, out_dir=fsdp, max_iters=8, init_from="resume", **SINGLE))
+    assert "model" in json.loads((fsdp / "latest.json").read_text())
+    train.main(_args(data, out_dir=fsdp, max_iters=9, init_from="resume", parallelism="fsdp", **SINGLE))
+    got = losses(fsdp)
+    assert sorted(got) == list(range(10))
+    for it in got:
+        assert abs(got[it] - want[it]) <= 1e-5, (it, got[it], want[it])
+    final, ref_final = (checkpoint.load(str(d), with_state=False)[0]["model"] for d in (fsdp, ref))
+    for k in ref_final:
+        torch.testing.assert_close(final[k], ref_final[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+KILL_DRIVER = """
+import sys, time
+from torch.distributed.checkpoint import FileSystemWriter
+from nanogpt import train
+
+real = FileSystemWriter.write_data
+def write_data(self, plan, planner):  # iter 4's save: stop in the middle of the background write
+    if "iter_000004" in str(self.path):
+        print("pausing inside the background save", flush=True)
+        time.sleep(3600)
+    return real(self, plan, planner)
+
+FileSystemWriter.write_data = write_data
+train.main(sys.argv[1:])
+"""
+
+
+def test_kill9_during_async_save_leaves_the_previous_checkpoint(data, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_DRIVER)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(driver), *_args(data, out_dir=out, max_iters=8, eval_interval=2,
+                                                                 parallelism="fsdp", async_checkpoint=True, **SINGLE)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(TIMEOUT, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:  # until the loop has gone on past the save in flight
+            lines.append(line)
+            if line.startswith("iter 5:") and any("pausing inside the background save" in x for x in lines):
+                break
+        proc.kill()  # SIGKILL
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    assert lines[-1].startswith("iter 5:"), "".join(lines)[-3000:]
+    assert os.path.isdir(out / "checkpoints" / "iter_000004.tmp")  # the torn save is there, named by no pointer
+    model_payload, state = checkpoint.load(str(out))
+    assert model_payload["iter_num"] == state["iter_num"] == 2
+    assert set(model_payload["model"]) >= {"lm_head.weight", "transformer.h.1.mlp.c_fc.weight"}
+
+
+@pytest.mark.parametrize("kernels", ["torch", "ext"])
+def test_activation_checkpointing_gives_the_same_gradients(kernels):
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for mode in parallel.ACTIVATION_CHECKPOINTING:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.1,
+                              kernels=kernels), "cpu")
+        parallel.checkpoint_activations(model, mode)
+        torch.manual_seed(1)  # the dropout masks: recomputation must draw the same
+        model(idx, idx)[1].backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters()}
+    for mode in ("block", "selective"):
+        for n, g in grads["none"].items():
+            assert torch.equal(grads[mode][n], g), (mode, n)
+
+
+def test_health_metrics_and_a_planted_spike(data, tmp_path, monkeypatch, capsys):
+    from nanogpt import model as model_module
+    spike_at, seen = 11, {}
+    real_step, real_forward = train.train_step, model_module.GPT.forward
+
+    def train_step(run, stop):
+        seen["iter"] = run.iter_num
+        return real_step(run, stop)
+
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training and seen.get("iter") == spike_at:
+            seen.setdefault("batches", []).append(idx.clone())
+            loss = loss * 20  # the planted spike
+        return logits, loss
+    monkeypatch.setattr(train, "train_step", train_step)
+    monkeypatch.setattr(model_module.GPT, "forward", forward)
+    out = tmp_path / "health"
+    train.main(_args(data, out_dir=out, max_iters=11, eval_interval=100, batch_size=2, gradient_accumulation_steps=2,
+                     kernels="torch", spike_k=4.0))
+    assert f"iter {spike_at}: loss spike" in capsys.readouterr().out
+    recs = records(out)
+    step = next(r for r in recs if r["iter"] == 3 and "loss" in r)
+    for name in ("loss", "lr", "grad_norm", "clipped", "skipped", "tokens_per_s", "mfu", "peak_mem_mb",
+                 "grad_norm/wte", "grad_norm/wpe", "grad_norm/h.0", "grad_norm/h.1", "grad_norm/ln_f",
+                 "update_ratio/decay", "update_ratio/no_decay"):
+        assert name in step, name
+    assert step["peak_mem_mb"] > 10 and 0 < step["update_ratio/decay"] < 1
+    layers = sum(step[f"grad_norm/{k}"] ** 2 for k in ("wte", "wpe", "h.0", "h.1", "ln_f"))
+    assert layers ** 0.5 == pytest.approx(step["grad_norm"], rel=1e-4)  # the layers make up the whole
+    spikes = [r for r in recs if r.get("event") == "spike"]
+    assert [s["iter"] for s in spikes] == [spike_at]
+    assert spikes[0]["loss"] > spikes[0]["mean"] + 4 * spikes[0]["std"]
+    tokens = np.memmap(os.path.join(data, "train.bin"), dtype=np.uint16, mode="r")
+    for rows, batch in zip(spikes[0]["rows"], seen["batches"]):  # the rows are the spiking batch's
+        assert np.array_equal(np.stack([tokens[r:r + 32] for r in rows]), batch.numpy())
+
+
+def test_tensorboard_is_optional_and_mirrors_the_numbers(monkeypatch):
+    from nanogpt import health
+    from nanogpt.errors import UserError
+    from nanogpt.metrics import MetricsLog
+    keys = dict(tensorboard=True, spike_k=6.0, spike_window=100)
+    monkeypatch.setattr(health.importlib.util, "find_spec", lambda name: None)  # not installed
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        health.check(keys)
+    scalars = []
+
+    class Writer:  # SummaryWriter's two calls
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+    with MetricsLog(tensorboard=Writer()) as log:
+        log.write({"iter": 3, "loss": 2.5, "grad_norm/h.0": 0.1, "mfu": None, "clipped": False})
+        log.write({"iter": 4, "event": "spike", "loss": 9.0, "rows": [[1, 2]]})
+    assert scalars == [("loss", 2.5, 3), ("grad_norm/h.0", 0.1, 3), ("clipped", False, 3), ("spike/loss", 9.0, 4),
+                       "closed"]
+
+
+def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "ckpt"
+    path.mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+    (path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(checkpoint.CheckpointError, match="refused .*it names posix.system"):
+        dcp.SafeReader(str(path)).read_metadata()
+    assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
