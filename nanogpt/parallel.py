@@ -53,12 +53,13 @@ def _keep_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _checkpointed(forward, mode, x, kv=None):
+def _checkpointed(forward, mode, x, kv=None, rotary=None):
     if kv is not None or not torch.is_grad_enabled():  # generation, evaluation: nothing to recompute
-        return forward(x, kv)
+        return forward(x, kv, rotary)
     context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls) if mode == "selective" \
         else None
-    return checkpoint(forward, x, use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
+    return checkpoint(forward, x, None, rotary, use_reentrant=False,
+                      **({"context_fn": context_fn} if context_fn else {}))
 
 
 def checkpoint_activations(model, mode):

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from nanogpt import checkpoint, dcp, parallel, train
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.model import GPT, MODERN, GPTConfig
 
 TIMEOUT = 300
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, eval_iters=1, compile=False, device="cpu",
@@ -159,14 +159,15 @@ def test_kill9_during_async_save_leaves_the_previous_checkpoint(data, tmp_path):
     assert set(model_payload["model"]) >= {"lm_head.weight", "transformer.h.1.mlp.c_fc.weight"}
 
 
-@pytest.mark.parametrize("kernels", ["torch", "ext"])
-def test_activation_checkpointing_gives_the_same_gradients(kernels):
+@pytest.mark.parametrize("kernels,options", [("torch", {}), ("ext", {}), ("ext", MODERN)],
+                         ids=["torch", "ext", "ext-modern"])
+def test_activation_checkpointing_gives_the_same_gradients(kernels, options):
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     grads = {}
     for mode in parallel.ACTIVATION_CHECKPOINTING:
         torch.manual_seed(0)
         model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.1,
-                              kernels=kernels), "cpu")
+                              kernels=kernels, **options), "cpu")
         parallel.checkpoint_activations(model, mode)
         torch.manual_seed(1)  # the dropout masks: recomputation must draw the same
         model(idx, idx)[1].backward()
