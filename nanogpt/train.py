@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt import checkpoint, dcp, harness, health, ops, parallel
+from nanogpt import checkpoint, harness, health, ops, parallel
 from nanogpt.codec import read_meta
 from nanogpt.configurator import Keys, configure
 from nanogpt.data import Batcher, check_data
@@ -41,6 +41,7 @@ from nanogpt.signals import StopOnSignal
 DEFAULTS = Keys("nanogpt-train", __doc__, {
     "I/O": dict(
         out_dir=("out", "where checkpoints, metrics.jsonl and loss.png go"),
+        plot=(True, "draw out_dir/loss.png at the end of training (when matplotlib is installed)"),
         eval_interval=(2000, "evaluate both splits (and save a checkpoint) every this many iters, and at max_iters"),
         log_interval=(1, "print and log the training loss every this many iters"),
         eval_iters=(200, "batches per split in an evaluation"),
@@ -275,10 +276,12 @@ def train(c):
     run = init_run(c, proc, ctx, gas)
     if run is not None:
         loop(run, tokens_per_iter)
-        if proc.master and not c["eval_only"]:
+        if proc.master and not c["eval_only"] and c["plot"]:
             write_loss_plot(c["out_dir"])
     if proc.ddp:
-        dcp.close()
+        if c["parallelism"] == "fsdp":
+            from nanogpt import dcp  # imported only where used: torch.distributed.checkpoint takes a second
+            dcp.close()
         dist.destroy_process_group()
 
 
@@ -312,7 +315,9 @@ def loop(run, tokens_per_iter):
                 break
             if run.iter_num > c["max_iters"]:
                 break
-        dcp.wait()  # a checkpoint still being written in the background
+        if c["parallelism"] == "fsdp":
+            from nanogpt import dcp
+            dcp.wait()  # a checkpoint still being written in the background
 
 
 # ------------------------------------------------------------ setup
@@ -458,6 +463,7 @@ def restore(run, state):
         print(f"resharding: the checkpoint was written by {len(ranks)} ranks, this run has {run.proc.world}; the "
               "sampler goes on where it was, ranks the checkpoint did not have start their RNGs afresh")
     if state.get("dcp"):  # a sharded checkpoint: into this FSDP run's shards, whatever ranks wrote it
+        from nanogpt import dcp
         state = state | {"optimizer": dcp.load_sharded(state, run.raw_model, run.optimizer)}
     trained = state.get("config", {}).get("optimizer", "adamw")
     if trained != run.c["optimizer"]:
@@ -672,6 +678,7 @@ def save(run, best):
                      "best_val_loss": run.best_val_loss, "skipped": run.skipped, "ranks": ranks, "kernels": run.kernels}
     where = f"iter {run.iter_num} to {c['out_dir']}{' (best)' if best else ''}"
     if c["parallelism"] == "fsdp":  # every rank writes its shards
+        from nanogpt import dcp
         dcp.save(c["out_dir"], run.iter_num, run.raw_model, run.optimizer, model_payload, state_payload, best,
                  background=c["async_checkpoint"])
     elif run.proc.master:

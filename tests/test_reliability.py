@@ -40,7 +40,8 @@ TIMEOUT = 300  # per subprocess: nothing here may hang the suite
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, compile=False,
             device="cpu", dtype="float32", kernels="torch", dataset="shakespeare_char", log_interval=1,
             eval_interval=10, gradient_accumulation_steps=2, dropout=0.1, deterministic=True,
-            learning_rate=1e-2, warmup_iters=5, lr_decay_iters=40, max_iters=40)
+            learning_rate=1e-2, warmup_iters=5, lr_decay_iters=40, max_iters=40,
+            plot=False)  # loss.png is test_train's; matplotlib's import would add a second to every run
 
 
 FAULTY_TRAIN = """

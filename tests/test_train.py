@@ -10,7 +10,7 @@ from budget import drift
 from nanogpt import checkpoint
 from nanogpt.model import MODERN as MODERN_OPTIONS
 
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--device=cpu", "--dtype=float32",
+TINY = ["--plot=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--device=cpu", "--dtype=float32",
         "--compile=False", "--eval_iters=2", "--log_interval=1", "--dropout=0.0", "--dataset=shakespeare_char",
         "--warmup_iters=2", "--lr_decay_iters=8", "--learning_rate=3e-3", "--kernels=torch"]
 
@@ -108,7 +108,7 @@ def test_quick_start_runs_twice_and_draws_loss_png(tmp_path, monkeypatch, capsys
 
     shutil.copytree(Path(__file__).resolve().parents[1] / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    tiny = {"nanogpt-train": [*TINY, "--batch_size=2", "--max_iters=3"],
+    tiny = {"nanogpt-train": [*TINY, "--plot=True", "--batch_size=2", "--max_iters=3"],
             "nanogpt-sample": ["--max_new_tokens=8", "--kernels=torch"]}
     steps = readme_quick_start()
     assert [s for s, _ in steps] == ["nanogpt-prepare", "nanogpt-train", "nanogpt-sample"]
@@ -145,7 +145,7 @@ def test_quick_start_runs_twice_and_draws_loss_png(tmp_path, monkeypatch, capsys
 def test_train_without_matplotlib(workdir):
     """matplotlib is optional: without it the run ends as usual, with a note instead of loss.png."""
     code = "import sys; sys.modules['matplotlib'] = None; from nanogpt.train import main; main(sys.argv[1:])"
-    out = subprocess.run([sys.executable, "-c", code, *TINY, "--out_dir=out-nompl", "--batch_size=2", "--max_iters=2",
+    out = subprocess.run([sys.executable, "-c", code, *TINY, "--plot=True", "--out_dir=out-nompl", "--batch_size=2", "--max_iters=2",
                           "--gradient_accumulation_steps=1"],
                          cwd=workdir, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
