@@ -13,6 +13,13 @@ import torch
 
 from nanogpt_kernels.contract import max_err, within_budget
 
+ISA_DTYPES = [torch.float32, torch.bfloat16]  # what the extension's CPU kernels take, checked on every clone
+
+
+def rand_input(*shape, dtype, scale=1.0, grad=True):
+    """Fresh standard-normal values times `scale`, in `dtype`, a leaf that requires grad unless told not to."""
+    return (torch.randn(*shape) * scale).to(dtype).requires_grad_(grad)
+
 
 def assert_within_budget(name, out, torch_out, ref64, dtype, scale_hint=0.0):
     """`out` is within the contract's budget for `dtype` against `ref64`; `torch_out` is PyTorch's own result."""

@@ -121,3 +121,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+def _cpu_isas():
+    from nanogpt_kernels import ext
+    return ext._C.cpu_isas() if ext._C is not None else ["(extension not built)"]
+
+
+@pytest.fixture(params=_cpu_isas())
+def isa(request):
+    """Each ISA clone of the extension's CPU kernels this CPU runs, forced in turn (test_<op>.py's
+    test_ext_<op>_every_cpu_isa); the extension not built fails the test, saying why."""
+    from nanogpt_kernels import ext
+    if ext._C is None:
+        pytest.fail(f"the CPU kernels' tests need the extension: {ext.unavailable('cpu')}")
+    before = ext._C.cpu_isa()
+    ext._C.set_cpu_isa(request.param)
+    assert ext._C.cpu_isa() == request.param
+    yield request.param
+    ext._C.set_cpu_isa(before)

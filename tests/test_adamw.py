@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from budget import assert_drift, assert_within_budget, drift
+from budget import ISA_DTYPES, assert_drift, assert_within_budget, drift
 
 OP = "adamw"
 SHAPES = [(64, 33), (70000,), (7,), (3, 5, 17), (1,)]  # (70000,) spans two of the Triton kernels' chunks
@@ -224,3 +224,40 @@ def test_adamw_ext_op_rejects_mismatched_arguments_with_clear_errors(backend, de
     with pytest.raises(RuntimeError, match="step 0 must be a one-element float32"):
         call(steps=[s.double()])
     assert torch.equal(p, p0) and s.item() == 0  # nothing was touched by the failed calls
+
+
+# ---------------------------------------------------------------- the extension's CPU kernel, every ISA clone
+
+@pytest.mark.cpu_only("the ISA clones are the CPU kernels'")
+@pytest.mark.parametrize("dtype", ISA_DTYPES)
+def test_ext_grad_norm_and_adamw_step_every_cpu_isa(isa, dtype):
+    """One clipped step: grad_norm and the updated params against a float64 step of the same formula
+    (csrc/adamw.cpp), within 2x the error of clip_grad_norm_ + torch.optim.AdamW in `dtype`."""
+    lr, betas, eps, wd, max_norm = 1e-2, (0.9, 0.95), 1e-8, 0.1, 1.0
+    params = [torch.randn(s).to(dtype) for s in ((7,), (33, 5), (1000,))]
+    grads = [torch.randn(p.shape).to(dtype) for p in params]
+
+    norm = torch.ops.nanogpt_ext.grad_norm(grads)
+    ours = [p.clone() for p in params]
+    state = [torch.zeros(p.shape) for p in params], [torch.zeros(p.shape) for p in params]
+    torch.ops.nanogpt_ext.adamw_(ours, grads, *state, [torch.zeros(()) for _ in params], torch.tensor(lr),
+                                 norm, *betas, eps, wd, max_norm)
+
+    norm64 = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads]))
+    clip = min(1.0, max_norm / (norm64.item() + 1e-6))
+    ref = []
+    for p, g in zip(params, grads):  # step 1 from zero state: m = (1-b1) g, v = (1-b2) g^2
+        g = g.double() * clip
+        m, v = (1 - betas[0]) * g, (1 - betas[1]) * g * g
+        denom = (v / (1 - betas[1])).sqrt() + eps
+        ref.append(p.double() * (1 - lr * wd) - lr / (1 - betas[0]) * m / denom)
+
+    theirs = [p.clone().requires_grad_() for p in params]
+    for t, g in zip(theirs, grads):
+        t.grad = g.clone()
+    torch_norm = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    torch.optim.AdamW(theirs, lr=lr, betas=betas, eps=eps, weight_decay=wd).step()
+
+    assert_within_budget(f"grad_norm {isa}", norm, torch_norm.float(), norm64, torch.float32)
+    for i, (o, t, r) in enumerate(zip(ours, theirs, ref)):
+        assert_within_budget(f"adamw_ param {i} {isa}", o, t.detach(), r, dtype)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from budget import check_compiled, check_op
+from budget import ISA_DTYPES, check_compiled, check_op
 from nanogpt_kernels import contract
 
 OP = "attention"
@@ -194,3 +194,17 @@ def test_attention_ext_bad_inputs_raise_clear_errors(backend, device):
     o, lse = E.attention_fwd(q, q, q, True, 0.25, 0.0, None)
     with pytest.raises(RuntimeError, match="lse must be"):
         E.attention_bwd(o, q, q, q, o, lse[0], True, 0.25, 0.0, None)
+
+
+# ---------------------------------------------------------------- the extension's CPU kernel, every ISA clone
+
+def _attention(q, k, v, causal, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.ops.nanogpt_ext.attention(q, k, v, causal, scale, 0.0, None)
+
+
+@pytest.mark.cpu_only("the ISA clones are the CPU kernels'")
+@pytest.mark.parametrize("dtype", ISA_DTYPES)
+@pytest.mark.parametrize("B,H,T,D,causal", [(1, 2, 17, 20, True), (2, 1, 33, 48, False), (1, 1, 1, 32, True)])
+def test_ext_attention_every_cpu_isa(isa, dtype, B, H, T, D, causal):
+    check_attention(_attention, "cpu", B, H, T, D, dtype, causal)

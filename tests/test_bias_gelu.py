@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from budget import check_compiled, check_op
+from budget import ISA_DTYPES, check_compiled, check_op, rand_input
 from test_layer_norm import DTYPES, GRID, SAME, case_id, skip_unsupported
 
 OP = "bias_gelu"
@@ -110,3 +110,16 @@ def test_bias_gelu_ext_bad_inputs_raise_clear_errors(backend, device):
         torch.ops.nanogpt_ext.bias_gelu_fwd(x, torch.ones(7, device=device), False)
     with pytest.raises(RuntimeError, match="unsupported dtypes|dtype"):
         torch.ops.nanogpt_ext.bias_gelu_fwd(x.double(), None, False)
+
+
+# ---------------------------------------------------------------- the extension's CPU kernel, every ISA clone
+
+@pytest.mark.cpu_only("the ISA clones are the CPU kernels'")
+@pytest.mark.parametrize("dtype", ISA_DTYPES)
+@pytest.mark.parametrize("tanh", [False, True])
+def test_ext_bias_gelu_every_cpu_isa(isa, dtype, tanh):
+    x, b = rand_input(37, 1023, dtype=dtype, scale=3.0), rand_input(1023, dtype=dtype)
+    approx = "tanh" if tanh else "none"
+    check_op(f"bias_gelu {approx} {isa}", lambda x, b: torch.ops.nanogpt_ext.bias_gelu(x, b, tanh),
+             lambda x, b: F.gelu(x + b, approximate=approx), {"x": x, "bias": b},
+             rand_input(37, 1023, dtype=dtype, grad=False))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from budget import check_compiled, check_op
+from budget import ISA_DTYPES, check_compiled, check_op, rand_input
 from test_layer_norm import DTYPES, GRID, SAME, case_id, skip_unsupported
 
 OP = "bias_relu2"
@@ -96,3 +96,13 @@ def test_bias_relu2_ext_bad_inputs_raise_clear_errors(backend, device):
         torch.ops.nanogpt_ext.bias_relu2_fwd(x, torch.ones(7, device=device))
     with pytest.raises(RuntimeError, match="unsupported dtypes|dtype"):
         torch.ops.nanogpt_ext.bias_relu2_fwd(x.double(), None)
+
+
+# ---------------------------------------------------------------- the extension's CPU kernel, every ISA clone
+
+@pytest.mark.cpu_only("the ISA clones are the CPU kernels'")
+@pytest.mark.parametrize("dtype", ISA_DTYPES)
+def test_ext_bias_relu2_every_cpu_isa(isa, dtype):
+    x, b = rand_input(37, 1023, dtype=dtype, scale=3.0), rand_input(1023, dtype=dtype)
+    check_op(f"bias_relu2 {isa}", torch.ops.nanogpt_ext.bias_relu2, lambda x, b: F.relu(x + b).square(),
+             {"x": x, "bias": b}, rand_input(37, 1023, dtype=dtype, grad=False))

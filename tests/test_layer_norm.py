@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from budget import check_compiled, check_op
+from budget import ISA_DTYPES, check_compiled, check_op, rand_input
 
 OP = "layer_norm"
 
@@ -120,3 +120,14 @@ def test_layer_norm_ext_bad_inputs_raise_clear_errors(backend, device):
         torch.ops.nanogpt_ext.layer_norm_fwd(x, torch.ones(7, device=device), None, 1e-5)
     with pytest.raises(RuntimeError, match="unsupported dtypes|dtype"):
         torch.ops.nanogpt_ext.layer_norm_fwd(x.double(), torch.ones(8, device=device).double(), None, 1e-5)
+
+
+# ---------------------------------------------------------------- the extension's CPU kernel, every ISA clone
+
+@pytest.mark.cpu_only("the ISA clones are the CPU kernels'")
+@pytest.mark.parametrize("dtype", ISA_DTYPES)
+def test_ext_layer_norm_every_cpu_isa(isa, dtype):
+    x, w, b = rand_input(3, 37, 1023, dtype=dtype, scale=2.0), rand_input(1023, dtype=dtype), rand_input(1023, dtype=dtype)
+    check_op(f"layer_norm {isa}", lambda x, w, b: torch.ops.nanogpt_ext.layer_norm(x, w, b, 1e-5),
+             lambda x, w, b: F.layer_norm(x, (1023,), w, b, 1e-5), {"x": x, "weight": w, "bias": b},
+             rand_input(3, 37, 1023, dtype=dtype, grad=False))

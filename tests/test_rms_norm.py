@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from budget import check_compiled, check_op
+from budget import ISA_DTYPES, check_compiled, check_op, rand_input
 from test_layer_norm import DTYPES, GRID, SAME, case_id, skip_unsupported
 
 OP = "rms_norm"
@@ -102,3 +102,15 @@ def test_rms_norm_ext_bad_inputs_raise_clear_errors(backend, device):
         torch.ops.nanogpt_ext.rms_norm_fwd(x, torch.ones(7, device=device), 1e-5)
     with pytest.raises(RuntimeError, match="unsupported dtypes|dtype"):
         torch.ops.nanogpt_ext.rms_norm_fwd(x.double(), None, 1e-5)
+
+
+# ---------------------------------------------------------------- the extension's CPU kernel, every ISA clone
+
+@pytest.mark.cpu_only("the ISA clones are the CPU kernels'")
+@pytest.mark.parametrize("dtype", ISA_DTYPES)
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "noweight"])
+def test_ext_rms_norm_every_cpu_isa(isa, dtype, weight):
+    x, w = rand_input(3, 37, 1023, dtype=dtype, scale=2.0), rand_input(1023, dtype=dtype) if weight else None
+    check_op(f"rms_norm {isa}", lambda x, w: torch.ops.nanogpt_ext.rms_norm(x, w, 1e-6),
+             lambda x, w: F.rms_norm(x, (1023,), w, 1e-6), {"x": x, "weight": w},
+             rand_input(3, 37, 1023, dtype=dtype, grad=False))

@@ -9,7 +9,7 @@ on), or compiled on CUDA. Outputs are NaN-poisoned before the kernels write them
 import pytest
 import torch
 
-from budget import check_compiled, check_op
+from budget import ISA_DTYPES, check_compiled, check_op, rand_input
 from test_layer_norm import skip_unsupported
 
 from nanogpt_kernels import registry
@@ -109,3 +109,14 @@ def test_rope_bad_inputs_raise_clear_errors(impl, device):
         impl(q[..., :7], k[..., :7], cos, sin)
     with pytest.raises(ValueError, match="one dtype"):
         impl(q, k.double(), cos, sin)
+
+
+# ---------------------------------------------------------------- the extension's CPU kernel, every ISA clone
+
+@pytest.mark.cpu_only("the ISA clones are the CPU kernels'")
+@pytest.mark.parametrize("dtype", ISA_DTYPES)
+def test_ext_rope_every_cpu_isa(isa, dtype):
+    q, k = qk(2, 3, 1, 17, 30, dtype, "cpu")  # (B, H, T, D) views of (B, T, H, D) buffers, odd T, D/2 = 15
+    cos, sin = cos_sin(17, 30, dtype=torch.float32)
+    check_op(f"rope {isa}", flat(torch.ops.nanogpt_ext.rope), flat(registry.rope), {"q": q, "k": k, "cos": cos, "sin": sin},
+             rand_input(q.numel() + k.numel(), dtype=dtype, grad=False))
