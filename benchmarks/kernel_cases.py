@@ -35,6 +35,8 @@ PRESETS = {
     # CPU: big enough to leave the caches, small enough for a 2-core machine
     "cpu": dict(rows=2048, C=768, V=4096, B=4, H=4, T=256, D=32,
                 model=dict(n_layer=4, n_embd=384, vocab_size=65, block_size=256), dtype="float32"),
+    # linear_cross_entropy at the GPT-2 vocabulary, the shape its issue's goals name (fp32, CPU-sized rows)
+    "lce": dict(rows=8192, C=768, V=50304, B=1, H=12, T=64, D=64, model=_QUICK, dtype="float32"),
     # tests: seconds
     "tiny": dict(rows=64, C=64, V=65, B=1, H=2, T=32, D=32, model=_QUICK, dtype="float32"),
 }
@@ -117,8 +119,13 @@ def gpt_param_shapes(n_layer, n_embd, vocab_size, block_size):
     return shapes + [(C,), (C,)]
 
 
+UNFUSED = "unfused"  # a pseudo-backend: what the model computes without an optional op (its measured auto baseline)
+
+
 def unavailable(op, backend, device):
     """None when `backend` runs `op` on device, else why not."""
+    if backend == UNFUSED:
+        return None if registry.REGISTRY[op].optional else f"{op} is not optional: it has no unfused path"
     return registry.unavailable(op, backend, torch.device(device).type)
 
 
@@ -133,7 +140,7 @@ def make_case(op, pass_, backend, preset, device, compile_fn=False):
     dev = torch.device(device)
     dt = getattr(torch, p["dtype"])
     g = torch.Generator(device="cpu").manual_seed(0)
-    impl = registry.get(op, backend)
+    impl = registry.unfused(op) if backend == UNFUSED else registry.get(op, backend)
 
     def rnd(*shape, dtype=dt, grad=True, scale=1.0, high=None):
         """N(0, scale^2) values (requiring grad), or integers in [0, high) when high is given."""

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_cases import (OPS, PASSES, PRESETS, default_device, default_preset, device_name,  # noqa: E402
-                          make_case, sync, unavailable)
+                          UNFUSED, make_case, sync, unavailable)
 from nanogpt_kernels import registry  # noqa: E402
 from nanogpt.configurator import Keys, configure  # noqa: E402
 from nanogpt.errors import run_cli  # noqa: E402
@@ -143,6 +143,8 @@ def run(cfg, argv=(), log=print):
     # (row label, backend, compiled?): "torch.compile" is the torch backend under torch.compile
     columns = [(name, name, False) for name in registry.BACKENDS if name in chosen] + (
         [("torch.compile", "torch", True)] if compile_ref and "torch" in chosen else [])
+    # an optional op (linear_cross_entropy) is also timed as the model runs without it, eager and compiled
+    columns += [(UNFUSED, UNFUSED, False)] + ([(UNFUSED + "+compile", UNFUSED, True)] if compile_ref else [])
     wanted = [o.strip() for o in cfg["ops"].split(",")] if cfg["ops"] else list(OPS)
     W = max(map(len, OPS))  # the op column of the log
     for op in wanted:
@@ -151,7 +153,10 @@ def run(cfg, argv=(), log=print):
         runnable = []
         for name, backend, compiled in columns:
             why = unavailable(op, backend, device)
-            if why and res["backends"][backend] == "available":  # the backend runs, but not this op
+            if backend == UNFUSED:
+                if not why:
+                    runnable.append((name, backend, compiled))
+            elif why and res["backends"][backend] == "available":  # the backend runs, but not this op
                 log(f"{op:{W}s} {name}: skipped: {why}")
             elif not why and not (compiled and registry.REGISTRY[op].kind == "optimizer"):
                 runnable.append((name, backend, compiled))

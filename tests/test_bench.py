@@ -150,7 +150,10 @@ def test_kernel_roofline_cpu(tmp_path):
     rows = [r for r in res["rows"] if r["backend"] == "torch"]
     assert {(r["op"], r["pass"]) for r in rows} == {(op, p) for op in registry.OPS for p in roof.PASSES[op]}
     assert {("layer_norm", "full"), ("attention", "bwd"), ("adamw", "step")} <= {(r["op"], r["pass"]) for r in rows}
-    assert {r["backend"] for r in res["rows"]} == {"torch", "ext"} and res["backends"]["triton"] == "not in --backends"
+    assert {r["backend"] for r in res["rows"]} == {"torch", "ext", "unfused"}
+    assert res["backends"]["triton"] == "not in --backends"
+    # the optional op also as the model runs without it
+    assert {r["op"] for r in res["rows"] if r["backend"] == "unfused"} == {"linear_cross_entropy"}
     for r in res["rows"]:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["frac_of_ceiling"] > 0 and r["speedup_vs_torch"] > 0
