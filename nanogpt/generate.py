@@ -93,14 +93,17 @@ def top_p_filter(logits, top_p):
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):
-    """(B,) next tokens from (B, V) logits: temperature, then top-k, then top-p (None or >= 1: off)."""
+    """(B,) next tokens from (B, V) logits: temperature, then top-k, then top-p (None or >= 1: off). With top_k the
+    draw is among the k kept tokens only: the same distribution as over the masked vocabulary, without a random
+    number per vocabulary entry (at V = 50304 that draw took a third of a batch-8 decode step on CPU)."""
     logits = logits.float() / temperature
+    kept = None
     if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+        logits, kept = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k), most likely first
     if top_p is not None and top_p < 1:
         logits = top_p_filter(logits, top_p)
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)[:, 0]
+    tokens = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+    return (tokens if kept is None else kept.gather(-1, tokens))[:, 0]
 
 
 def left_pad(prompts, device):

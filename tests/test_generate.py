@@ -120,6 +120,18 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert set(draws[:, 0].tolist()) == {0, 2} and set(draws[:, 1].tolist()) == {1, 2, 3}
 
 
+def test_top_k_draws_the_k_most_likely_with_their_renormalized_probabilities():
+    probs = torch.tensor([[0.05, 0.4, 0.1, 0.25, 0.2], [0.3, 0.1, 0.2, 0.15, 0.25]])
+    torch.manual_seed(0)
+    draws = torch.stack([engine.sample(probs.log(), top_k=3, top_p=0.99) for _ in range(4000)])
+    for row, top in zip(range(2), ([1, 3, 4], [0, 4, 2])):
+        freq = torch.bincount(draws[:, row], minlength=5).double() / len(draws)
+        want = torch.zeros(5, dtype=torch.float64)
+        want[top] = probs[row, top].double() / probs[row, top].sum()
+        assert (freq - want).abs().max() < 0.03, (row, freq, want)  # 4000 draws: standard error < 0.008
+    assert torch.equal(engine.sample(probs.log(), top_k=1), probs.argmax(-1))
+
+
 def test_streamed_text_keeps_incomplete_characters_back(capsys):
     """A token may end inside a UTF-8 character: nothing is printed that a later token would change."""
     from nanogpt.sample import print_streamed
