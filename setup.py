@@ -95,6 +95,12 @@ def _extension():
         ext.nanogpt_cu = []
 
     class BuildExt(ce.BuildExtension):
+        def finalize_options(self):
+            super().finalize_options()
+            # objects kept in the checkout's build/ (pip's editable builds use a fresh temporary one): with ninja
+            # (a dependency) a reinstall recompiles only what changed, so re-running the quick start is fast
+            self.build_temp = os.path.join(HERE, "build", "temp")
+
         def run(self):
             try:
                 super().run()
