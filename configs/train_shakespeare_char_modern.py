@@ -3,16 +3,13 @@
 # nanogpt-prepare shakespeare_char && nanogpt-train configs/train_shakespeare_char_modern.py
 import os
 
+from nanogpt.model import MODERN as _MODERN
+
 exec(open(os.path.join(os.path.dirname(__file__), "train_shakespeare_char_cpu.py")).read())
 
 out_dir = "out-shakespeare-char-modern"
-pos_emb = "rope"
-norm = "rmsnorm"
-qk_norm = True
-mlp = "relu2"
-tie_embeddings = False
-logit_softcap = 15.0
-zero_init_proj = True
+globals().update(_MODERN)  # every modern option on: pos_emb, norm, qk_norm, mlp, tie_embeddings, logit_softcap,
+# zero_init_proj (their values are nanogpt.model.MODERN's, the one list of them)
 optimizer = "muon"
 muon_lr = 0.02  # the hidden matrices (Muon)
 learning_rate = 3e-3  # the embeddings, head, norms and biases (AdamW)

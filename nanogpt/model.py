@@ -47,7 +47,7 @@ class GPTConfig:
 
 
 MODERN = {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False,
-          "logit_softcap": 15.0, "zero_init_proj": True}  # every option on (the modern configs' values)
+          "logit_softcap": 15.0, "zero_init_proj": True}  # every option on (the modern configs take these)
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2"),
            "gelu": ("none", "tanh")}
 
