@@ -50,6 +50,7 @@ DEFAULTS = Keys("python benchmarks/bench_generate.py", __doc__, {
         device=("cuda" if torch.cuda.is_available() else "cpu", "cpu | cuda | cuda:N"),
         dtype=("float32", "float32 | bfloat16 | float16 (autocast)"),
         kernels=("auto", "auto | torch | triton | ext | per op (see nanogpt-train --help)"),
+        inference_layout=(True, "store the Linear weights (in, out) for decoding (nanogpt.generate.inference_layout)"),
         threads=(0, "torch.set_num_threads when > 0 (CPU); 0 keeps torch's default"),
         seed=(1337, "random seed (weights and prompts)"),
     ),
@@ -90,6 +91,8 @@ def run(c, argv=(), log=print):
         torch.set_num_threads(c["threads"])
     torch.manual_seed(c["seed"])
     model = build(c).eval().to(c["device"])
+    if c["inference_layout"]:
+        engine.inference_layout(model)
     device_type = c["device"].split(":")[0]
     ctx = nullcontext() if c["dtype"] == "float32" else torch.autocast(device_type, dtype=getattr(torch, c["dtype"]))
     result = dict(

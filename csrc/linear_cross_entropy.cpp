@@ -112,8 +112,10 @@ struct LceFn : public torch::autograd::Function<LceFn> {
     at::Tensor g = grads[0];
     if (ctx->saved_data["mean"].toBool())  // no row counts: the gradient is 0 (the sum's), as F.cross_entropy gives
       g = g.div(saved[3].ne(ctx->saved_data["ignore_index"].toInt()).sum().clamp_min(1));
-    return {saved[0].mul(g), saved[1].mul(g), at::Tensor(),
-            ctx->saved_data["has_bias"].toBool() ? saved[2].mul(g) : at::Tensor(),
+    // in place: the weight's gradient is as large as the weight; a second backward through this graph raises
+    // (the saved tensors' version changed) rather than scaling twice
+    return {saved[0].mul_(g), saved[1].mul_(g), at::Tensor(),
+            ctx->saved_data["has_bias"].toBool() ? saved[2].mul_(g) : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -162,8 +162,12 @@ class FusedAdamW(torch.optim.AdamW):
 # ---------------------------------------------------------------- linear + cross-entropy, chunked
 
 def lce_chunk_rows(n, c, v):
-    """Rows per logits chunk: about as many logits as x has elements (Liger's rule), a power of 2, >= 32."""
-    rows = math.ceil(n / max(1, math.ceil(v / max(c, 1))))
+    """Rows per logits chunk: about as many logits as the larger of x and weight has elements, a power of 2,
+    >= 32. The weight's gradient (V, C) is read and written once per chunk, and each of the 3 matmuls runs on the
+    chunk's rows: Liger's size (x's elements) gives 32-128-row chunks at GPT-2's vocabulary, whose fwd+bwd took
+    4.1 s against 3.7 s at 1024 rows (the ext CPU op, N=2048, C=768, V=50304, fp32, one thread, Xeon
+    AVX-512). Memory beyond the outputs stays within about one weight's size."""
+    rows = math.ceil(max(n, v) * c / max(v, 1))
     return max(1, min(n, max(32, 1 << max(rows - 1, 0).bit_length())))
 
 

@@ -113,7 +113,7 @@ def print_streamed(ids, steps, decode):
 def sample(c):
     torch.manual_seed(c["seed"])
     model, data_dir = load_model(c)
-    model.eval().to(c["device"])
+    engine.inference_layout(model.eval().to(c["device"]))
     encode, decode = load_codec(data_dir)
     prompts, eos = encode_prompts(c, encode)
     stream = len(prompts) == 1 if c["stream"] is None else c["stream"]

@@ -97,6 +97,24 @@ def test_no_grad_and_leading_dims(impl, device):
     torch.testing.assert_close(loss, unfused(x, w, t, b, reduction="sum").float())
 
 
+def test_second_backward_accumulates_or_raises(impl, device):
+    """ext scales its saved gradient in place in the backward (no copy as large as the weight): a second backward
+    through the graph must raise, never scale it twice; the other backends accumulate it twice."""
+    x, w, b, t = (a.float() if a.is_floating_point() else a for a in _inputs(device))
+    w.requires_grad_()
+    loss = impl(x, w, t, b) * 0.5
+    loss.backward(retain_graph=True)
+    once = w.grad.clone()
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
+        torch.testing.assert_close(w.grad, once, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(w.grad, 2 * once)
+    torch.testing.assert_close(once, torch.func.grad(lambda w: unfused(x, w, t, b) * 0.5)(w.detach()))
+
+
 def test_rejects_bad_arguments(impl, device):
     x, w, b, t = _inputs(device)
     with pytest.raises(ValueError, match="reduction"):
