@@ -1,24 +1,27 @@
-// Rotary position embeddings on q and k (B, H, T, D) in one op, CPU (Hugging Face's rotate-half convention):
-// with x1, x2 the halves of a row, out = cat(x1 cos - x2 sin, x2 cos + x1 sin), cos and sin (T, D/2) float32,
-// fp32 math. q and k (k may have its own H) share a dtype in {fp32, bf16}; any strides with a contiguous last
-// dim; the outputs are contiguous. The backward is the inverse turn (sin negated) by the same kernel. Defines
-// nanogpt_ext::rope (C++ autograd over rope_fwd) and registers the CPU kernel (cpu/rope_kernels.h); CPU only.
+// Rotary position embeddings on q and k (B, H, T, D) in one op (Hugging Face's rotate-half convention): with
+// x1, x2 the halves of a row, out = cat(x1 cos - x2 sin, x2 cos + x1 sin), cos and sin (T, D/2) float32, fp32
+// math. q and k (k may have its own H) share a dtype in {fp32, bf16} (+ fp16 on CUDA); any strides with a
+// contiguous last dim; the outputs are contiguous. The backward is the inverse turn (sin negated) by the same
+// kernel. Defines nanogpt_ext::rope (C++ autograd over rope_fwd) and registers the CPU kernel
+// (cpu/rope_kernels.h) and, built with CUDA, the CUDA one (cuda/rope.cu).
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "cpu/glue.h"
+#ifdef NANOGPT_WITH_CUDA
+#include "cuda/glue.h"
+#endif
 #define NG_KERNELS "rope_kernels.h"
 #include "cpu/isa_clones.h"
 
 namespace nanogpt_cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> rope_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                            const at::Tensor& sin, bool inverse) {
-  const char* op = "nanogpt_ext::rope_fwd";
-  for (auto* t : {&q, &k, &cos, &sin}) check_cpu(*t, op, "every argument");
+// the shapes and dtypes rope_fwd takes on every device (the devices are checked by each device's glue)
+void check_rope_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+                     const char* op) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
                   q.size(3) == k.size(3) && q.size(3) % 2 == 0,
               op, ": q ", q.sizes(), " and k ", k.sizes(), " must be (B, H, T, D) with one B, T and an even D");
@@ -29,6 +32,14 @@ std::tuple<at::Tensor, at::Tensor> rope_fwd(const at::Tensor& q, const at::Tenso
               sin.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), op, ": q and k dtypes differ (", q.scalar_type(), ", ",
               k.scalar_type(), ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                            const at::Tensor& sin, bool inverse) {
+  const char* op = "nanogpt_ext::rope_fwd";
+  for (auto* t : {&q, &k, &cos, &sin}) check_cpu(*t, op, "every argument");
+  check_rope_args(q, k, cos, sin, op);
+  const int64_t T = q.size(2), half = q.size(3) / 2;
   const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous(), kc = k.stride(3) == 1 ? k : k.contiguous();
   const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
   at::Tensor qo = new_output(q, q.sizes(), q.scalar_type()), ko = new_output(k, k.sizes(), q.scalar_type());
@@ -83,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> rope_autograd(const at::Tensor& q, const at::
   auto out = RopeFn::apply(q, k, cos, sin);
   return {out[0], out[1]};
 }
-// below autograd (no grad needed, inference mode): just the forward kernel
+// below autograd (no grad needed, inference mode): just the forward kernel, on any device
 std::tuple<at::Tensor, at::Tensor> rope_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                               const at::Tensor& sin) {
   return fwd_op().call(q, k, cos, sin, false);
@@ -103,3 +114,36 @@ TORCH_LIBRARY_IMPL(nanogpt_ext, CPU, m) {
   m.impl("rope", &nanogpt_cpu::rope_plain);
   m.impl("rope_fwd", &nanogpt_cpu::rope_fwd);
 }
+
+#ifdef NANOGPT_WITH_CUDA
+namespace nanogpt_cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> rope_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                            const at::Tensor& sin, bool inverse) {
+  const char* op = "nanogpt_ext::rope_fwd";
+  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got ", q.device());
+  for (auto* t : {&k, &cos, &sin}) check_on(*t, q.device(), op, "every argument");
+  nanogpt_cpu::check_rope_args(q, k, cos, sin, op);
+  const int dtype = dtype_code(q.scalar_type(), op, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous(), kc = k.stride(3) == 1 ? k : k.contiguous();
+  const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  at::Tensor qo = nanogpt_cpu::new_output(q, q.sizes(), q.scalar_type());
+  at::Tensor ko = nanogpt_cpu::new_output(k, k.sizes(), q.scalar_type());
+  const int64_t qs[3] = {qc.stride(0), qc.stride(1), qc.stride(2)}, ks[3] = {kc.stride(0), kc.stride(1), kc.stride(2)};
+  check_launch(ng_rope(qc.data_ptr(), kc.data_ptr(), qo.data_ptr(), ko.data_ptr(), cc.data_ptr<float>(),
+                       sc.data_ptr<float>(), q.size(0), q.size(1), k.size(1), q.size(2), q.size(3) / 2, qs, ks,
+                       inverse ? -1.0f : 1.0f, dtype, c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {qo, ko};
+}
+
+}  // namespace
+}  // namespace nanogpt_cuda
+
+TORCH_LIBRARY_IMPL(nanogpt_ext, CUDA, m) {
+  m.impl("rope", &nanogpt_cpu::rope_plain);
+  m.impl("rope_fwd", &nanogpt_cuda::rope_fwd);
+}
+#endif

@@ -168,8 +168,8 @@ def bias_relu2(x, bias=None):
 
 
 def rope(q, k, cos, sin):
-    """Rotary embeddings on q and k (B, H, T, D) in one pass (CPU; float32/bfloat16, q and k of one dtype; any
-    strides with a contiguous last dim); cos, sin (T, D/2) float32. Returns contiguous (q_rot, k_rot)."""
+    """Rotary embeddings on q and k (B, H, T, D) in one pass (float32/bfloat16, + float16 on CUDA; q and k of one
+    dtype; any strides with a contiguous last dim); cos, sin (T, D/2) float32. Returns contiguous (q_rot, k_rot)."""
     rope_check(q, k, cos, sin)
     return torch.ops.nanogpt_ext.rope(q, k, cos.float(), sin.float())
 

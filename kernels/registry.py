@@ -12,7 +12,7 @@ repository's root (where the folder kernels/ is on sys.path first). It imports n
     linear_cross_entropy  chunked (below)         triton/linear_cross_entropy.py csrc/cpu/linear_cross_entropy
     rms_norm    F.rms_norm                        triton/rms_norm.py             csrc/cpu|cuda/rms_norm
     bias_relu2  F.relu(x + bias).square()         triton/bias_relu2.py           csrc/cpu|cuda/bias_act
-    rope        rotate-half (below)               triton/rope.py                 csrc/cpu/rope
+    rope        rotate-half (below)               triton/rope.py                 csrc/cpu|cuda/rope
 
 `REGISTRY` is the one table of that: everything else (the model, the compile check, the benchmark cases,
 the tests, `python -m nanogpt_kernels`) reads it. The torch reference implementations live here, beside it.
@@ -81,7 +81,7 @@ REGISTRY = {
     "bias_relu2": OpSpec("layer", {"torch": Impl(f"{__name__}:bias_relu2"),
                                    "triton": Impl(f"{_T}.bias_relu2:bias_relu2"), "ext": Impl(f"{_E}:bias_relu2")}),
     "rope": OpSpec("layer", {"torch": Impl(f"{__name__}:rope"), "triton": Impl(f"{_T}.rope:rope"),
-                             "ext": Impl(f"{_E}:rope", ("cpu",))}, constants=(2, 3)),
+                             "ext": Impl(f"{_E}:rope")}, constants=(2, 3)),
 }
 NONE = "none"
 OPS = tuple(REGISTRY)

@@ -53,6 +53,30 @@ def test_rope_matches_float64(impl, backend, device, shape, dtype):
              torch.randn(n).to(device, dtype))
 
 
+def qk_views(B, H, Hk, T, D, dtype, device, layout):
+    """q, k as (B, H, T, D) views into larger buffers: "qkv", the model's split of c_attn's (B, T, 3C) output (k
+    with q's heads); "offset", one element into a (B, T, H * D + 1) buffer each (no row is 16-byte aligned: the
+    CUDA kernel's scalar path)."""
+    def leaf(*shape):
+        return (torch.randn(*shape) * 2).to(device, dtype).requires_grad_()
+    if layout == "qkv":
+        q, k, _ = leaf(B, T, 3 * H * D).split(H * D, dim=2)
+        return (t.view(B, T, H, D).transpose(1, 2) for t in (q, k))
+    return (leaf(B, T, h * D + 1)[..., 1:].view(B, T, h, D).transpose(1, 2) for h in (H, Hk))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("layout", ["qkv", "offset"])
+def test_rope_strided_views_match_float64(impl, backend, device, layout, dtype):
+    """Inputs that are views at odd offsets and strides; T = 130 spans several of the CUDA kernel's row tiles."""
+    skip_unsupported(backend, device, (dtype, dtype))
+    B, H, Hk, T, D = 2, 4, 2, 130, 32
+    q, k = qk_views(B, H, Hk, T, D, dtype, device, layout)
+    cos, sin = (t.to(device) for t in cos_sin(T, D, dtype=F32))
+    check_op(f"rope[{backend}] {layout} {dtype}", flat(impl), flat(registry.rope), dict(q=q, k=k, cos=cos, sin=sin),
+             torch.randn(q.numel() + k.numel()).to(device, dtype))
+
+
 def test_torch_reference_is_the_rotation_formula():
     """z = x1 + i x2 turned by e^{i t f}, in float64 from theta and the positions."""
     B, H, T, D = 2, 3, 11, 16
@@ -109,6 +133,22 @@ def test_rope_bad_inputs_raise_clear_errors(impl, device):
         impl(q[..., :7], k[..., :7], cos, sin)
     with pytest.raises(ValueError, match="one dtype"):
         impl(q, k.double(), cos, sin)
+
+
+@pytest.mark.backends("ext")
+def test_rope_ext_bad_inputs_raise_clear_errors(backend, device):
+    """The C++ checks of nanogpt_ext::rope_fwd (on CPU, or the CUDA glue's on a GPU), past the Python wrapper's."""
+    q, k = (t.detach() for t in qk(1, 2, 1, 5, 8, F32, device))
+    cos, sin = (t.to(device) for t in cos_sin(5, 8, dtype=F32))
+    with pytest.raises(RuntimeError, match=r"must be float32 \(T, D/2\)"):
+        torch.ops.nanogpt_ext.rope_fwd(q, k, cos.double(), sin, False)
+    with pytest.raises(RuntimeError, match="even D"):
+        torch.ops.nanogpt_ext.rope_fwd(q[..., :7], k[..., :7], cos, sin, False)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.nanogpt_ext.rope_fwd(q.double(), k.double(), cos, sin, False)
+    if torch.device(device).type == "cuda":
+        with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+            torch.ops.nanogpt_ext.rope_fwd(q, k, cos.cpu(), sin, False)
 
 
 # ---------------------------------------------------------------- the extension's CPU kernel, every ISA clone

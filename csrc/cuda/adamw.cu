@@ -241,17 +241,9 @@ extern "C" cudaError_t ng_adamw(void* const* params, const void* const* grads, f
                                 float* const* exp_avg_sqs, float* const* steps, const int64_t* numels, int n,
                                 int dtype, const double* lr, const float* norm, float beta1, float beta2, float eps,
                                 float weight_decay, float max_grad_norm, cudaStream_t stream) {
-  switch (dtype) {
-    case NG_F32:
-      return ng::adamw_launch<float>(params, grads, exp_avgs, exp_avg_sqs, steps, numels, n, lr, norm, beta1, beta2,
-                                     eps, weight_decay, max_grad_norm, stream);
-    case NG_BF16:
-      return ng::adamw_launch<__nv_bfloat16>(params, grads, exp_avgs, exp_avg_sqs, steps, numels, n, lr, norm, beta1,
-                                             beta2, eps, weight_decay, max_grad_norm, stream);
-    case NG_F16:
-      return ng::adamw_launch<__half>(params, grads, exp_avgs, exp_avg_sqs, steps, numels, n, lr, norm, beta1, beta2,
-                                      eps, weight_decay, max_grad_norm, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+#define NG_CALL(T)                                                                                             \
+  ng::adamw_launch<T>(params, grads, exp_avgs, exp_avg_sqs, steps, numels, n, lr, norm, beta1, beta2, eps, \
+                      weight_decay, max_grad_norm, stream)
+  NG_DISPATCH_X(dtype, NG_CALL);
+#undef NG_CALL
 }

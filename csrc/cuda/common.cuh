@@ -47,7 +47,9 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+// p is a multiple of `bytes` (a power of 2), as a Vec<T, N> of that size needs
+inline bool aligned_to(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0; }
+inline bool aligned16(const void* p) { return aligned_to(p, 16); }
 
 inline int64_t colsum_chunks(int64_t rows) {
   // at most 256 chunks of at least 32 rows
@@ -121,4 +123,13 @@ __device__ __forceinline__ float gelu_grad(float u) {
     if ((XD) == NG_F16 && (PD) == NG_F16) return CALL(__half, __half);                \
     if ((XD) == NG_F16 && (PD) == NG_F32) return CALL(__half, float);                 \
     return cudaErrorInvalidValue;                                                     \
+  } while (0)
+
+// Dispatches a launcher on one dtype XD (every tensor of the op in it): CALL(T); other codes are invalid.
+#define NG_DISPATCH_X(XD, CALL)                         \
+  do {                                                  \
+    if ((XD) == NG_F32) return CALL(float);             \
+    if ((XD) == NG_BF16) return CALL(__nv_bfloat16);    \
+    if ((XD) == NG_F16) return CALL(__half);            \
+    return cudaErrorInvalidValue;                       \
   } while (0)

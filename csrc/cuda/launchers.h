@@ -1,6 +1,6 @@
-// Plain C launchers of nanogpt's CUDA kernels (layer_norm.cu, rms_norm.cu, bias_act.cu, adamw.cu).
+// Plain C launchers of nanogpt's CUDA kernels (layer_norm.cu, rms_norm.cu, bias_act.cu, rope.cu, adamw.cu).
 // Torch-free: raw pointers, sizes, a stream; each returns the launch's cudaError_t.
-// Tensors are contiguous and row-major: x is [rows, cols], weight/bias are [cols].
+// Tensors are contiguous and row-major: x is [rows, cols], weight/bias are [cols]; rope's inputs take strides.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -47,6 +47,15 @@ cudaError_t ng_bias_act_fwd(const void* x, const void* bias, void* y, int64_t ro
 cudaError_t ng_bias_act_bwd(const void* dy, const void* x, const void* bias, void* dx, void* dbias,
                             float* workspace, int64_t rows, int64_t cols, int act, int x_dtype, int b_dtype,
                             cudaStream_t stream);
+
+// Rotary embeddings (rotate-half) on q [B, Hq, T, 2 * half] and k [B, Hk, T, 2 * half] in one launch: with x1, x2
+// a row's halves, out = cat(x1 cos - x2 sin', x2 cos + x1 sin'), sin' = sign * sin (-1: the inverse turn, the
+// backward). q and k at element strides {b, h, t} (q_strides, k_strides: 3 each, host memory) with a contiguous
+// last dim; qo [B, Hq, T, 2 * half] and ko contiguous. cos, sin [T, half] fp32 contiguous. q, k, qo, ko in dtype
+// (F32/BF16/F16).
+cudaError_t ng_rope(const void* q, const void* k, void* qo, void* ko, const float* cos, const float* sin, int64_t B,
+                    int64_t Hq, int64_t Hk, int64_t T, int64_t half, const int64_t* q_strides,
+                    const int64_t* k_strides, float sign, int dtype, cudaStream_t stream);
 
 // Total L2 norm of n tensors (grads[i]: numels[i] elements of dtypes[i]) into *norm_out (fp32),
 // deterministically. workspace: ng_grad_norm_workspace(numels, n) doubles.

@@ -165,8 +165,7 @@ cudaError_t bwd(const void* dy, const void* x, const void* w, const float* mean,
   const int64_t nchunks = colsum_chunks(rows);
   const int64_t chunk = (rows + nchunks - 1) / nchunks;
   // 4 columns per thread for the partials (2 x 8-byte bf16 loads / one 16-byte fp32 load)
-  constexpr uintptr_t A4 = 4 * sizeof(T) - 1;  // Vec<T, 4> alignment
-  if (cols % 4 == 0 && (reinterpret_cast<uintptr_t>(x) & A4) == 0 && (reinterpret_cast<uintptr_t>(dy) & A4) == 0)
+  if (cols % 4 == 0 && aligned_to(x, 4 * sizeof(T)) && aligned_to(dy, 4 * sizeof(T)))  // Vec<T, 4> loads
     launch_partial<T, 4>(dy, x, mean, rstd, ws, rows, cols, chunk, nchunks, st);
   else
     launch_partial<T, 1>(dy, x, mean, rstd, ws, rows, cols, chunk, nchunks, st);

@@ -130,8 +130,7 @@ cudaError_t bwd(const void* dy, const void* x, const void* w, const float* rstd,
   const int64_t nchunks = colsum_chunks(rows);
   const int64_t chunk = (rows + nchunks - 1) / nchunks;
   const dim3 block(32, kRowLanes);
-  constexpr uintptr_t A4 = 4 * sizeof(T) - 1;  // Vec<T, 4> alignment
-  if (cols % 4 == 0 && (reinterpret_cast<uintptr_t>(x) & A4) == 0 && (reinterpret_cast<uintptr_t>(dy) & A4) == 0)
+  if (cols % 4 == 0 && aligned_to(x, 4 * sizeof(T)) && aligned_to(dy, 4 * sizeof(T)))  // Vec<T, 4> loads
     rms_bwd_dw_partial_kernel<T, 4><<<dim3((cols + 127) / 128, static_cast<unsigned>(nchunks)), block, 0, st>>>(
         dyp, xp, rstd, ws, rows, cols, chunk);
   else
