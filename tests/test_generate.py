@@ -50,6 +50,26 @@ def test_cache_equals_recomputing_past_block_size(kernels, recipe, monkeypatch):
         assert torch.equal(t1, t2), step
 
 
+@pytest.mark.parametrize("kernels", ["torch", "ext"])
+@RECIPES
+def test_inference_layout_keeps_the_tokens(kernels, recipe):
+    """Linear weights stored (in, out): every one re-laid (the tied head and embedding are one), the same greedy
+    tokens, and logits within 1e-5 at every step, with the cache."""
+    if registry.unavailable("attention", kernels, "cpu") is not None:
+        pytest.skip(f"{kernels} cannot run here")
+    model = tiny_model(kernels, **recipe)
+    idx = torch.randint(0, TINY["vocab_size"], (3, 5))
+    before = list(engine.stream(model, idx, 40, top_k=1))
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert engine.inference_layout(model) is model
+    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in linears)
+    assert (model.transformer.wte.weight is model.lm_head.weight) == model.config.tie_embeddings
+    after = list(engine.stream(model, idx, 40, top_k=1))
+    for step, ((t1, l1), (t2, l2)) in enumerate(zip(before, after)):
+        torch.testing.assert_close(l2, l1, atol=1e-5, rtol=0, msg=f"step {step}")
+        assert torch.equal(t1, t2), step
+
+
 def test_greedy_equals_transformers_generate(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
