@@ -17,6 +17,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -105,7 +106,7 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_at_two_and_one(data, tmp_pa
     assert ranks.returncode == 0, outs[0][-3000:] + outs[1][-5000:]
     assert "adamw: the ext backend cannot step FSDP's sharded parameters" in outs[0]  # announced, fell back
     assert f"saved checkpoint at iter {RESUME_AT}" in outs[0] and "(in the background)" in outs[0]
-    assert any("checkpoint_ms" in r for r in records(fsdp))  # the loop's stall
+    assert {"checkpoint_ms", "checkpoint_staging_ms"} <= {k for r in records(fsdp) for k in r}  # the loop's stall
     assert sorted(os.listdir(at1 / "checkpoints" / f"iter_{RESUME_AT:06d}")) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "train.pt"]
     want, got = losses(ref), losses(fsdp)
@@ -188,6 +189,39 @@ def test_kill9_during_async_save_leaves_the_previous_checkpoint(data, tmp_path):
     model_payload, state = checkpoint.load(str(out))
     assert model_payload["iter_num"] == state["iter_num"] == 2
     assert set(model_payload["model"]) >= {"lm_head.weight", "transformer.h.1.mlp.c_fc.weight"}
+
+
+def test_async_save_holds_the_weights_of_its_iteration(tmp_path, monkeypatch):
+    # the background copy is made late: the optimizer step right after the save must wait for it (its step
+    # pre-hook), so the checkpoint holds the weights of the save's iteration, not the next step's
+    import torch.distributed as dist
+    real = dcp._stage
+    monkeypatch.setattr(dcp, "_stage", lambda tensors: time.sleep(0.5) or real(tensors))
+    parallel.init_single_process_group("gloo")
+    try:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, kernels="torch"), "cpu")
+        parallel.shard(model, train.Process(True, 0, 0, 1, "cpu"), "float32", False)
+        opt = parallel.fsdp_optimizer(model, lambda: model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu"), print)
+        idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+
+        def step():
+            model(idx, idx)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()
+        want = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+        dcp.save(str(tmp_path), 1, model, opt, {"model_args": {}}, {}, background=True)
+        step()
+        assert dcp.last_staging_wait() is not None  # the step waited
+        dcp.wait()
+    finally:
+        dcp.close()
+        dist.destroy_process_group()
+    got, _ = dcp.read(str(tmp_path), {"dcp": "checkpoints/iter_000001"}, with_state=False)
+    assert got["model"].keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(got["model"][k], v), k
 
 
 @pytest.mark.parametrize("kernels,options", [("torch", {}), ("ext", {}), ("ext", MODERN)],
