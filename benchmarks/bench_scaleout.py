@@ -34,7 +34,8 @@ DEFAULTS = Keys("torchrun ... benchmarks/bench_scaleout.py", __doc__, {"shape": 
     block_size=(256, "context length"), vocab_size=(50304, "vocabulary size"), batch_size=(4, "rows per step"),
 ), "run": dict(
     device=("cpu", "cpu | cuda"), kernels=("auto", "the model's kernels (nanogpt-train --kernels)"),
-    saves=(5, "checkpoints per mode (sync, async)"), steps=(3, "timed steps per activation checkpointing mode"),
+    saves=(5, "checkpoints per mode (sync, async, interleaved)"),
+    steps=(3, "timed steps per activation checkpointing mode"),
 )})
 
 
@@ -94,11 +95,10 @@ def main(argv):
         box = [tmp]
         dist.broadcast_object_list(box, 0)
         x, y = batch(c)
-        stalls, calls, steps = {}, {}, {}
-        for background in (False, True):
-            stalls[background], calls[background], steps[background] = [], [], []
-            for i in range(c["saves"]):
-                call = dcp.save(box[0], i + (100 if background else 0), m, opt, {}, {}, background=background)
+        stalls, calls, steps = ({False: [], True: []} for _ in range(3))
+        for i in range(c["saves"]):
+            for background in (False, True):  # interleaved: the machine's drift hits both alike
+                call = dcp.save(box[0], 2 * i + background, m, opt, {}, {}, background=background)
                 t0 = time.perf_counter()
                 m(x, y)[1].backward()  # the next step, which the background copy overlaps up to its optimizer step
                 steps[background].append((time.perf_counter() - t0) * 1000)
@@ -108,6 +108,9 @@ def main(argv):
                 stalls[background].append(call + (dcp.last_staging_wait() or 0.0))
                 dcp.wait()
                 dist.barrier()
+        say(f"per save (ms): sync {[round(t) for t in stalls[False]]}, async stall {[round(t) for t in stalls[True]]}; "
+            f"forward+backward after sync {[round(t) for t in steps[False]]}, during the async copy "
+            f"{[round(t) for t in steps[True]]}")
         med = {b: {k: statistics.median(v[b][1:]) for k, v in (("stall", stalls), ("call", calls), ("step", steps))}
                for b in (False, True)}
         sync, steady = med[False]["stall"], med[True]["stall"]
