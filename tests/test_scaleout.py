@@ -196,7 +196,7 @@ def test_async_save_holds_the_weights_of_its_iteration(tmp_path, monkeypatch):
     # pre-hook), so the checkpoint holds the weights of the save's iteration, not the next step's
     import torch.distributed as dist
     real = dcp._stage
-    monkeypatch.setattr(dcp, "_stage", lambda tensors: time.sleep(0.5) or real(tensors))
+    monkeypatch.setattr(dcp, "_stage", lambda tensors: time.sleep(0.2) or real(tensors))
     parallel.init_single_process_group("gloo")
     try:
         torch.manual_seed(0)
