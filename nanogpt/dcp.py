@@ -111,7 +111,7 @@ class _Pending:
     staged: threading.Event  # set once the tensors are copied: from then on the optimizer may change them
     hook: object  # the optimizer's step pre-hook that waits for `staged` (removed once it has)
     outcome: dict  # {"error": CheckpointError} when the background save failed
-    staging_wait_ms: float = None  # how long the optimizer step waited for the copy
+    staging_wait_ms: float | None = None  # how long the optimizer step waited for the copy
 
 
 def _stage(tensors):
