@@ -7,7 +7,7 @@ Times one full training step (forward, backward, clip + AdamW step from
 each mode in `--modes`, round-robin (`per_round` steps per mode per round, the
 mode order rotated every round) so machine drift hits every mode alike.
 
-A mode is `<kernels>[+compile]`:
+A mode is `<kernels>[+compile][+block|+selective][@dtype]`:
   torch            every op on the PyTorch backend, eager
   torch+compile    the same under torch.compile: the baseline the ratios use
   auto / ours      `--kernels` (default "auto": each op's backend measured on this model, in the mode's
@@ -17,7 +17,10 @@ A per-op mix goes through --kernels (e.g. --kernels=attention:triton,layer_norm:
 and is then run as the "auto"/"ours" mode. A mode may name its own precision,
 `auto@bfloat16` (else --dtype's): on CPU the default modes add `auto@bfloat16` where the
 CPU quick start trains in bf16 (dtype=auto, nanogpt.ops.auto_dtype: bf16 matmul units and
-the extension's attention kernel).
+the extension's attention kernel). `+block` / `+selective` run the mode with that
+activation checkpointing (nanogpt.parallel, as nanogpt-train --activation_checkpointing);
+--activation_checkpointing=none,block,selective runs every mode of --modes in each, and
+prints what each costs against the same mode without it (ms/step, peak memory).
 
 Before timing, every mode takes its first step from the same weights (one
 state_dict, loaded into all) on the same batch; their losses must agree within
@@ -58,7 +61,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_cases import device_name  # noqa: E402
-from nanogpt import ops  # noqa: E402
+from nanogpt import ops, parallel  # noqa: E402
 from nanogpt_kernels import registry  # noqa: E402
 from nanogpt.configurator import HELP, Keys, configure  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
@@ -102,7 +105,10 @@ def defaults(device):
             per_round=(1, "steps per mode per round"),
             # where the CPU quick start trains in bf16, also our kernels in bf16: its default path
             modes=(DEFAULT_MODES + (",auto@bfloat16" if device == "cpu" and ops.auto_dtype("cpu") == "bfloat16"
-                                    else ""), "the modes to time: <kernels>[+compile][@dtype], comma-separated"),
+                                    else ""), "the modes to time: <kernels>[+compile][+block|+selective][@dtype], "
+                  "comma-separated"),
+            activation_checkpointing=("none", "run each mode with each of these, e.g. none,block,selective "
+                                      "(a mode naming its own +block/+selective keeps it)"),
             kernels=("auto", "what the auto/ours modes run (per op as in nanogpt-train --kernels)"),
             autotune=(True, "measure auto's backends (nanogpt.ops.select_kernels); False: the fixed order"),
             max_auto_slowdown=(0.03, "gate: auto (eager) at most this much slower than torch (eager), same dtype"),
@@ -143,8 +149,15 @@ def load_config(argv):
 
 # ---------------------------------------------------------------- modes
 
-def parse_modes(spec, kernels, dtype):
-    """[(name, kernel selector, compile?, dtype)] from 'torch,torch+compile,auto@bfloat16,...'."""
+def parse_modes(spec, kernels, dtype, checkpointing="none"):
+    """[(name, kernel selector, compile?, dtype, activation checkpointing)] from 'torch,torch+compile,
+    auto+block@bfloat16,...'; each mode that names no checkpointing is run with each of `checkpointing`
+    (comma-separated; none keeps the mode's name)."""
+    acs = [a.strip() for a in checkpointing.split(",") if a.strip()] or ["none"]
+    for ac in acs:
+        if ac not in parallel.ACTIVATION_CHECKPOINTING:
+            raise UserError(f"unknown activation_checkpointing {ac!r}; use none, block or selective "
+                            "(comma-separated)")
     out = []
     for name in (m.strip() for m in spec.split(",")):
         if not name:
@@ -152,9 +165,12 @@ def parse_modes(spec, kernels, dtype):
         head, at, mode_dtype = name.partition("@")
         if at and mode_dtype not in TOLERANCE:
             raise UserError(f"mode {name!r}: dtype after @ must be one of {', '.join(TOLERANCE)}")
-        base, plus, rest = head.partition("+")
-        if plus and rest != "compile":
-            raise UserError(f"mode {name!r}: expected <kernels>[+compile][@dtype], e.g. torch+compile")
+        base, *plus = head.split("+")
+        compiled = plus[:1] == ["compile"]
+        named_ac = plus[1:] if compiled else plus  # the mode's own activation checkpointing
+        if len(named_ac) > 1 or (named_ac and named_ac[0] not in ("block", "selective")):
+            raise UserError(f"mode {name!r}: expected <kernels>[+compile][+block|+selective][@dtype], e.g. "
+                            "torch+compile or auto+block")
         if base in ("auto", "ours"):
             sel = kernels
         elif base in registry.BACKENDS:
@@ -163,7 +179,9 @@ def parse_modes(spec, kernels, dtype):
             raise UserError(f"mode {name!r}: kernels part must be torch, auto, ours, "
                             f"{', '.join(b for b in registry.BACKENDS if b != 'torch')}; "
                             "per-op mixes go through --kernels=... and the auto mode")
-        out.append((name, sel, bool(plus), mode_dtype or dtype))
+        for ac in named_ac or acs:
+            named = name if named_ac or ac == "none" else f"{head}+{ac}{at}{mode_dtype}"
+            out.append((named, sel, compiled, mode_dtype or dtype, ac))
     if not out:
         raise UserError("--modes is empty")
     return out
@@ -212,7 +230,8 @@ def make_batches(cfg, device, n=8):
 class Runner:
     """One mode: its model, optimizer and (maybe compiled) forward."""
 
-    def __init__(self, name, kernels, compiled, dtype, cfg, state_dict, batches, init_seed=None, choose=None):
+    def __init__(self, name, kernels, compiled, dtype, cfg, state_dict, batches, init_seed=None, choose=None,
+                 ac="none"):
         self.name, self.kernels, self.compiled, self.dtype = name, kernels, compiled, dtype
         self.device = torch.device(cfg["device"])
         mconf = GPTConfig(**{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size",
@@ -228,6 +247,7 @@ class Runner:
         if choose:  # the measured auto: on the device, and before configure_optimizers reads backends["adamw"]
             choose(self)
         self.backends = dict(self.model.backends)
+        parallel.checkpoint_activations(self.model, ac)  # (after choose: the kernels are measured without it)
         self.opt = self.model.configure_optimizers(device_type=self.device.type, **optim_args(cfg))
         self.fwd = torch.compile(self.model) if compiled else self.model
         self.times = []
@@ -315,11 +335,11 @@ def probe_memory_cpu(cfg, argv, name, backends):
 def run_probe(cfg):
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
-    name, sel, comp, dtype = parse_modes(cfg["probe"], cfg["kernels"], cfg["dtype"])[0]
+    name, sel, comp, dtype, ac = parse_modes(cfg["probe"], cfg["kernels"], cfg["dtype"])[0]
     batches = make_batches(cfg, cfg["device"])
     torch.manual_seed(cfg["seed"])
     base, method = reset_peak_rss()
-    r = Runner(name, sel, comp, dtype, cfg, None, batches, init_seed=cfg["seed"])
+    r = Runner(name, sel, comp, dtype, cfg, None, batches, init_seed=cfg["seed"], ac=ac)
     for _ in range(max(1, cfg["mem_steps"])):
         r.step()
     peak = peak_rss_mb(method)
@@ -403,7 +423,7 @@ def run(cfg, argv=(), perturb=None, log=print):
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     status = {b: registry.backend_unavailable(b, device.type) for b in registry.BACKENDS}
-    modes = parse_modes(cfg["modes"], cfg["kernels"], cfg["dtype"])
+    modes = parse_modes(cfg["modes"], cfg["kernels"], cfg["dtype"], cfg["activation_checkpointing"])
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/bench.py", *argv]),
@@ -448,8 +468,9 @@ def run(cfg, argv=(), perturb=None, log=print):
                                            optim=optim_args(cfg), log=log)
 
     runners, entries = [], {}
-    for name, sel, comp, dtype in modes:
-        entry = {"mode": name, "kernels": sel, "compile": comp, "dtype": dtype, "status": "ok", "reason": None}
+    for name, sel, comp, dtype, ac in modes:
+        entry = {"mode": name, "kernels": sel, "compile": comp, "dtype": dtype, "activation_checkpointing": ac,
+                 "status": "ok", "reason": None}
         entries[name] = entry
         result["modes"].append(entry)
         try:
@@ -461,7 +482,7 @@ def run(cfg, argv=(), perturb=None, log=print):
         auto = "auto" in registry.parse(sel).values()
         try:
             r = Runner(name, sel, comp, dtype, cfg, state, batches, init_seed=perturb.get(name),
-                       choose=choose if auto else None)
+                       choose=choose if auto else None, ac=ac)
         except Exception as e:  # noqa: BLE001 - a broken backend must not stop the others
             entry.update(status="skipped", reason=f"setup failed: {type(e).__name__}: {e}")
             log(f"mode {name}: skipped: setup failed: {type(e).__name__}: {e}")
@@ -579,9 +600,12 @@ def run(cfg, argv=(), perturb=None, log=print):
 
     result["loadavg_after"] = _loadavg()
     result["auto_gate"] = gate = auto_gate(result["modes"], cfg["max_auto_slowdown"])
+    costs = checkpointing_costs(result["modes"])
     _write_json(cfg, result, None)
     log("")
     log(format_table(result))
+    for line in costs:
+        log(line)
     for msg in gate["failed"]:
         log("ERROR: " + msg)
 
@@ -606,21 +630,43 @@ def run(cfg, argv=(), perturb=None, log=print):
 
 
 def auto_gate(modes, max_slowdown):
-    """Eager auto (--kernels=auto) against eager torch in each dtype both ran in: a failure message when
-    auto's median ms/step is more than max_slowdown slower."""
+    """Eager auto (--kernels=auto) against eager torch in each dtype (and activation checkpointing) both ran in:
+    a failure message when auto's median ms/step is more than max_slowdown slower."""
     timed = [e for e in modes if "ms_median" in e and not e["compile"]]
-    torch_ms = {e["dtype"]: e["ms_median"] for e in timed if e["kernels"] == "torch"}
+    torch_ms = {(e["dtype"], e["activation_checkpointing"]): e["ms_median"] for e in timed if e["kernels"] == "torch"}
     checked, failed = [], []
     for e in timed:
-        if e["kernels"] != "auto" or e["dtype"] not in torch_ms:
+        key = (e["dtype"], e["activation_checkpointing"])
+        if e["kernels"] != "auto" or key not in torch_ms:
             continue
-        ratio = e["ms_median"] / torch_ms[e["dtype"]]
+        ratio = e["ms_median"] / torch_ms[key]
         checked.append({"mode": e["mode"], "dtype": e["dtype"], "ratio_to_torch": ratio})
         if ratio > 1 + max_slowdown:
-            failed.append(f"{e['mode']} is {100 * (ratio - 1):.1f}% slower than torch (eager) in {e['dtype']}: "
-                          f"{e['ms_median']:.2f} vs {torch_ms[e['dtype']]:.2f} median ms/step "
+            ac = "" if key[1] == "none" else f" with activation_checkpointing={key[1]}"
+            failed.append(f"{e['mode']} is {100 * (ratio - 1):.1f}% slower than torch (eager) in {e['dtype']}{ac}: "
+                          f"{e['ms_median']:.2f} vs {torch_ms[key]:.2f} median ms/step "
                           f"(limit {100 * max_slowdown:g}%; backends {describe(e['backends'])})")
     return {"max_slowdown": max_slowdown, "checked": checked, "failed": failed}
+
+
+def checkpointing_costs(modes):
+    """What activation checkpointing costs: each +block/+selective mode's median ms/step and peak memory against
+    the same mode without it (when that ran), recorded in its entry as `vs_no_checkpointing`; one line each."""
+    timed = {(e["kernels"], e["compile"], e["dtype"], e["activation_checkpointing"]): e
+             for e in modes if "ms_median" in e}
+    lines = []
+    for (sel, comp, dtype, ac), e in timed.items():
+        plain = timed.get((sel, comp, dtype, "none"))
+        if ac == "none" or plain is None:
+            continue
+        mem = None if None in (e["peak_mem_mb"], plain["peak_mem_mb"]) or plain["peak_mem_mb"] <= 0 \
+            else e["peak_mem_mb"] / plain["peak_mem_mb"]
+        e["vs_no_checkpointing"] = {"mode": plain["mode"], "ms_ratio": e["ms_median"] / plain["ms_median"],
+                                    "peak_mem_ratio": mem}
+        lines.append(f"activation checkpointing: {e['mode']} takes {e['ms_median']:.2f} ms/step, "
+                     f"{e['ms_median'] / plain['ms_median']:.2f}x {plain['mode']}'s; peak memory "
+                     + ("not measured" if mem is None else f"{e['peak_mem_mb']:.0f} MiB, {mem:.2f}x"))
+    return lines
 
 
 def _loadavg():

@@ -6,8 +6,10 @@ against a synchronous save, activation checkpointing's activation memory and ste
 
 - memory: the bytes of this rank's parameters and AdamW state after one step (local shards under FSDP),
   DDP and FSDP, and their ratio;
-- stall: nanogpt.dcp.save of the FSDP model and optimizer, synchronous (the time it takes) and async (the time
-  the caller waits: the copy into memory, allocated at the first async save and refilled after), medians;
+- stall: nanogpt.dcp.save of the FSDP model and optimizer, then the next step (forward, backward, AdamW),
+  synchronous (the save's time) and async (the loop's wait: the save call, and the optimizer step's wait for the
+  background copy into memory, which the forward and backward overlap; the copy's memory is allocated at the first
+  async save and refilled after), medians; and the forward+backward's time in both (the copy competes with it);
 - activation checkpointing (rank 0, one process), per mode: the activations (what autograd keeps for backward
   at the end of the forward, their peak) and the step's peak beyond the weights (activations, temporaries,
   gradients), both by torch.distributed._tools.MemTracker, which follows every tensor; and the step's time.
@@ -32,7 +34,8 @@ DEFAULTS = Keys("torchrun ... benchmarks/bench_scaleout.py", __doc__, {"shape": 
     block_size=(256, "context length"), vocab_size=(50304, "vocabulary size"), batch_size=(4, "rows per step"),
 ), "run": dict(
     device=("cpu", "cpu | cuda"), kernels=("auto", "the model's kernels (nanogpt-train --kernels)"),
-    saves=(5, "checkpoints per mode (sync, async)"), steps=(3, "timed steps per activation checkpointing mode"),
+    saves=(5, "checkpoints per mode (sync, async, interleaved)"),
+    steps=(3, "timed steps per activation checkpointing mode"),
 )})
 
 
@@ -91,18 +94,31 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:  # every rank writes into rank 0's directory
         box = [tmp]
         dist.broadcast_object_list(box, 0)
-        stalls = {}
-        for background in (False, True):
-            times = []
-            for i in range(c["saves"]):
-                times.append(dcp.save(box[0], i + (100 if background else 0), m, opt, {}, {}, background=background))
+        x, y = batch(c)
+        stalls, calls, steps = ({False: [], True: []} for _ in range(3))
+        for i in range(c["saves"]):
+            for background in (False, True):  # interleaved: the machine's drift hits both alike
+                call = dcp.save(box[0], 2 * i + background, m, opt, {}, {}, background=background)
+                t0 = time.perf_counter()
+                m(x, y)[1].backward()  # the next step, which the background copy overlaps up to its optimizer step
+                steps[background].append((time.perf_counter() - t0) * 1000)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                calls[background].append(call)
+                stalls[background].append(call + (dcp.last_staging_wait() or 0.0))
                 dcp.wait()
                 dist.barrier()
-            stalls[background] = times
-        sync, first, steady = statistics.median(stalls[False]), stalls[True][0], statistics.median(stalls[True][1:])
-        say(f"checkpoint: synchronous save {sync:.0f} ms (median of {c['saves']}); async stall {steady:.0f} ms "
-            f"(median of the {c['saves'] - 1} after the first, which allocates its copy: {first:.0f} ms): "
-            f"{steady / sync:.3f}x ({first / sync:.3f}x)")
+        say(f"per save (ms): sync {[round(t) for t in stalls[False]]}, async stall {[round(t) for t in stalls[True]]}; "
+            f"forward+backward after sync {[round(t) for t in steps[False]]}, during the async copy "
+            f"{[round(t) for t in steps[True]]}")
+        med = {b: {k: statistics.median(v[b][1:]) for k, v in (("stall", stalls), ("call", calls), ("step", steps))}
+               for b in (False, True)}
+        sync, steady = med[False]["stall"], med[True]["stall"]
+        say(f"checkpoint: synchronous save {sync:.0f} ms; async stall {steady:.0f} ms ({med[True]['call']:.0f} in the "
+            f"save call, the rest before the next optimizer step): {steady / sync:.3f}x (medians of the "
+            f"{c['saves'] - 1} saves after the first; the first async one allocates its copy: stall "
+            f"{stalls[True][0]:.0f} ms, {stalls[True][0] / sync:.3f}x); the forward+backward the copy overlaps "
+            f"{med[True]['step']:.0f} ms, after a synchronous save {med[False]['step']:.0f} ms")
         dist.barrier()
 
     if rank == 0:

@@ -10,9 +10,11 @@
 
 A save is written into iter_000250.tmp and renamed to iter_000250 once complete (DCP writes .metadata last,
 after every rank's shards); the pointers move after that. A killed save leaves a .tmp directory that no pointer
-names and the next save deletes. With async_checkpoint the tensors are copied to memory (the step loop's stall,
-logged in ms) and written by a background thread, which renames and moves the pointers when done; the next save
-and the end of the run wait for it.
+names and the next save deletes. With async_checkpoint a background thread copies the tensors to memory, writes
+them, renames and moves the pointers; the step loop goes on at once (it waits for train.pt and the ranks'
+barrier, logged as checkpoint_ms) and waits for the copy only before the next optimizer step changes the
+tensors (an optimizer step pre-hook; logged as checkpoint_staging_ms), so the copy overlaps the next forward and
+backward. The next save and the end of the run wait for the write.
 
 An FSDP run resumes by loading its own shards in place, whatever number of ranks wrote them (DCP reshards).
 Everything else (a single process, DDP, nanogpt-sample, export) gets whole tensors (`read`, through
@@ -26,13 +28,13 @@ import pickle
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import filesystem as dcp_fs
-from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint import metadata as dcp_md
 
 from nanogpt import checkpoint
@@ -40,9 +42,9 @@ from nanogpt.checkpoint import FIX, CheckpointError
 
 TMP = ".tmp"
 PLAIN = "train.pt"
-_pending = None  # the background save in flight: (thread, {"error": ...})
+_pending = None  # the background save in flight (_Pending)
 _group = None  # the process group background saves talk over (not the training loop's)
-_stager = None  # the memory background saves copy the tensors into, kept from one save to the next
+_copy = None  # the memory background saves copy the tensors into, kept from one save to the next
 
 
 # ------------------------------------------------------------ reading .metadata without running code
@@ -103,23 +105,24 @@ def _tensors(model, optimizer):
     return out, groups
 
 
-class _ReusedStaging(BlockingAsyncStager):
-    """Copies the tensors into memory allocated at the first background save and refilled at each one after it
+@dataclass
+class _Pending:
+    thread: threading.Thread  # copies the tensors, writes them, then (rank 0) renames and moves the pointers
+    staged: threading.Event  # set once the tensors are copied: from then on the optimizer may change them
+    hook: object  # the optimizer's step pre-hook that waits for `staged` (removed once it has)
+    outcome: dict  # {"error": CheckpointError} when the background save failed
+    staging_wait_ms: float | None = None  # how long the optimizer step waited for the copy
+
+
+def _stage(tensors):
+    """Copy the tensors into memory allocated at the first background save and refilled at each one after it
     (pinned on CUDA machines): refilling is faster than allocating anew (page faults), at the cost of that memory
-    for the rest of the run. (BlockingAsyncStager's own cache pins memory, which a CPU-only torch cannot.)"""
-
-    def stage(self, state_dict):
-        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-        if self.state_dict_cache is None:
-            self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
-        return _copy_state_dict(state_dict, self.state_dict_cache)
-
-
-def _staging():
-    global _stager
-    if _stager is None:
-        _stager = _ReusedStaging()
-    return _stager
+    for the rest of the run. On CUDA the copy runs on the compute stream, ordered after the step before it."""
+    global _copy
+    from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+    if _copy is None or _copy.keys() != tensors.keys():
+        _copy = _create_cpu_state_dict(tensors, pin_memory=torch.cuda.is_available())
+    return _copy_state_dict(tensors, _copy)
 
 
 def _checkpoint_group():
@@ -131,8 +134,9 @@ def _checkpoint_group():
 
 def save(out_dir, iter_num, model, optimizer, model_payload, state_payload, best=False, background=False):
     """Write iter_num's checkpoint: collective, every rank writes its shards (model_payload and state_payload
-    hold the rest, as checkpoint.save's do, without the weights and the optimizer state). background: return once
-    the tensors are copied, the writing goes on in a thread. Returns the time the caller waited, in ms."""
+    hold the rest, as checkpoint.save's do, without the weights and the optimizer state). background: return at
+    once, a thread copies the tensors (the optimizer's next step waits for the copy) and writes them. Returns the
+    time the caller waited, in ms."""
     global _pending
     wait()
     t0 = time.perf_counter()
@@ -148,31 +152,37 @@ def save(out_dir, iter_num, model, optimizer, model_payload, state_payload, best
             checkpoint.atomic_write(os.path.join(tmp, PLAIN), lambda f: torch.save(plain, f))
         dist.barrier()
         if background:
-            future = dcp.async_save(tensors, storage_writer=FileSystemWriter(tmp), process_group=_checkpoint_group(),
-                                    async_stager=_staging())
+            group = _checkpoint_group()  # (a collective: made here, in the loop's order of collectives)
         else:
             dcp.save(tensors, storage_writer=FileSystemWriter(tmp))
     except (OSError, RuntimeError, dcp.CheckpointException) as e:
         raise _cannot_write(iter_num, out_dir, e) from None
-    stall = (time.perf_counter() - t0) * 1000
     if not background:
         if master:
             _finish(out_dir, entry, best)
-        return stall
-    outcome = {}
+        return (time.perf_counter() - t0) * 1000
 
-    def finish():  # in the background: wait for the write, then (rank 0) make it the latest checkpoint
+    def write():  # in the background: copy, write, then (rank 0) make it the latest checkpoint
         try:
-            future.result()
+            try:
+                staged = _stage(tensors)
+            finally:
+                pending.staged.set()
+            dcp.save(staged, storage_writer=FileSystemWriter(tmp), process_group=group)
             if master:
                 _finish(out_dir, entry, best)
                 print(f"saved checkpoint at iter {iter_num} to {out_dir}{' (best)' if best else ''} (in the "
                       "background)", flush=True)
         except Exception as e:  # raised by wait(), in the loop
-            outcome["error"] = _cannot_write(iter_num, out_dir, e)
-    _pending = (threading.Thread(target=finish, daemon=True), outcome)
-    _pending[0].start()
-    return stall
+            pending.outcome["error"] = _cannot_write(iter_num, out_dir, e)
+
+    def before_step(*args):  # (returns None: the step's arguments stay as they are)
+        wait_staged()
+    pending = _Pending(threading.Thread(target=write, daemon=True), threading.Event(), None, {})
+    pending.hook = optimizer.register_step_pre_hook(before_step)
+    _pending = pending
+    pending.thread.start()
+    return (time.perf_counter() - t0) * 1000
 
 
 def _cannot_write(iter_num, out_dir, e):
@@ -195,23 +205,47 @@ def _finish(out_dir, entry, best):
     checkpoint.write_pointers(out_dir, entry, best)
 
 
+def wait_staged():
+    """Wait until the background save in flight has copied the tensors (the optimizer's step pre-hook: the step
+    changes them in place). Records the wait for last_staging_wait()."""
+    p = _pending
+    if p is None or p.hook is None:
+        return
+    p.hook.remove()
+    p.hook = None
+    t0 = time.perf_counter()
+    p.staged.wait()
+    p.staging_wait_ms = (time.perf_counter() - t0) * 1000
+
+
+def last_staging_wait():
+    """The ms the last optimizer step waited for a background save's copy, once (None: it did not wait)."""
+    p = _pending
+    if p is None or p.staging_wait_ms is None:
+        return None
+    ms, p.staging_wait_ms = p.staging_wait_ms, None
+    return ms
+
+
 def wait():
     """Wait for the background save in flight (if any); raise its error here."""
     global _pending
     if _pending is None:
         return
-    thread, outcome = _pending
-    thread.join()
+    p = _pending
+    p.thread.join()
+    if p.hook is not None:  # no optimizer step came (the run ended)
+        p.hook.remove()
     _pending = None
-    if "error" in outcome:
-        raise outcome["error"]
+    if "error" in p.outcome:
+        raise p.outcome["error"]
 
 
 def close():
     """Before the process group goes: finish the background save, drop the group it used."""
-    global _group, _stager
+    global _group, _copy
     wait()
-    _group = _stager = None
+    _group = _copy = None
 
 
 # ------------------------------------------------------------ loading

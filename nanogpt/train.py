@@ -48,7 +48,7 @@ DEFAULTS = Keys("nanogpt-train", __doc__, {
         eval_only=(False, "evaluate once, then exit"),
         always_save_checkpoint=(True, "save at every eval; False: only when val loss improves (and at max_iters)"),
         async_checkpoint=(False, "write checkpoints in the background (parallelism=fsdp); the step loop waits only "
-                          "for the copy to memory, logged as checkpoint_ms"),
+                          "for the copy to memory, before the next optimizer step (checkpoint_staging_ms)"),
         init_from=("scratch", "scratch | resume (from out_dir) | auto (resume if out_dir has a checkpoint, done if "
                    "it reached max_iters) | gpt2* | a Hugging Face directory"),
     ),
@@ -301,6 +301,11 @@ def loop(run, tokens_per_iter):
                 break
             start = run.batch_state  # the sampler before this step's batches: where a spike's rows are found
             loss, grad_norm, stopping = train_step(run, stop)
+            if c["async_checkpoint"]:  # the rest of a background save's stall: the optimizer step's wait for its copy
+                from nanogpt import dcp
+                waited = dcp.last_staging_wait()
+                if waited is not None:
+                    metrics.write({"iter": run.iter_num, "checkpoint_staging_ms": waited})
             count_skip(run, grad_norm)
             t1 = time.time()
             dt, t0 = t1 - t0, t1

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
         "--vocab_size=65", "--warmup=1", "--iters=3"]
-MODE_FIELDS = {"mode", "kernels", "compile", "dtype", "status", "backends", "first_loss", "first_grad_norm", "n", "ms_median",
+MODE_FIELDS = {"mode", "kernels", "compile", "dtype", "activation_checkpointing", "status", "backends", "first_loss", "first_grad_norm", "n", "ms_median",
                "ms_p10", "ms_p90", "tokens_per_s", "mfu", "peak_mem_mb", "ratio_to_baseline"}
 
 
@@ -97,9 +97,11 @@ def test_bench_skips_unavailable_backend_and_profiles(bench, monkeypatch, tmp_pa
 
 
 def test_bench_cpu_memory_probe(bench):
-    # CPU memory: one fresh subprocess per mode, peak-RSS growth in MiB
-    argv = TINY + ["--modes=torch", "--iters=1", "--warmup=0", "--threads=1", "--mem_steps=1"]
+    # CPU memory: one fresh subprocess per mode, peak-RSS growth in MiB (the mode's activation checkpointing too)
+    argv = TINY + ["--modes=torch", "--activation_checkpointing=block", "--iters=1", "--warmup=0", "--threads=1",
+                   "--mem_steps=1"]
     res = bench.run(bench.load_config(argv), argv=argv, log=lambda *a: None)
+    assert res["modes"][0]["mode"] == "torch+block"
     mem = res["modes"][0]["peak_mem_mb"]
     assert mem is not None and mem >= 0, res["modes"][0]
     assert "subprocess" in res["memory_method"]
@@ -259,3 +261,40 @@ def test_bench_gate_auto_not_slower_than_torch(bench, monkeypatch, capsys, auto_
         assert err == [err[0]] and "auto is 5.0% slower than torch (eager) in float32" in err[0]
     else:
         assert err == []
+
+
+def test_bench_activation_checkpointing_modes_and_costs(bench, monkeypatch):
+    # --activation_checkpointing runs each mode in each; a +block/+selective mode is reported against the same
+    # mode without it (time and memory); the speed gate compares auto with torch in the same checkpointing
+    assert bench.parse_modes("auto+compile+block@bfloat16,torch", "auto", "float32", "none,selective") == [
+        ("auto+compile+block@bfloat16", "auto", True, "bfloat16", "block"),
+        ("torch", "torch", False, "float32", "none"), ("torch+selective", "torch", False, "float32", "selective")]
+    for bad in ("torch+block+compile", "torch+block+selective", "torch+none"):
+        with pytest.raises(bench.UserError, match="expected <kernels>"):
+            bench.parse_modes(bad, "auto", "float32")
+    with pytest.raises(bench.UserError, match="unknown activation_checkpointing 'fast'"):
+        bench.parse_modes("torch", "auto", "float32", "none,fast")
+    applied, real = [], bench.parallel.checkpoint_activations
+    monkeypatch.setattr(bench.parallel, "checkpoint_activations", lambda m, mode: applied.append(mode) or real(m, mode))
+    _fake_times(bench, monkeypatch, {"torch": 10.0, "torch+block": 13.0, "torch+selective": 11.0,
+                                     "auto": 10.0, "auto+block": 13.2, "auto+selective": 11.5})
+    mib = {"torch": 100.0, "torch+block": 40.0, "torch+selective": 80.0, "auto": 90.0, "auto+block": 45.0,
+           "auto+selective": None}
+    monkeypatch.setattr(bench, "probe_memory_cpu", lambda cfg, argv, name, backends: (mib[name], None))
+    cfg = bench.load_config(TINY + ["--modes=torch,auto", "--activation_checkpointing=none,block,selective",
+                                    "--iters=1", "--warmup=0", "--autotune=False"])
+    lines = []
+    res = bench.run(cfg, log=lines.append)
+    assert applied == ["none", "block", "selective"] * 2
+    by = {m["mode"]: m for m in res["modes"]}
+    assert list(by) == ["torch", "torch+block", "torch+selective", "auto", "auto+block", "auto+selective"]
+    assert by["torch+block"]["first_loss"] == by["torch+selective"]["first_loss"] == by["torch"]["first_loss"]
+    assert by["torch+block"]["vs_no_checkpointing"] == {"mode": "torch", "ms_ratio": 1.3, "peak_mem_ratio": 0.4}
+    assert by["auto+block"]["vs_no_checkpointing"] == {"mode": "auto", "ms_ratio": pytest.approx(1.32),
+                                                       "peak_mem_ratio": 0.5}
+    assert by["auto+selective"]["vs_no_checkpointing"]["peak_mem_ratio"] is None
+    assert "vs_no_checkpointing" not in by["torch"]
+    assert "activation checkpointing: torch+block takes 13.00 ms/step, 1.30x torch's; peak memory 40 MiB, 0.40x" \
+        in lines
+    assert len(res["auto_gate"]["checked"]) == 3
+    assert [f.split(" is ")[0] for f in res["auto_gate"]["failed"]] == ["auto+selective"]  # 11.5 vs 11.0

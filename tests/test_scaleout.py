@@ -1,9 +1,10 @@
 """Scale-out and training health (CPU, gloo, tiny model):
 
 - FSDP over 2 ranks (our extension's kernels, selective activation checkpointing, async sharded checkpoint)
-  trains as one process does on the same global batch, losses within 1e-5 per step (gradient accumulation 2);
-  its checkpoint resumes at 1 rank under FSDP (DCP reshards), then as a plain single process (consolidated on
-  load), whose checkpoint FSDP resumes again: 10 steps in all, the uninterrupted run's losses;
+  trains as one process does on the same global batch, losses within 1e-5 per step for 20 steps (gradient
+  accumulation 2); its iter-10 checkpoint resumed at 2 ranks continues bitwise as the uninterrupted run (losses
+  and final weights); resumed at 1 rank under FSDP (DCP reshards), then as a plain single process (consolidated
+  on load), whose checkpoint FSDP resumes again, within 1e-6 of it (one rank adds in another order);
 - kill -9 while an async save is being written leaves the previous checkpoint loadable;
 - activation checkpointing (block, selective) gives the gradients of none;
 - the health metrics are in metrics.jsonl under their documented names, and a planted loss spike (the loss
@@ -16,6 +17,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -27,7 +29,7 @@ from nanogpt.model import GPT, MODERN, GPTConfig
 TIMEOUT = 300
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, eval_iters=1, compile=False, device="cpu",
             dtype="float32", dataset="shakespeare_char", log_interval=1, eval_interval=4, dropout=0.0,
-            learning_rate=1e-3, warmup_iters=2, lr_decay_iters=8, autotune=False)
+            learning_rate=1e-3, warmup_iters=2, lr_decay_iters=8, autotune=False, plot=False)  # (matplotlib: seconds)
 # one process: 2 micro-steps of 8 rows; 2 ranks: 2 micro-steps of 4 rows each (the same global batch)
 SINGLE = dict(batch_size=8, gradient_accumulation_steps=2, kernels="adamw:torch")  # the rest: ext (auto's order)
 TWO = dict(batch_size=4, gradient_accumulation_steps=4, kernels="ext")
@@ -52,11 +54,6 @@ def losses(out_dir):
     return {r["iter"]: r["loss"] for r in records(out_dir) if "loss" in r and "event" not in r}
 
 
-@pytest.fixture(autouse=True)
-def no_loss_plot(monkeypatch):
-    monkeypatch.setattr(train, "write_loss_plot", lambda out_dir: None)  # matplotlib's import: seconds, untested here
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from nanogpt.prepare import main
@@ -65,28 +62,55 @@ def data(tmp_path_factory):
     return str(d)
 
 
-def test_fsdp_two_ranks_equal_one_process_and_reshard_on_resume(data, tmp_path, capsys):
-    ref, fsdp = tmp_path / "ref", tmp_path / "fsdp"
-    # 2 FSDP ranks, 4 steps, in the background while this process trains the reference
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt.train",
-           *_args(data, out_dir=fsdp, max_iters=4, parallelism="fsdp", activation_checkpointing="selective",
-                  async_checkpoint=True, **TWO)]
+# the 2 ranks' script: an uninterrupted run of 20 steps, whose iter-10 checkpoint, once in place, is copied into
+# the out_dirs of two runs that stopped there; then (in the same processes: a torchrun start costs seconds) the
+# first of these resumes at 2 ranks
+TWO_RANK_DRIVER = """
+import os, shutil, sys
+from nanogpt import checkpoint, train
+
+uninterrupted, resumed, args = sys.argv[1], sys.argv[2:4], sys.argv[4:]
+real = checkpoint.write_pointers
+
+def write_pointers(out_dir, entry, best, collect=True):
+    real(out_dir, entry, best, collect)
+    if out_dir == uninterrupted and entry["iter"] == RESUME_AT:
+        for d in resumed:
+            shutil.copytree(os.path.join(out_dir, entry["dcp"]), os.path.join(d, entry["dcp"]))
+            real(d, entry, False)
+
+checkpoint.write_pointers = write_pointers
+train.main(args + [f"--out_dir={uninterrupted}"])
+os.environ["TORCHELASTIC_RESTART_COUNT"] = "1"  # joins as a torchrun restart does: a fresh rendezvous key space
+train.main(args + [f"--out_dir={resumed[0]}", "--init_from=resume"])
+"""
+STEPS, RESUME_AT = 20, 10
+
+
+def test_fsdp_two_ranks_equal_one_process_and_resume_at_two_and_one(data, tmp_path, capsys):
+    ref, fsdp, at2, at1 = (tmp_path / d for d in ("ref", "fsdp", "at2", "at1"))
+    driver = tmp_path / "driver.py"
+    driver.write_text(TWO_RANK_DRIVER.replace("RESUME_AT", str(RESUME_AT)))
+    last = dict(max_iters=STEPS - 1, eval_interval=RESUME_AT)  # iters 0-19; saves at 10 and 19
+    # 2 FSDP ranks in the background while this process trains the reference
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           str(fsdp), str(at2), str(at1), *_args(data, parallelism="fsdp", activation_checkpointing="selective",
+                                                 async_checkpoint=True, **last, **TWO)]
     ranks = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outs = []
     reader = threading.Thread(target=lambda: outs.extend(ranks.communicate(timeout=TIMEOUT)))
     reader.start()
-    train.main(_args(data, out_dir=ref, max_iters=9, **SINGLE))  # one process
+    train.main(_args(data, out_dir=ref, **last, **SINGLE))  # one process
     capsys.readouterr()
     reader.join()
     assert ranks.returncode == 0, outs[0][-3000:] + outs[1][-5000:]
     assert "adamw: the ext backend cannot step FSDP's sharded parameters" in outs[0]  # announced, fell back
-    assert "saved checkpoint at iter 4" in outs[0] and "(in the background)" in outs[0]
-    assert any("checkpoint_ms" in r for r in records(fsdp))  # the loop's stall
-    assert sorted(os.listdir(fsdp / "checkpoints" / "iter_000004")) == [".metadata", "__0_0.distcp", "__1_0.distcp",
-                                                                         "train.pt"]
-    want = losses(ref)
-    got = losses(fsdp)
-    assert sorted(got) == list(range(5))
+    assert f"saved checkpoint at iter {RESUME_AT}" in outs[0] and "(in the background)" in outs[0]
+    assert {"checkpoint_ms", "checkpoint_staging_ms"} <= {k for r in records(fsdp) for k in r}  # the loop's stall
+    assert sorted(os.listdir(at1 / "checkpoints" / f"iter_{RESUME_AT:06d}")) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "train.pt"]
+    want, got = losses(ref), losses(fsdp)
+    assert sorted(got) == list(range(STEPS))
     for it in got:
         assert abs(got[it] - want[it]) <= 1e-5, (it, got[it], want[it])
     # per-layer gradient norms summed over the shards: the one process's
@@ -95,25 +119,33 @@ def test_fsdp_two_ranks_equal_one_process_and_reshard_on_resume(data, tmp_path, 
         for k in (k for k in r if k.startswith(("grad_norm/", "update_ratio/"))):
             assert r[k] == pytest.approx(step[r["iter"]][k], rel=1e-4, abs=1e-7), (r["iter"], k)
 
-    # 2 ranks -> 1: FSDP in one process loads the shards (DCP reshards), then a plain process (consolidated) writes
-    # DDP's format, which FSDP resumes
-    train.main(_args(data, out_dir=fsdp, max_iters=6, init_from="resume", parallelism="fsdp", **SINGLE))
+    def final(d):
+        return checkpoint.load(str(d), with_state=False)[0]["model"]
+    # resumed at 2 ranks: the same ranks add in the same order, so the continuation is bitwise the uninterrupted one
+    uninterrupted, resumed = losses(fsdp), losses(at2)
+    assert sorted(resumed) == list(range(RESUME_AT, STEPS))
+    assert all(resumed[it] == uninterrupted[it] for it in resumed), (resumed, uninterrupted)
+    for k, v in final(fsdp).items():
+        assert torch.equal(final(at2)[k], v), k
+
+    # resumed at 1: FSDP in one process loads the shards (DCP reshards), then a plain process (consolidated)
+    # writes DDP's format, which FSDP resumes; one rank adds the gradients in another order: within 1e-6
+    train.main(_args(data, out_dir=at1, max_iters=13, init_from="resume", parallelism="fsdp", **SINGLE))
     assert "resharding: the checkpoint was written by 2 ranks, this run has 1" in capsys.readouterr().out
-    assert checkpoint.latest_iter(fsdp) == 6 and "dcp" in json.loads((fsdp / "latest.json").read_text())
+    assert checkpoint.latest_iter(at1) == 13 and "dcp" in json.loads((at1 / "latest.json").read_text())
     from nanogpt.sample import load_model  # nanogpt-sample reads the sharded checkpoint, consolidated
-    model, _ = load_model({"init_from": "resume", "out_dir": str(fsdp), "which": "latest", "device": "cpu",
+    model, _ = load_model({"init_from": "resume", "out_dir": str(at1), "which": "latest", "device": "cpu",
                            "kernels": "torch"})
     assert model.lm_head.weight.shape == (65, 32)
-    train.main(_args(data, out_dir=fsdp, max_iters=8, init_from="resume", **SINGLE))
-    assert "model" in json.loads((fsdp / "latest.json").read_text())
-    train.main(_args(data, out_dir=fsdp, max_iters=9, init_from="resume", parallelism="fsdp", **SINGLE))
-    got = losses(fsdp)
-    assert sorted(got) == list(range(10))
-    for it in got:
-        assert abs(got[it] - want[it]) <= 1e-5, (it, got[it], want[it])
-    final, ref_final = (checkpoint.load(str(d), with_state=False)[0]["model"] for d in (fsdp, ref))
-    for k in ref_final:
-        torch.testing.assert_close(final[k], ref_final[k], atol=1e-5, rtol=1e-5, msg=k)
+    train.main(_args(data, out_dir=at1, max_iters=16, init_from="resume", **SINGLE))
+    assert "model" in json.loads((at1 / "latest.json").read_text())
+    train.main(_args(data, out_dir=at1, **last, init_from="resume", parallelism="fsdp", **SINGLE))
+    resumed = losses(at1)
+    assert sorted(resumed) == list(range(RESUME_AT, STEPS))
+    for it in resumed:
+        assert abs(resumed[it] - uninterrupted[it]) <= 1e-6, (it, resumed[it], uninterrupted[it])
+    for k, v in final(fsdp).items():
+        torch.testing.assert_close(final(at1)[k], v, atol=1e-6, rtol=1e-6, msg=k)
 
 
 KILL_DRIVER = """
@@ -157,6 +189,39 @@ def test_kill9_during_async_save_leaves_the_previous_checkpoint(data, tmp_path):
     model_payload, state = checkpoint.load(str(out))
     assert model_payload["iter_num"] == state["iter_num"] == 2
     assert set(model_payload["model"]) >= {"lm_head.weight", "transformer.h.1.mlp.c_fc.weight"}
+
+
+def test_async_save_holds_the_weights_of_its_iteration(tmp_path, monkeypatch):
+    # the background copy is made late: the optimizer step right after the save must wait for it (its step
+    # pre-hook), so the checkpoint holds the weights of the save's iteration, not the next step's
+    import torch.distributed as dist
+    real = dcp._stage
+    monkeypatch.setattr(dcp, "_stage", lambda tensors: time.sleep(0.2) or real(tensors))
+    parallel.init_single_process_group("gloo")
+    try:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, kernels="torch"), "cpu")
+        parallel.shard(model, train.Process(True, 0, 0, 1, "cpu"), "float32", False)
+        opt = parallel.fsdp_optimizer(model, lambda: model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu"), print)
+        idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+
+        def step():
+            model(idx, idx)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()
+        want = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+        dcp.save(str(tmp_path), 1, model, opt, {"model_args": {}}, {}, background=True)
+        step()
+        assert dcp.last_staging_wait() is not None  # the step waited
+        dcp.wait()
+    finally:
+        dcp.close()
+        dist.destroy_process_group()
+    got, _ = dcp.read(str(tmp_path), {"dcp": "checkpoints/iter_000001"}, with_state=False)
+    assert got["model"].keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(got["model"][k], v), k
 
 
 @pytest.mark.parametrize("kernels,options", [("torch", {}), ("ext", {}), ("ext", MODERN)],
