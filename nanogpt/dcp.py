@@ -1,7 +1,8 @@
 """Sharded checkpoints through torch.distributed.checkpoint (DCP): what parallelism=fsdp writes.
 
     checkpoints/iter_000250/     one directory per checkpoint
-        .metadata, __R_0.distcp  DCP: the weights ("model/<name>") and AdamW's moments ("optim/<name>/<key>"),
+        .metadata, __R_0.distcp  DCP: the weights ("model/<name>") and the optimizer state ("optim/<name>/<key>":
+                                 AdamW's moments, Muon's momentum),
                                  each rank writing its own shards
         train.pt                 the rest: model args, config, iter, best val loss, every rank's RNG and sampler
                                  states, the optimizer's hyperparameters with each group's parameter names
@@ -307,11 +308,15 @@ def load_sharded(state, model, optimizer):
     reader, meta = _metadata(path)
     sd = {f"model/{k}": v for k, v in model.state_dict().items()}
     named = {}
-    for name, p in model.named_parameters():
-        if f"optim/{name}/exp_avg" in meta:  # a parameter that took a step
-            named[name] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p),
-                           "exp_avg_sq": torch.zeros_like(p)}
-            sd |= {f"optim/{name}/{k}": v for k, v in named[name].items()}
+    for name, p in model.named_parameters():  # a parameter that took a step: its state, as the checkpoint has it
+        prefix = f"optim/{name}/"
+        keys = [k[len(prefix):] for k in meta if k.startswith(prefix) and "/" not in k[len(prefix):]]
+        if keys:  # AdamW's step, exp_avg, exp_avg_sq; Muon's step, momentum_buffer (sharded as p is)
+            named[name] = {k: torch.zeros_like(p, dtype=meta[prefix + k].properties.dtype)
+                           if tuple(meta[prefix + k].size) == tuple(p.shape)
+                           else torch.zeros(meta[prefix + k].size, dtype=meta[prefix + k].properties.dtype)
+                           for k in keys}
+            sd |= {prefix + k: v for k, v in named[name].items()}
     try:
         dcp.load(sd, storage_reader=reader)
     except (OSError, RuntimeError, dcp.CheckpointException) as e:

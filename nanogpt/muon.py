@@ -12,7 +12,13 @@ scaling); ours adds what the trainer needs, as the AdamW backends have it:
   the norm returned (the backends' contract);
 - under DDP each rank orthogonalises its share of the matrices (bucketed by shape, one in world_size each)
   and the results are all-gathered, as modded-nanogpt does. The momentum is kept on every rank (the gradients
-  are already all-reduced; it costs one lerp), so rank 0's state_dict is the whole state.
+  are already all-reduced; it costs one lerp), so rank 0's state_dict is the whole state;
+- under FSDP (parallelism=fsdp) each matrix, its gradient and its momentum are DTensors sharded on dim 0: the
+  momentum is updated on the local rows (elementwise), the update matrix is all-gathered whole
+  (`full_tensor`), the matrices are orthogonalised as under DDP (one in world_size on each rank, the results
+  all-gathered), and each rank applies the rows of its shard. Each update is orthogonalised from the same whole
+  fp32 matrix as in one process, so it is the one process's, bitwise, for the same gradients. The momentum
+  stays sharded, as AdamW's moments are, and goes through DCP with them.
 
 A fused Newton-Schulz of our own is not here: on this project's CPU machine (AMX-BF16) torch's bf16 iteration
 is already faster than an fp32 one, and there is no GPU run of it yet.
@@ -85,12 +91,28 @@ def muon_class(adamw_cls):
                 buf = st["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
-            ortho = orthogonalize(updates, group["ns_steps"])
+            ortho = orthogonalize([whole(u) for u in updates], group["ns_steps"])
             for p, o in zip(params, ortho):
+                o = local_rows(o, p)
                 p.mul_(1 - lr * wd)
                 p.add_(o, alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
 
     return Muon
+
+
+def whole(t):
+    """The whole matrix of a DTensor (FSDP's shard of it: an all-gather); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_rows(full, p):
+    """Of the whole matrix `full`, the part that `p` (a DTensor: FSDP's shard) holds on this rank, as a DTensor
+    placed as p is (sliced locally, no communication); for a plain p, full itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(p, DTensor):
+        return full
+    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
 
 
 def orthogonalize(updates, ns_steps):

@@ -170,9 +170,6 @@ def check_config(c, world):
                         "change n_embd or n_head")
     if c["logit_softcap"] < 0:
         raise UserError(f"logit_softcap must be > 0 (or 0: off), got {c['logit_softcap']}")
-    if c["parallelism"] == "fsdp" and c["optimizer"] == "muon":
-        raise UserError("optimizer=muon does not run under parallelism=fsdp yet; use parallelism=ddp or "
-                        "optimizer=adamw")
     parallel.check(c)
     health.check(c)
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval",

@@ -162,26 +162,74 @@ def test_muon_clips_skips_and_returns_the_norm():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def _orthogonalize_on_rank(rank, store, updates, out):
+# hidden matrices of 99, 33 and 132 rows: uneven 2-rank shards (every option but rope, which needs an even head)
+UNEVEN = dict(TINY, n_layer=2, n_embd=33, n_head=3) | MODERN | dict(pos_emb="learned")
+
+
+def _uneven():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**UNEVEN, kernels="torch"), "cpu")
+
+
+def _sharded_muon_on_rank(rank, store, updates, grads, out):
+    """DDP's orthogonalize of `updates`, then 3 FSDP Muon steps of _uneven() on the given whole gradients (each
+    rank given its shard), saved: the updates by each rank, the whole weights and momentum by rank 0."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from nanogpt import parallel
+    from nanogpt.train import Process
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         torch.save(muon.orthogonalize(updates, 5), f"{out}.{rank}")
+        model = parallel.shard(_uneven(), Process(True, rank, rank, 2, "cpu"), "float32", False)
+        opt = parallel.fsdp_optimizer(model, lambda: model.configure_optimizers(
+            0.1, 3e-3, (0.9, 0.95), optimizer="muon", muon_lr=0.02), print)
+        for step in grads:
+            for n, p in model.named_parameters():
+                p.grad = distribute_tensor(step[n], p.device_mesh, p.placements, src_data_rank=None)
+            opt.step()
+        names = {p: n for n, p in model.named_parameters()}
+        weights = {n: p.full_tensor() for n, p in model.named_parameters()}
+        momentum = {names[p]: st["momentum_buffer"].full_tensor() for p, st in opt.state.items()
+                    if "momentum_buffer" in st}
+        if rank == 0:
+            torch.save((weights, momentum), f"{out}.fsdp")
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_ddp_sharded_muon_equals_single_process(tmp_path):
-    """2 gloo ranks each orthogonalise their share (shape buckets of 3, 1 and 2 matrices: one rank idles in
-    some) and all-gather: every rank ends with the single process's updates, bitwise."""
+def test_ddp_and_fsdp_sharded_muon_equal_single_process(tmp_path):
+    """2 gloo ranks (one spawn for both checks: a start costs seconds).
+    DDP: each rank orthogonalises its share (shape buckets of 3, 1 and 2 matrices: one rank idles in some) and
+    all-gathers: every rank ends with the single process's updates, bitwise.
+    FSDP (sharded DTensor parameters, uneven shards), given the one process's gradients: 3 steps end with the one
+    process's weights and momentum, bitwise. Newton-Schulz runs on the whole fp32 matrix as in one process, the
+    momentum and AdamW are elementwise on the shards, each rank applies its rows."""
     g = torch.Generator().manual_seed(0)
     updates = [torch.randn(shape, generator=g) for shape in ((32, 96), (128, 32), (32, 96), (32, 32), (32, 96),
                                                               (128, 32))]
     single = muon.orthogonalize(updates, 5)
-    torch.multiprocessing.spawn(_orthogonalize_on_rank, (tmp_path / "store", updates, tmp_path / "out"), nprocs=2)
+    model = _uneven()
+    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), optimizer="muon", muon_lr=0.02)
+    grads = []
+    for step in range(3):
+        idx, tgt = batch(step)
+        model(idx, tgt)[1].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.multiprocessing.spawn(_sharded_muon_on_rank, (tmp_path / "store", updates, grads, tmp_path / "out"),
+                                nprocs=2)
     for rank in range(2):
         sharded = torch.load(tmp_path / f"out.{rank}", weights_only=True)
         assert len(sharded) == len(single) and all(torch.equal(a, b) for a, b in zip(sharded, single)), rank
+    weights, momentum = torch.load(tmp_path / "out.fsdp", weights_only=True)
+    names = {p: n for n, p in model.named_parameters()}
+    assert len(momentum) == 8 and all(torch.equal(momentum[names[p]], st["momentum_buffer"])
+                                      for p, st in opt.state.items() if "momentum_buffer" in st)
+    for n, p in model.named_parameters():
+        assert torch.equal(weights[n], p), n
 
 
 def test_trainer_with_every_option_and_muon_resumes_bitwise(tmp_path, monkeypatch, capsys):

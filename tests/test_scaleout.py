@@ -5,6 +5,9 @@
   accumulation 2); its iter-10 checkpoint resumed at 2 ranks continues bitwise as the uninterrupted run (losses
   and final weights); resumed at 1 rank under FSDP (DCP reshards), then as a plain single process (consolidated
   on load), whose checkpoint FSDP resumes again, within 1e-6 of it (one rank adds in another order);
+- optimizer=muon under FSDP (uneven shards, in the same torchrun launch): losses within MUON_TOL of one process
+  (Newton-Schulz's bf16 rounding; the bitwise step on equal gradients is tests/test_modern.py's), Muon's
+  momentum sharded in the checkpoint, resumed at 2 ranks bitwise and at 1 within MUON_TOL;
 - kill -9 while an async save is being written leaves the previous checkpoint loadable;
 - activation checkpointing (block, selective) gives the gradients of none;
 - the health metrics are in metrics.jsonl under their documented names, and a planted loss spike (the loss
@@ -62,50 +65,85 @@ def data(tmp_path_factory):
     return str(d)
 
 
-# the 2 ranks' script: an uninterrupted run of 20 steps, whose iter-10 checkpoint, once in place, is copied into
-# the out_dirs of two runs that stopped there; then (in the same processes: a torchrun start costs seconds) the
-# first of these resumes at 2 ranks
+# the 2 ranks' script, one torchrun launch for every 2-rank run of this module (a start costs seconds): for each
+# job (argv[1], JSON) an uninterrupted run of 20 steps, whose iter-10 checkpoint, once in place, is copied into the
+# out_dirs of runs that stopped there; then (in the same processes) the first of these resumes at 2 ranks
 TWO_RANK_DRIVER = """
-import os, shutil, sys
+import json, os, shutil, sys
 from nanogpt import checkpoint, train
 
-uninterrupted, resumed, args = sys.argv[1], sys.argv[2:4], sys.argv[4:]
+jobs = json.loads(sys.argv[1])
+copies = {job["uninterrupted"]: job["resumed"] for job in jobs}
 real = checkpoint.write_pointers
 
 def write_pointers(out_dir, entry, best, collect=True):
     real(out_dir, entry, best, collect)
-    if out_dir == uninterrupted and entry["iter"] == RESUME_AT:
-        for d in resumed:
+    if entry["iter"] == RESUME_AT:
+        for d in copies.get(out_dir, ()):
             shutil.copytree(os.path.join(out_dir, entry["dcp"]), os.path.join(d, entry["dcp"]))
             real(d, entry, False)
 
 checkpoint.write_pointers = write_pointers
-train.main(args + [f"--out_dir={uninterrupted}"])
-os.environ["TORCHELASTIC_RESTART_COUNT"] = "1"  # joins as a torchrun restart does: a fresh rendezvous key space
-train.main(args + [f"--out_dir={resumed[0]}", "--init_from=resume"])
+for i, job in enumerate(jobs):  # each init joins as a torchrun restart does: a fresh rendezvous key space
+    os.environ["TORCHELASTIC_RESTART_COUNT"] = str(2 * i)
+    train.main(job["args"] + [f"--out_dir={job['uninterrupted']}"])
+    os.environ["TORCHELASTIC_RESTART_COUNT"] = str(2 * i + 1)
+    train.main(job["args"] + [f"--out_dir={job['resumed'][0]}", "--init_from=resume"])
 """
 STEPS, RESUME_AT = 20, 10
+LAST = dict(max_iters=STEPS - 1, eval_interval=RESUME_AT)  # iters 0-19; saves at 10 and 19
+# optimizer=muon under FSDP: n_embd 33 makes most hidden matrices' rows odd, so the 2 ranks' shards are uneven
+MUON = dict(optimizer="muon", muon_momentum_warmup=4, n_embd=33, n_head=3)
 
 
-def test_fsdp_two_ranks_equal_one_process_and_resume_at_two_and_one(data, tmp_path, capsys):
-    ref, fsdp, at2, at1 = (tmp_path / d for d in ("ref", "fsdp", "at2", "at1"))
-    driver = tmp_path / "driver.py"
-    driver.write_text(TWO_RANK_DRIVER.replace("RESUME_AT", str(RESUME_AT)))
-    last = dict(max_iters=STEPS - 1, eval_interval=RESUME_AT)  # iters 0-19; saves at 10 and 19
-    # 2 FSDP ranks in the background while this process trains the reference
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
-           str(fsdp), str(at2), str(at1), *_args(data, parallelism="fsdp", activation_checkpointing="selective",
-                                                 async_checkpoint=True, **last, **TWO)]
-    ranks = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    outs = []
-    reader = threading.Thread(target=lambda: outs.extend(ranks.communicate(timeout=TIMEOUT)))
-    reader.start()
-    train.main(_args(data, out_dir=ref, **last, **SINGLE))  # one process
+class TwoRanks:
+    """The module's 2 FSDP ranks, started in the background (the first test to ask starts them, and trains its
+    one-process reference meanwhile): jobs[name] = (uninterrupted, resumed at 2, resumed at 1) out_dirs."""
+
+    def __init__(self, data, tmp):
+        specs = {"adamw": dict(activation_checkpointing="selective", async_checkpoint=True),
+                 "muon": MUON}
+        self.jobs = {name: tuple(tmp / f"{name}-{d}" for d in ("fsdp", "at2", "at1")) for name in specs}
+        jobs = [{"uninterrupted": str(dirs[0]), "resumed": [str(d) for d in dirs[1:]],
+                 "args": _args(data, parallelism="fsdp", **spec, **LAST, **TWO)}
+                for (name, dirs), spec in zip(self.jobs.items(), specs.values())]
+        driver = tmp / "driver.py"
+        driver.write_text(TWO_RANK_DRIVER.replace("RESUME_AT", str(RESUME_AT)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+               json.dumps(jobs)]
+        self.proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.outs = []
+        self.reader = threading.Thread(target=lambda: self.outs.extend(self.proc.communicate(timeout=TIMEOUT)))
+        self.reader.start()
+
+    def wait(self):
+        """rank 0's stdout, once the ranks have exited successfully."""
+        self.reader.join()
+        assert self.proc.returncode == 0, self.outs[0][-3000:] + self.outs[1][-5000:]
+        return self.outs[0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data, tmp_path_factory):
+    ranks = TwoRanks(data, tmp_path_factory.mktemp("two_ranks"))
+    yield ranks
+    if ranks.proc.poll() is None:  # a test failed before waiting
+        ranks.proc.kill()
+    ranks.reader.join()
+
+
+def final(d):
+    return checkpoint.load(str(d), with_state=False)[0]["model"]
+
+
+def test_fsdp_two_ranks_equal_one_process_and_resume_at_two_and_one(data, tmp_path, capsys, two_ranks):
+    ref = tmp_path / "ref"
+    fsdp, at2, at1 = two_ranks.jobs["adamw"]
+    train.main(_args(data, out_dir=ref, **LAST, **SINGLE))  # one process, while the 2 FSDP ranks run
     capsys.readouterr()
-    reader.join()
-    assert ranks.returncode == 0, outs[0][-3000:] + outs[1][-5000:]
-    assert "adamw: the ext backend cannot step FSDP's sharded parameters" in outs[0]  # announced, fell back
-    assert f"saved checkpoint at iter {RESUME_AT}" in outs[0] and "(in the background)" in outs[0]
+    out = two_ranks.wait()
+    assert "adamw: the ext backend cannot step FSDP's sharded parameters" in out  # announced, fell back
+    assert f"saved checkpoint at iter {RESUME_AT}" in out and "(in the background)" in out
     assert {"checkpoint_ms", "checkpoint_staging_ms"} <= {k for r in records(fsdp) for k in r}  # the loop's stall
     assert sorted(os.listdir(at1 / "checkpoints" / f"iter_{RESUME_AT:06d}")) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "train.pt"]
@@ -119,8 +157,6 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_at_two_and_one(data, tmp_pa
         for k in (k for k in r if k.startswith(("grad_norm/", "update_ratio/"))):
             assert r[k] == pytest.approx(step[r["iter"]][k], rel=1e-4, abs=1e-7), (r["iter"], k)
 
-    def final(d):
-        return checkpoint.load(str(d), with_state=False)[0]["model"]
     # resumed at 2 ranks: the same ranks add in the same order, so the continuation is bitwise the uninterrupted one
     uninterrupted, resumed = losses(fsdp), losses(at2)
     assert sorted(resumed) == list(range(RESUME_AT, STEPS))
@@ -139,13 +175,60 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_at_two_and_one(data, tmp_pa
     assert model.lm_head.weight.shape == (65, 32)
     train.main(_args(data, out_dir=at1, max_iters=16, init_from="resume", **SINGLE))
     assert "model" in json.loads((at1 / "latest.json").read_text())
-    train.main(_args(data, out_dir=at1, **last, init_from="resume", parallelism="fsdp", **SINGLE))
+    train.main(_args(data, out_dir=at1, **LAST, init_from="resume", parallelism="fsdp", **SINGLE))
     resumed = losses(at1)
     assert sorted(resumed) == list(range(RESUME_AT, STEPS))
     for it in resumed:
         assert abs(resumed[it] - uninterrupted[it]) <= 1e-6, (it, resumed[it], uninterrupted[it])
     for k, v in final(fsdp).items():
         torch.testing.assert_close(final(at1)[k], v, atol=1e-6, rtol=1e-6, msg=k)
+
+
+
+# Muon's losses over 20 steps of 2 ranks against one process. Newton-Schulz rounds its input to bf16 and iterates
+# in bf16: a gradient 1 float32 ulp off flips a bf16 rounding now and then (~2^-16 of the elements), after which
+# the iteration's bf16 roundings differ and the update moves by about a bf16 ulp (2^-8 relative) of muon_lr x its
+# elements, not by float32's 2^-24 as AdamW's does (1e-5 there). Measured in one process, this test's model and
+# data: every gradient element nudged 1 ulp up or down at random before each step moved the losses by up to
+# 1.6e-5, 2.3e-5 and 6.0e-5 (3 seeds; AdamW's: 0); 2 FSDP ranks against one process: 4.5e-5. 2e-4 is 3x the
+# worst; a wrong row, a lost momentum or a skipped share moves them by 1e-3 or more.
+MUON_TOL = 2e-4
+
+
+def test_fsdp_muon_two_ranks_equal_one_process_and_resume_at_two_and_one(data, tmp_path, capsys, two_ranks):
+    """optimizer=muon under FSDP: each rank all-gathers the hidden matrices' updates, orthogonalises its share of
+    them, and applies its rows (uneven shards here). The losses are the one process's within MUON_TOL (see the
+    derivation at its use); its iter-10 checkpoint, Muon's momentum sharded in DCP like AdamW's moments, resumes
+    at 2 ranks bitwise, at 1 (DCP reshards the momentum) within MUON_TOL."""
+    ref = tmp_path / "ref"
+    fsdp, at2, at1 = two_ranks.jobs["muon"]
+    train.main(_args(data, out_dir=ref, **MUON, **LAST, **SINGLE))  # (the adamw test has started the ranks)
+    two_ranks.wait()
+    # Muon's momentum is in the checkpoint, sharded: both ranks wrote a chunk of each buffer (uneven: 50 + 49 rows)
+    _, meta = dcp._metadata(str(at1 / "checkpoints" / f"iter_{RESUME_AT:06d}"))
+    buf = meta["optim/transformer.h.0.attn.c_attn.weight/momentum_buffer"]
+    assert tuple(buf.size) == (99, 33) and sorted(c.sizes[0] for c in buf.chunks) == [49, 50]
+    # the same global batch: the gradients agree to float32 rounding only (the ranks add in another order); with
+    # the same gradients the step is the one process's bitwise (tests/test_modern.py), so MUON_TOL is what Muon
+    # makes of 1-ulp gradient differences (see MUON_TOL)
+    want, got = losses(ref), losses(fsdp)
+    assert sorted(got) == list(range(STEPS))
+    for it in got:
+        assert abs(got[it] - want[it]) <= MUON_TOL, (it, got[it], want[it])
+
+    # resumed at 2 ranks: bitwise the uninterrupted run (the momentum restored exactly)
+    uninterrupted, resumed = losses(fsdp), losses(at2)
+    assert sorted(resumed) == list(range(RESUME_AT, STEPS))
+    assert all(resumed[it] == uninterrupted[it] for it in resumed), (resumed, uninterrupted)
+    for k, v in final(fsdp).items():
+        assert torch.equal(final(at2)[k], v), k
+    # resumed at 1 (FSDP in one process: DCP reshards the weights and the momentum)
+    train.main(_args(data, out_dir=at1, init_from="resume", parallelism="fsdp", **MUON, **LAST, **SINGLE))
+    assert "resharding: the checkpoint was written by 2 ranks, this run has 1" in capsys.readouterr().out
+    resumed = losses(at1)
+    assert sorted(resumed) == list(range(RESUME_AT, STEPS))
+    for it in resumed:
+        assert abs(resumed[it] - uninterrupted[it]) <= MUON_TOL, (it, resumed[it], uninterrupted[it])
 
 
 KILL_DRIVER = """
