@@ -20,15 +20,18 @@ scaling); ours adds what the trainer needs, as the AdamW backends have it:
   fp32 matrix as in one process, so it is the one process's, bitwise, for the same gradients. The momentum
   stays sharded, as AdamW's moments are, and goes through DCP with them.
 
-A fused Newton-Schulz of our own is not here: on this project's CPU machine (AMX-BF16) torch's bf16 iteration
-is already faster than an fp32 one, and there is no GPU run of it yet.
+The Newton-Schulz iteration runs batched: the same-shaped matrices of a step (every block's c_attn, ...) are
+stacked and iterated together, torch.optim.Muon's bf16 arithmetic with bmm in place of mm, so a step launches
+ns_steps x 3 matmuls per shape, not per matrix. For small matrices the per-call overhead is most of the
+iteration's time (benchmarks/README.md, "Muon"). A fused fp32 iteration of our own was not kept: on this
+project's CPU machine (AMX-BF16) torch's bf16 iteration is already faster than an fp32 one.
 """
 import functools
 import math
 
 import torch
 import torch.distributed as dist
-from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _zeropower_via_newtonschulz
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS
 
 
 def split_params(model):
@@ -115,27 +118,44 @@ def local_rows(full, p):
     return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
 
 
+def newton_schulz(stack, ns_steps):
+    """torch.optim.Muon's _zeropower_via_newtonschulz over a (k, rows, cols) stack of same-shaped matrices at
+    once: each matrix bf16, wide (transposed if tall), divided by its own norm, then ns_steps quintic steps."""
+    a, b, c = DEFAULT_A, DEFAULT_B, DEFAULT_C
+    x = stack.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.flatten(1).norm(dim=1).clamp(min=EPS)[:, None, None]
+    for _ in range(ns_steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
 def orthogonalize(updates, ns_steps):
-    """torch.optim.Muon's Newton-Schulz of each update; under DDP rank r computes the r-th of every world_size
-    same-shaped matrices and all-gathers the others' (the same result on every rank)."""
-    ns = functools.partial(_zeropower_via_newtonschulz, ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C),
-                           ns_steps=ns_steps, eps=EPS)
+    """The Newton-Schulz of each update, batched by shape; under DDP rank r computes the r-th, (r + world)-th, ...
+    of each shape's matrices and one all-gather per shape brings the others' (the same result on every rank)."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world == 1:
-        return [ns(u) for u in updates]
-    rank, out, pending = dist.get_rank(), [None] * len(updates), []
-    buckets = {}
+    rank = dist.get_rank() if world > 1 else 0
+    out, pending, buckets = [None] * len(updates), [], {}
     for i, u in enumerate(updates):
         buckets.setdefault(tuple(u.shape), []).append(i)
     for shape, idx in buckets.items():
-        for base in range(0, len(idx), world):
-            chunk = idx[base:base + world]
-            # (a rank without a matrix in this chunk sends zeros in the dtype the iteration returns: bf16)
-            mine = ns(updates[chunk[rank]]) if rank < len(chunk) else updates[0].new_zeros(shape, dtype=torch.bfloat16)
-            gathered = [torch.empty_like(mine) for _ in range(world)]
-            pending.append((dist.all_gather(gathered, mine.contiguous(), async_op=True), chunk, gathered))
-    for work, chunk, gathered in pending:
+        share = math.ceil(len(idx) / world)
+        mine = idx[rank::world]
+        stack = torch.stack([updates[i] for i in mine]) if mine else updates[idx[0]].new_zeros(0, *shape)
+        if len(mine) < share:  # (a rank short of a matrix pads with zeros: they stay zero)
+            stack = torch.cat([stack, stack.new_zeros(share - len(mine), *shape)])
+        result = newton_schulz(stack, ns_steps)
+        if world == 1:
+            for i, o in zip(idx, result):
+                out[i] = o
+            continue
+        gathered = [torch.empty_like(result) for _ in range(world)]
+        pending.append((dist.all_gather(gathered, result.contiguous(), async_op=True), idx, gathered))
+    for work, idx, gathered in pending:
         work.wait()
-        for i, g in zip(chunk, gathered):
-            out[i] = g
+        for j, i in enumerate(idx):
+            out[i] = gathered[j % world][j // world]
     return out
