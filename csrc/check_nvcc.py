@@ -45,12 +45,12 @@ def _demangle(names):
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
-def compile_one(nvcc, src, archs=ARCHS):
-    """-> (returncode, output text, [kernel dicts])"""
+def compile_one(nvcc, src, archs=ARCHS, launcher=()):
+    """-> (returncode, output text, [kernel dicts]); `launcher` prefixes the nvcc command (e.g. ccache)"""
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-c", str(src), "-o", os.path.join(tmp, src.stem + ".o"), "-O3", "-std=c++17", *gencode,
-               "-Xptxas", "-v"]
+        cmd = [*launcher, nvcc, "-c", str(src), "-o", os.path.join(tmp, src.stem + ".o"), "-O3", "-std=c++17",
+               *gencode, "-Xptxas", "-v"]
         p = subprocess.run(cmd, capture_output=True, text=True)
     text = p.stdout + p.stderr
     kernels, cur = [], None
@@ -74,15 +74,15 @@ def compile_one(nvcc, src, archs=ARCHS):
     return p.returncode, text, kernels
 
 
-def check(nvcc=None, archs=ARCHS, verbose=True):
-    """Compile everything; returns (ok, problems, kernels)."""
+def check(nvcc=None, archs=ARCHS, verbose=True, launcher=()):
+    """Compile everything; returns (ok, problems, kernels). `launcher`: see compile_one."""
     nvcc = find_nvcc(nvcc)
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
     sources = sorted(CUDA_DIR.glob("*.cu"))
     problems, kernels = [], []
     with cf.ThreadPoolExecutor(max_workers=len(sources)) as ex:
-        results = list(ex.map(lambda s: (s, compile_one(nvcc, s, archs)), sources))
+        results = list(ex.map(lambda s: (s, compile_one(nvcc, s, archs, launcher)), sources))
     for src, (rc, text, ks) in results:
         if rc != 0 or re.search(r"\berror\b", text):
             problems.append(f"{src.name}: nvcc failed (exit {rc}):\n{text}")

@@ -14,6 +14,7 @@ Faults are injected from outside the product code: the trainer runs under FAULTY
 monkeypatches its seams (train.train_step, GPT.forward, checkpoint.save and checkpoint.atomic_write) and
 then calls train.main, as `python faulty_train.py FAULTS --key=value ...` or a torchrun script.
 """
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_it
             eval_interval=10, gradient_accumulation_steps=2, dropout=0.1, deterministic=True,
             learning_rate=1e-2, warmup_iters=5, lr_decay_iters=40, max_iters=40,
             plot=False)  # loss.png is test_train's; matplotlib's import would add a second to every run
+DDP = dict(sampler="epoch", init_from="auto", max_iters=20)  # the 2-rank runs'
 
 
 FAULTY_TRAIN = """
@@ -121,6 +123,13 @@ def _trainer(wd, faults):
 def train(wd, faults=None, timeout=TIMEOUT, **over):
     return subprocess.run([sys.executable, *_trainer(wd, faults), *_args(wd, **over)], cwd=wd.path, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def later(wd, name, run=None, faults=None, **over):
+    """run(wd, faults, **over) (default: train) started now beside the tests, on one of wd.pool's two workers;
+    wd.ran(name) waits for its result. A trainer runs on one core (OMP_NUM_THREADS=1): on CI's 2 cores the tests'
+    own subprocesses and these share the machine instead of leaving a core idle."""
+    wd.runs[name] = wd.pool.submit(run or train, wd, faults, **over)
 
 
 def torchrun(wd, faults=None, nproc=2, max_restarts=1, **over):
@@ -208,6 +217,12 @@ class Workdir:
         self.data = str(path / "data" / "sc")
         self.faulty_train = path / "faulty_train.py"
         self.faulty_train.write_text(FAULTY_TRAIN)
+        self.pool = concurrent.futures.ThreadPoolExecutor(2)  # later(): trainer runs beside the tests
+        self.runs = {}
+
+    def ran(self, name):
+        """The CompletedProcess of the run later() started as `name`."""
+        return self.runs[name].result()
 
 
 @pytest.fixture(scope="module")
@@ -217,13 +232,23 @@ def wd(tmp_path_factory):
     prep = subprocess.run([sys.executable, "-m", "nanogpt.prepare", "shakespeare_char", f"--data_dir={w.data}"],
                           cwd=path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert prep.returncode == 0, prep.stderr
-    return w
+    # the runs that depend on no test, started at once, two at a time, in the order the tests use them
+    later(w, "ref", out_dir="ref")
+    later(w, "half", out_dir="half", max_iters=20)
+    for dtype in ("float32", "float16"):
+        later(w, f"nan-{dtype}", faults={"nan_at": [5, 8]}, out_dir=f"nan-{dtype}", max_iters=12, dtype=dtype)
+    later(w, "nanstop", faults={"nan_at": [12, None]}, out_dir="nanstop", max_skips=3)
+    later(w, "hugelr", out_dir="hugelr", learning_rate=1e30, warmup_iters=0, max_skips=3, dropout=0.0)
+    later(w, "oom", faults={"oom_at": 13}, out_dir="oom")
+    later(w, "ddp-ref", torchrun, out_dir="ddp-ref", **DDP)
+    yield w
+    w.pool.shutdown(cancel_futures=True)
 
 
 @pytest.fixture(scope="module")
 def ref(wd):
     """The uninterrupted 40-iteration run."""
-    out = ok(train(wd, out_dir="ref")).stdout
+    out = ok(wd.ran("ref")).stdout
     assert "saved checkpoint at iter 40" in out
     return wd.path / "ref"
 
@@ -231,7 +256,7 @@ def ref(wd):
 # ---------------------------------------------------------------- exact resume
 
 def test_resume_is_bitwise_exact(wd, ref):
-    ok(train(wd, out_dir="half", max_iters=20))
+    ok(wd.ran("half"))  # max_iters=20
     assert checkpoint.latest_iter(wd.path / "half") == 20
     out = ok(train(wd, out_dir="half", init_from="resume")).stdout
     assert "resuming from iter 20" in out
@@ -264,12 +289,25 @@ def test_load_strips_compile_prefix_and_names_bad_key(ref):
 
 # ---------------------------------------------------------------- crashes and signals
 
-@pytest.mark.parametrize("where", ["state", "model", "latest"])
-def test_kill9_inside_checkpoint_write(wd, ref, where):
+KILL9_AT = ["state", "model", "latest"]
+
+
+@pytest.fixture(scope="module")
+def paused(wd):
+    """{where: a trainer paused inside iter 20's save at `where`}, all three started at once."""
+    lives = {where: Live(wd, faults={"pause_in_save": [20, where]}, out_dir=wd.path / f"killed-{where}")
+             for where in KILL9_AT}
+    yield lives
+    for live in lives.values():
+        live.proc.kill()
+
+
+@pytest.mark.parametrize("where", KILL9_AT)
+def test_kill9_inside_checkpoint_write(wd, ref, paused, where):
     """kill -9 while iter 20's checkpoint is being written: after the weights file is in place and the optimizer
     state file is half-way to its name (state), before either (model), or before latest.json moves (latest)."""
     out = wd.path / f"killed-{where}"
-    live = Live(wd, faults={"pause_in_save": [20, where]}, out_dir=out)
+    live = paused[where]
     live.wait_for("pausing inside save")
     live.proc.kill()
     live.finish()
@@ -286,12 +324,33 @@ def test_kill9_inside_checkpoint_write(wd, ref, where):
         assert_same_run(out, ref)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_exits_0_and_resumes(wd, ref, sig):
+SIGNALS = [signal.SIGTERM, signal.SIGINT]
+
+
+@pytest.fixture(scope="module")
+def signalled(wd):
+    """{signal: a trainer that got it after logging iter 3}, both started at once (each watched by its own thread,
+    so that neither runs on to its end while the other is waited for)."""
+    lives = {sig: Live(wd, out_dir=f"sig{int(sig)}") for sig in SIGNALS}
+
+    def send_after_iter_3(sig):
+        lives[sig].wait_for("iter 3:")
+        lives[sig].proc.send_signal(sig)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(lives)) as ex:
+            for sent in [ex.submit(send_after_iter_3, sig) for sig in lives]:
+                sent.result()
+        yield lives
+    finally:
+        for live in lives.values():
+            live.proc.kill()
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_exits_0_and_resumes(wd, ref, signalled, sig):
     name = f"sig{int(sig)}"
-    live = Live(wd, out_dir=name)
-    live.wait_for("iter 3:")
-    live.proc.send_signal(sig)
+    live = signalled[sig]
     rc, stdout, stderr = live.finish()
     assert rc == 0, stdout[-2000:] + stderr[-3000:]
     stopped = int(stdout.split("stopped by signal at iter ")[1].split(";")[0])
@@ -304,13 +363,10 @@ def test_signal_saves_exits_0_and_resumes(wd, ref, sig):
 
 # ---------------------------------------------------------------- DDP: a rank dies, torchrun restarts
 
-DDP = dict(sampler="epoch", init_from="auto", max_iters=20)
-
-
 @pytest.fixture(scope="module")
 def ddp_ref(wd):
     """An uninterrupted 2-rank run."""
-    ok(torchrun(wd, out_dir="ddp-ref", **DDP))
+    ok(wd.ran("ddp-ref"))
     _, state = checkpoint.load(str(wd.path / "ddp-ref"))
     assert len(state["ranks"]) == 2
     return wd.path / "ddp-ref"
@@ -357,7 +413,7 @@ def test_ddp_sigterm_to_one_rank_stops_all_ranks_together(wd, ddp_ref):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16: autocast + GradScaler
 def test_nonfinite_steps_are_skipped_and_counted(wd, dtype):
     out = wd.path / f"nan-{dtype}"
-    proc = ok(train(wd, faults={"nan_at": [5, 8]}, out_dir=out, max_iters=12, dtype=dtype))
+    proc = ok(wd.ran(f"nan-{dtype}"))  # nan_at [5, 8], max_iters=12
     steps = {r["iter"]: r for r in records(out) if "loss" in r}
     assert [steps[i]["grad_norm"] for i in (5, 6, 7)] == [None] * 3
     assert [steps[i]["skipped"] for i in range(3, 13)] == [0, 0, 1, 2, 3, 3, 3, 3, 3, 3]
@@ -370,7 +426,7 @@ def test_nonfinite_steps_are_skipped_and_counted(wd, dtype):
 
 def test_max_skips_stops_with_error_and_last_checkpoint_intact(wd, ref):
     out = wd.path / "nanstop"
-    proc = train(wd, faults={"nan_at": [12, None]}, out_dir="nanstop", max_skips=3)
+    proc = wd.ran("nanstop")  # nan_at [12, None], max_skips=3
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: 3 consecutive steps had a non-finite loss") and proc.stderr.count("\n") == 1
     assert "iters 12-14" in proc.stderr and "the last good checkpoint (iter 10)" in proc.stderr
@@ -381,7 +437,7 @@ def test_max_skips_stops_with_error_and_last_checkpoint_intact(wd, ref):
 
 
 def test_huge_learning_rate_stops_cleanly(wd):
-    proc = train(wd, out_dir="hugelr", learning_rate=1e30, warmup_iters=0, max_skips=3, dropout=0.0)
+    proc = wd.ran("hugelr")  # learning_rate=1e30, warmup_iters=0, max_skips=3, dropout=0.0
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
     assert "non-finite loss or gradient" in proc.stderr and "no checkpoint was written" in proc.stderr
 
@@ -565,9 +621,9 @@ def test_bad_scratch_over_existing_checkpoint(wd, ref, capsys, tmp_path):
     assert snapshot(out) == before
 
 
-def test_out_of_memory_is_one_line_with_advice(wd, tmp_path):
-    out = tmp_path / "o"
-    bad_subprocess(train(wd, faults={"oom_at": 13}, out_dir=out),
+def test_out_of_memory_is_one_line_with_advice(wd):
+    out = wd.path / "oom"
+    bad_subprocess(wd.ran("oom"),  # oom_at 13
                    "out of memory with batch_size=4 x block_size=32 per micro-step: lower batch_size")
     # the checkpoint written before stays as it is
     assert checkpoint.latest_iter(out) == 10 and checkpoint.load(str(out))[1]["iter_num"] == 10

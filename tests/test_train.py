@@ -1,4 +1,5 @@
 """The trainer and sampler end to end, as subprocesses, on a tiny model and the embedded Shakespeare text."""
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -21,11 +22,28 @@ def run(args, cwd, timeout=300, **kw):
     return proc
 
 
+# {name: future of a trainer run}: the single-threaded runs that depend on no test, started by `workdir` on two
+# workers beside the tests (on CI's 2 cores they would otherwise leave one idle)
+LATER = {}
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     run(["nanogpt.prepare", "shakespeare_char"], d)
-    return d
+    one_thread = dict(os.environ, OMP_NUM_THREADS="1")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for recipe, name in RECIPES:  # test_ddp_two_ranks_equal_one_process's single process
+            args = ["nanogpt.train", *ddp_common(recipe), f"--out_dir=out-single{name}", "--batch_size=8",
+                    "--gradient_accumulation_steps=2"]
+            LATER[f"single{name}"] = pool.submit(run, args, d, env=one_thread)
+        LATER["nompl"] = pool.submit(subprocess.run, [sys.executable, "-c", NO_MATPLOTLIB, *TINY, "--plot=True",
+                                                      "--out_dir=out-nompl", "--batch_size=2", "--max_iters=2",
+                                                      "--gradient_accumulation_steps=1"],
+                                     cwd=d, env=one_thread, capture_output=True, text=True, timeout=300)
+        yield d
+        pool.shutdown(cancel_futures=True)
+    LATER.clear()
 
 
 def final_params(out_dir):
@@ -41,29 +59,38 @@ def test_train_then_sample(workdir):
     losses = [float(line.split("loss ")[1].split(",")[0]) for line in out.splitlines() if line.startswith("iter ")]
     assert len(losses) == 9 and losses[-1] < losses[0]
     (workdir / "prompt.txt").write_text("ROMEO:")
-    sample = run(["nanogpt.sample", "--out_dir=out-tiny", "--start=FILE:prompt.txt", "--num_samples=2",
-                  "--max_new_tokens=40", "--device=cpu", "--dtype=float32", "--kernels=torch"], workdir).stdout
+    # a prompt outside the vocab, run beside the good sample (on another core)
+    bad = subprocess.Popen([sys.executable, "-m", "nanogpt.sample", "--out_dir=out-tiny", "--start=\u00e9", "--device=cpu"],
+                           cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        sample = run(["nanogpt.sample", "--out_dir=out-tiny", "--start=FILE:prompt.txt", "--num_samples=2",
+                      "--max_new_tokens=40", "--device=cpu", "--dtype=float32", "--kernels=torch"], workdir).stdout
+        _, bad_err = bad.communicate(timeout=300)
+    finally:
+        bad.kill()
     texts = sample.split("---------------")
     assert len(texts) == 3 and all(t.strip().startswith("ROMEO:") for t in texts[:2])
     assert all(len(t.strip()) == len("ROMEO:") + 40 for t in texts[:2])  # char-level: one char per token
-    bad = subprocess.run([sys.executable, "-m", "nanogpt.sample", "--out_dir=out-tiny", "--start=\u00e9", "--device=cpu"],
-                         cwd=workdir, capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not in the 65-char vocab" in bad.stderr
+    assert bad.returncode == 2 and bad_err.count("\n") == 1 and "not in the 65-char vocab" in bad_err
 
 
 # every modern option (with AdamW: Muon's orthogonalisation lifts the gradient's smallest singular directions,
 # where the all-reduced mean and the single process's sum differ by rounding, to full size; its sharding is
 # tests/test_modern.py's)
 MODERN = [f"--{k}={v}" for k, v in MODERN_OPTIONS.items()]
+RECIPES = [([], ""), (MODERN, "-modern")]  # (options, out_dir suffix)
+
+
+def ddp_common(recipe):
+    return [*TINY, *recipe, "--max_iters=5", "--eval_interval=5"]
 
 
 @pytest.mark.parametrize("recipe", [[], MODERN], ids=["gpt2", "modern"])
 def test_ddp_two_ranks_equal_one_process(workdir, recipe):
     """2 gloo ranks x 2 micro-steps x batch 4 end with the parameters of 1 process x 2 micro-steps x batch 8."""
-    common = [*TINY, *recipe, "--max_iters=5", "--eval_interval=5"]
+    common = ddp_common(recipe)
     name = "-modern" if recipe else ""
-    run(["nanogpt.train", *common, f"--out_dir=out-single{name}", "--batch_size=8", "--gradient_accumulation_steps=2"],
-        workdir)
+    LATER[f"single{name}"].result()  # `workdir` started it: batch 8, 2 micro-steps, out-single{name}
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run(["torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt.train", *common,
          f"--out_dir=out-ddp{name}", "--batch_size=4", "--gradient_accumulation_steps=4"], workdir, env=env)
@@ -142,12 +169,12 @@ def test_quick_start_runs_twice_and_draws_loss_png(tmp_path, monkeypatch, capsys
     assert "resuming from iter 3" in capsys.readouterr().out and checkpoint.latest_iter(out_dir) == 5
 
 
+NO_MATPLOTLIB = "import sys; sys.modules['matplotlib'] = None; from nanogpt.train import main; main(sys.argv[1:])"
+
+
 def test_train_without_matplotlib(workdir):
     """matplotlib is optional: without it the run ends as usual, with a note instead of loss.png."""
-    code = "import sys; sys.modules['matplotlib'] = None; from nanogpt.train import main; main(sys.argv[1:])"
-    out = subprocess.run([sys.executable, "-c", code, *TINY, "--plot=True", "--out_dir=out-nompl", "--batch_size=2", "--max_iters=2",
-                          "--gradient_accumulation_steps=1"],
-                         cwd=workdir, capture_output=True, text=True, timeout=300)
+    out = LATER["nompl"].result()  # `workdir` started it: NO_MATPLOTLIB with --plot=True, out-nompl, 2 iters
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert "saved checkpoint at iter 2" in out.stdout and "matplotlib is not installed" in out.stdout
     assert not (workdir / "out-nompl" / "loss.png").exists()
