@@ -107,7 +107,7 @@ def run_one(c, recipe, seed, log):
     r |= dict(final_val=last["val"], iters=last["iter"], train_s=last["train"], wall_s=last["wall"],
               ms_per_iter=1000 * last["train"] / max(last["iter"], 1))
     log(f"{recipe} seed {seed}: val {r['final_val']:.4f} at iter {r['iters']}, {r['train_s']:.1f} s training, "
-        f"{r['wall_s']:.1f} s with evals, {process_s:.1f} s in all, load {os.getloadavg()[0]:.2f}")
+        f"{r['wall_s']:.1f} s with evals, {process_s:.1f} s in all, load {os.getloadavg()[0]:.2f}; {r['backends']}")
     return r
 
 

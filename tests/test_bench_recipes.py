@@ -89,8 +89,9 @@ def test_goal_verdicts(bench, tmp_path):
     a = bench.analyse(_runs(bench, tmp_path, [never, fast]))
     assert a["mean_ratio"] is None and not a["goal_time"]
     lines = []
-    bench.report([r | dict(final_val=r["curve"][-1]["val"], iters=r["curve"][-1]["iter"], train_s=1.0, wall_s=1.0,
-                           ms_per_iter=1.0, process_s=1.0) for r in _runs(bench, tmp_path, [never, fast])], a, lines.append)
+    runs = [r | dict(final_val=r["curve"][-1]["val"], iters=r["curve"][-1]["iter"], train_s=1.0, wall_s=1.0,
+                     ms_per_iter=1.0, process_s=1.0) for r in _runs(bench, tmp_path, [never, fast])]
+    bench.report(runs, a, lines.append)
     assert "not reached" in "\n".join(lines) and "not met" in lines[-1]
 
 
