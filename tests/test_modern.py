@@ -147,6 +147,26 @@ def test_muon_matches_torch_optim_muon_over_50_steps():
         assert torch.equal(a, b), n
 
 
+def test_bench_muon_runs_and_checks_equality(monkeypatch):
+    """benchmarks/bench_muon.py: both sides step, the table is printed, and a wrong update is exit code 1."""
+    import importlib.util
+    from pathlib import Path
+    from nanogpt.configurator import configure
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_muon.py"
+    spec = importlib.util.spec_from_file_location("bench_muon", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=16", "--iters=2", "--warmup=0"]
+    lines = []
+    ms = bench.run(configure(bench.DEFAULTS, args), args, log=lines.append)
+    assert set(ms) == {"torch", "ours"} and all(v > 0 for v in ms.values())
+    assert "hidden matrices equal" in lines[-1]
+    monkeypatch.setattr(muon, "newton_schulz", lambda stack, steps: stack.bfloat16() * 2)
+    with pytest.raises(SystemExit) as e:
+        bench.run(configure(bench.DEFAULTS, args), args, log=lines.append)
+    assert e.value.code == 1 and "DIFFER" in lines[-1]
+
+
 def test_muon_clips_skips_and_returns_the_norm():
     model = tiny(**MODERN)
     opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), optimizer="muon", grad_clip=0.5)
