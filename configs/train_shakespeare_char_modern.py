@@ -16,7 +16,7 @@ muon_lr = 0.02  # the hidden matrices (Muon); 0.01-0.08 gave the same val loss h
 learning_rate = 3e-3  # the embeddings, head, norms and biases (AdamW); 1.5e-3-6e-3 the same
 min_lr = 3e-4
 warmup_iters = 0  # Muon needs no lr warmup (modded-nanogpt, nanochat); its momentum ramps over 300 iters
-# 1200 iters take about the wall time of the GPT-2 recipe's 2000 here: a modern iter costs ~1.5-1.7x a GPT-2 one
-# on this 2-core CPU, most of it Muon's Newton-Schulz (README)
+# 1200 iters take a little less wall time than the GPT-2 recipe's 2000 here: a modern iter costs ~1.3-1.6x a GPT-2
+# one on the 2-core CPU (one thread), most of the difference Muon's step (README)
 max_iters = 1200
 lr_decay_iters = 1200
