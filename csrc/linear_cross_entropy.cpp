@@ -9,6 +9,7 @@
 // Python (nanogpt_kernels.registry.lce_chunk_rows, one rule for every backend).
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -62,10 +63,16 @@ Out4 lce_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ta
   at::Tensor db = at::zeros({has_bias ? G * V : 0}, x.options().dtype(at::kFloat));
   std::vector<float> losses(N);
   const at::Tensor wt = wc.t();
+  // one logits buffer for every chunk (and one for bf16's dW product): a fresh allocation of this size per
+  // chunk is a fresh mmap whose pages the kernel faults in and zeroes each time
+  const at::Tensor buf = at::empty({std::min(chunk, N), V}, x.options());
+  at::Tensor dw_part = with_grad && dt != at::kFloat ? at::empty({V, C}, x.options()) : at::Tensor();
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t n = std::min(chunk, N - r0);
     const at::Tensor xs = xc.narrow(0, r0, n);
-    at::Tensor logits = has_bias ? at::addmm(*bias, xs, wt) : at::mm(xs, wt);
+    at::Tensor logits = buf.narrow(0, 0, n);
+    if (has_bias) at::addmm_out(logits, *bias, xs, wt);
+    else at::mm_out(logits, xs, wt);
     with_row_dtypes(dt, dt, op, "weight", [&](auto t, auto) {
       using T = decltype(t);
       const auto pass = NG_ISA_PICK(lce::rows<T>);
@@ -79,7 +86,7 @@ Out4 lce_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ta
     at::Tensor dxs = dx.narrow(0, r0, n);
     at::mm_out(dxs, logits, wc);
     if (dt == at::kFloat) dw.addmm_(logits.t(), xs);
-    else dw.add_(at::mm(logits.t(), xs));  // each chunk's product rounded once, summed in fp32
+    else dw.add_(at::mm_out(dw_part, logits.t(), xs));  // each chunk's product rounded once, summed in fp32
     if (has_bias) db.add_(logits.sum(0, false, at::kFloat));
   }
   double total = 0.0;  // in order: deterministic
