@@ -95,13 +95,13 @@ def _load(path):
 def _commands():
     """(name, main, its Keys) of every command that takes --key=value."""
     from nanogpt import export, harness, sample, train
-    bench, gen, roof, scale = (_load(ROOT / "benchmarks" / f"{n}.py")
-                               for n in ("bench", "bench_generate", "kernel_roofline", "bench_scaleout"))
+    bench, gen, roof, scale, mu = (_load(ROOT / "benchmarks" / f"{n}.py")
+                                   for n in ("bench", "bench_generate", "kernel_roofline", "bench_scaleout", "bench_muon"))
     return [("nanogpt-train", train.main, train.DEFAULTS), ("nanogpt-sample", sample.main, sample.DEFAULTS),
             ("nanogpt-export", export.main, export.DEFAULTS), ("nanogpt-eval", harness.main, harness.DEFAULTS),
             ("bench.py", bench.main, bench.defaults(bench.default_device())),
             ("bench_generate.py", gen.main, gen.DEFAULTS), ("kernel_roofline.py", roof.main, roof.DEFAULTS),
-            ("bench_scaleout.py", scale.main, scale.DEFAULTS)]
+            ("bench_scaleout.py", scale.main, scale.DEFAULTS), ("bench_muon.py", mu.main, mu.DEFAULTS)]
 
 
 def help_lines(capsys, main, argv):
@@ -118,7 +118,7 @@ def test_every_configured_command_is_checked():
     users = {p.name for d in ("nanogpt", "benchmarks") for p in (ROOT / d).glob("*.py")
              if "configure(" in p.read_text() and p.name != "configurator.py"}
     assert users == {"train.py", "sample.py", "export.py", "harness.py", "bench.py", "bench_generate.py",
-                     "kernel_roofline.py", "bench_scaleout.py"}
+                     "kernel_roofline.py", "bench_scaleout.py", "bench_muon.py"}
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
