@@ -73,11 +73,14 @@ def cmd_backends(run):
 
 def device_tests():
     """The test files that run on NANOGPT_TEST_DEVICE: one per registry op (tests/test_<op>.py), the
-    extension's, the model's and the measured auto's; the rest is CPU-only and CI runs it."""
+    extension's, the model's and the measured auto's; the rest is CPU-only and CI runs it, as it runs the
+    compile-only checks (nvcc's and Triton's for sm_80/sm_90), which would spend device time learning nothing new."""
     from nanogpt_kernels import registry
     patterns = [f"test_{op}.py" for op in registry.OPS] + ["test_kernels_*.py", "test_ext_*.py", "test_model*.py",
                                                           "test_autotune.py"]
-    return sorted({str(p.relative_to(ROOT)) for pat in patterns for p in (ROOT / "tests").glob(pat)})
+    compile_only = {"test_ext_nvcc.py", "test_kernels_compile.py"}
+    return sorted({str(p.relative_to(ROOT)) for pat in patterns for p in (ROOT / "tests").glob(pat)
+                   if p.name not in compile_only})
 
 
 def parse_junit(path):
