@@ -48,6 +48,21 @@ def _sources(*patterns):
     return [p for pat in patterns for p in sorted(glob.glob(pat, root_dir=HERE))]
 
 
+def _shared_libstdcxx():
+    """The shared C++ runtime (libstdc++.so.6, by the path the compiler finds), named on the link line ahead of
+    the compiler's own -lstdc++. A toolchain that links libstdc++.a instead (LDFLAGS=-static-libstdc++, or no
+    libstdc++.so development link) puts a second copy of the runtime in our .so whose locale ids differ from the
+    copy torch loaded: formatting any error message (TORCH_CHECK) then crashed the process (seen on a GPU image).
+    Named first, the shared library resolves every symbol and the archive adds nothing."""
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    try:
+        path = subprocess.run([*cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [path] if os.path.isabs(path) and os.path.exists(path) else []
+
+
 def _extension():
     """(ext_modules, cmdclass) for nanogpt_kernels._C, or ([], {}) when it is skipped."""
     want = _env_flag("NANOGPT_BUILD_EXT")
@@ -84,6 +99,8 @@ def _extension():
         # runtime torch itself has loaded (same soname), so there is one OpenMP pool.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+    if sys.platform.startswith("linux"):
+        link += _shared_libstdcxx()
     sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     if with_cuda:
         ext = ce.CUDAExtension("nanogpt_kernels._C", sources,

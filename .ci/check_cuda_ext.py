@@ -17,6 +17,24 @@ def expected_on_cuda(op_names):
     return {n for n in op_names if not any(n == op or n.startswith(op + "_") for op in elsewhere)}
 
 
+def error_message_check():
+    """A bad call's error message comes out whole (numbers included). A .so linked with its own static copy of
+    libstdc++ truncates it after the first number, or crashes the process (seen on a GPU image; setup.py's
+    _shared_libstdcxx). The CPU kernel shares the argument checks with the CUDA one."""
+    p = torch.randn(10)
+    try:
+        torch.ops.nanogpt_ext.adamw_([p], [torch.randn(11)], [torch.zeros(10)], [torch.zeros(10)], [torch.zeros(())],
+                                     torch.tensor(1e-3, dtype=torch.float64), torch.tensor(1.0),
+                                     0.9, 0.95, 1e-8, 0.1, 1.0)
+    except RuntimeError as e:
+        msg = str(e).splitlines()[0]
+        print(f"error message of a bad call: {msg}")
+        if "grad 0 (Float, 11 elements) does not match its param (Float, 10)" not in msg:
+            return f"a bad call's error message is cut short ({msg!r}): is libstdc++ linked statically?"
+        return None
+    return "adamw_ with a mismatched grad did not raise"
+
+
 def main():
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), GPU present: {torch.cuda.is_available()}; "
           f"nanogpt_kernels from {nanogpt_kernels.__file__}")
@@ -39,6 +57,9 @@ def main():
                         "backend does not run on CUDA: update nanogpt_kernels.registry.REGISTRY")
     print(f"nanogpt_ext ops with a CUDA kernel: {', '.join(sorted(on_cuda)) or 'none'}")
     print(f"nanogpt_ext ops without (the ext backend runs them elsewhere only): {', '.join(sorted(ops - on_cuda)) or 'none'}")
+    why = error_message_check()
+    if why:
+        problems.append(why)
     for p in problems:
         print("PROBLEM:", p, file=sys.stderr)
     print("CUDA build check:", "FAILED" if problems else "OK")

@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_suite.sh
 #
 # Stages (each one's failure or time-out is recorded and the suite goes on):
-#   env        device, driver, torch/triton/python versions (nvidia-smi, torch)
 #   build      NANOGPT_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e .  (the CUDA extension, in place)
+#   env        device, driver, torch/triton/python versions (nvidia-smi, torch)
 #   backends   which kernel backends (nanogpt_kernels.registry) can run on cuda, which ops they lack, and why
 #   tests      NANOGPT_TEST_DEVICE=cuda pytest on the device-aware tests (suite_report.py tests: one file per
 #              registry op, the extension's, the model's, the measured auto's; counts from JUnit XML)
@@ -88,16 +88,19 @@ EOF
     return 0
 }
 
-stage env 15 bash -c "nvidia-smi; $PY -m nanogpt_kernels; $PY benchmarks/suite_report.py env --run=$RUN"
-
 stage build 150 env NANOGPT_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e .
+
+# after the build: nanogpt_kernels is importable only once installed
+stage env 15 bash -c "nvidia-smi; $PY -m nanogpt_kernels; $PY benchmarks/suite_report.py env --run=$RUN"
 
 stage backends 10 $PY benchmarks/suite_report.py backends --run="$RUN"
 
 # the device-aware tests (kernels, extension, model); the CPU-only rest is what CI runs. No -x: one
-# call should report every failure.
+# call should report every failure. With pytest-xdist (on the GPU image), one worker per file's tests: a
+# test that crashes its process (a segfault in a kernel) is reported as failed and the rest still run.
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
 stage tests 100 env NANOGPT_TEST_DEVICE=cuda $PY -m pytest $($PY benchmarks/suite_report.py tests) \
-    -q -p no:cacheprovider --junitxml="$RUN/pytest.xml"
+    -q -p no:cacheprovider --junitxml="$RUN/pytest.xml" $XDIST
 
 stage bench 180 $PY benchmarks/bench.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 \
     --batch_size=12 --vocab_size=50304 --dtype=bfloat16 --modes=torch,torch+compile,auto,auto+compile \
