@@ -8,8 +8,9 @@ with the same AdamW (torch's, or --adamw=ext/triton for ours only) on the rest: 
 torch.optim.AdamW (each hidden matrix orthogonalised in turn), `ours` is the trainer's optimizer (the
 Newton-Schulz iteration batched over same-shaped matrices). The steps are interleaved; the table gives the
 median ms per step and ours as a fraction of torch's. After the first step the hidden matrices must be equal
-(ours runs torch.optim.Muon's arithmetic), else exit code 1; on CUDA, where cuBLAS may pick other kernels for a
-batched product than for one matrix, within a quarter of a bf16 ulp of the orthogonalised update (lr * 2**-9).
+(ours runs torch.optim.Muon's arithmetic) up to how the BLAS blocks a batched product against one matrix's,
+which depends on the machine and the thread count (1e-4 seen on a 16-core CPU): within two bf16 ulps of a
+unit-size update (lr * 2**-6), else exit code 1.
 """
 import datetime
 import os
@@ -50,7 +51,8 @@ DEFAULTS = Keys("python benchmarks/bench_muon.py", __doc__, {
 def build(c):
     torch.manual_seed(c["seed"])
     shape = {k: c[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
-    return GPT(GPTConfig(**shape, **MODERN, kernels=f"adamw:{c['adamw']}"), c["device"])
+    device = torch.device(c["device"])
+    return GPT(GPTConfig(**shape, **MODERN, kernels=f"adamw:{c['adamw']}"), device.type).to(device)
 
 
 def run(c, argv=(), log=print):
@@ -81,7 +83,7 @@ def run(c, argv=(), log=print):
     for name in sides:
         step(name)
     diff = max((a - b).abs().max().item() for a, b in zip(muon.split_params(ours_model)[0], hidden))
-    same = diff <= (0.02 * 2**-9 if cuda else 0.0)
+    same = diff <= 0.02 * 2**-6
     for _ in range(c["warmup"]):
         for name in sides:
             step(name)
@@ -99,7 +101,8 @@ def run(c, argv=(), log=print):
     what = {"torch": "torch.optim.Muon + AdamW", "ours": f"optimizer=muon, adamw:{c['adamw']}"}
     for name in sides:
         log(f"| {name} ({what[name]}) | {ms[name]:.2f} | {ms[name] / ms['torch']:.2f}x |")
-    log(f"first step's hidden matrices {'equal' if same else 'DIFFER'} (ours vs torch.optim.Muon, max |diff| {diff:.2e})")
+    log(f"first step's hidden matrices {'agree' if same else 'DIFFER'} (ours vs torch.optim.Muon, max |diff| {diff:.2e}, "
+        f"tolerance {0.02 * 2**-6:.2e})")
     if not same:
         sys.exit(1)
     return ms
