@@ -20,17 +20,20 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 @triton.jit
-def _tanh(u):
-    # tanh(u) = sign(u) * (1 - e) / (1 + e), e = exp(-2|u|): no overflow for any u
+def _tanh_parts(u):
+    # (1 + tanh u, 1 - tanh^2 u) from e = exp(-2|u|), with no cancellation and no overflow for any u (the
+    # CPU kernels' tanh_parts): 1 - t^2 as 1 - t*t loses the digits gelu's gradient multiplies by up to ~|h|^3
     e = tl.exp(-2.0 * tl.abs(u))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(u < 0, -t, t)
+    inv = 1.0 / (1.0 + e)
+    one_plus_t = tl.where(u >= 0, 2.0 * inv, 2.0 * e * inv)
+    return one_plus_t, 4.0 * e * inv * inv
 
 
 @triton.jit
 def _gelu_fwd(h, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
-        y = 0.5 * h * (1.0 + _tanh((h + 0.044715 * h * h * h) * _SQRT2_PI))
+        opt, _ = _tanh_parts((h + 0.044715 * h * h * h) * _SQRT2_PI)
+        y = 0.5 * h * opt
     else:
         y = 0.5 * h * (1.0 + tl.erf(h * _SQRT1_2))
     return y
@@ -39,8 +42,8 @@ def _gelu_fwd(h, APPROX_TANH: tl.constexpr):
 @triton.jit
 def _gelu_grad(h, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
-        t = _tanh((h + 0.044715 * h * h * h) * _SQRT2_PI)
-        g = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT2_PI * (1.0 + 0.134145 * h * h)
+        opt, omt2 = _tanh_parts((h + 0.044715 * h * h * h) * _SQRT2_PI)
+        g = 0.5 * opt + 0.5 * h * omt2 * _SQRT2_PI * (1.0 + 0.134145 * h * h)
     else:
         g = 0.5 * (1.0 + tl.erf(h * _SQRT1_2)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
     return g
