@@ -61,6 +61,7 @@ def muon_class(adamw_cls):
             # the AdamW backend clips nothing: the norm is taken and clipped here, over both parts
             super().__init__([muon_group, *adamw_groups], max_grad_norm=0.0, **adamw_kwargs)
             self.clip = float(max_grad_norm or 0.0)
+            self.ns_work = {}  # Newton-Schulz's buffers, kept from step to step (newton_schulz)
 
         @torch.no_grad()
         def step(self, closure=None):
@@ -94,7 +95,7 @@ def muon_class(adamw_cls):
                 buf = st["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
-            ortho = orthogonalize([whole(u) for u in updates], group["ns_steps"])
+            ortho = orthogonalize([whole(u) for u in updates], group["ns_steps"], self.ns_work)
             for p, o in zip(params, ortho):
                 o = local_rows(o, p)
                 p.mul_(1 - lr * wd)
@@ -118,24 +119,55 @@ def local_rows(full, p):
     return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
 
 
-def newton_schulz(stack, ns_steps):
-    """torch.optim.Muon's _zeropower_via_newtonschulz over a (k, rows, cols) stack of same-shaped matrices at
-    once: each matrix bf16, wide (transposed if tall), divided by its own norm, then ns_steps quintic steps."""
+def _buffer(work, name, shape, like):
+    """work[name] if it has this shape, else a new one (kept in work when given)."""
+    t = None if work is None else work.get(name)
+    if t is None or t.shape != shape:
+        t = like.new_empty(shape)
+        if work is not None:
+            work[name] = t
+    return t
+
+
+def newton_schulz(x, ns_steps, work=None):
+    """torch.optim.Muon's _zeropower_via_newtonschulz over a (k, rows, cols) bf16 stack of wide (rows <= cols)
+    matrices at once (wide_bf16_stack): each divided by its own norm, then ns_steps quintic steps. x is
+    overwritten. work: a dict kept across calls that holds the iterations' buffers, and then the result (valid
+    until the next call with it): at GPT-2's shapes a fresh buffer per product is 14-56 MB of fresh memory,
+    faulted in page by page on a CPU each time, which made the batched step slower than torch's one by one."""
     a, b, c = DEFAULT_A, DEFAULT_B, DEFAULT_C
-    x = stack.bfloat16()
-    tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT
-    x = x / x.flatten(1).norm(dim=1).clamp(min=EPS)[:, None, None]
+    k, rows, _ = x.shape
+    y = _buffer(work, "y", x.shape, x)
+    gram, poly = (_buffer(work, name, (k, rows, rows), x) for name in ("gram", "poly"))
+    x.div_(x.flatten(1).norm(dim=1).clamp(min=EPS)[:, None, None])
     for _ in range(ns_steps):
-        gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if tall else x
+        torch.bmm(x, x.mT, out=gram)
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)
+        torch.baddbmm(x, poly, x, beta=a, out=y)
+        x, y = y, x
+    return x
 
 
-def orthogonalize(updates, ns_steps):
+def wide_bf16_stack(mats, shape, n, device, work=None):
+    """The (n, short side, long side) bf16 stack of same-shaped matrices that newton_schulz takes (in `work`'s
+    buffer when given): each one rounded to bf16 and transposed if tall in one copy, as torch.optim.Muon rounds
+    and transposes it. No fp32 stack is made, and the products run on contiguous memory (on a transposed view
+    they ran at half speed on a CPU). Slots past len(mats) are zeros (a DDP rank short of a matrix: they stay
+    zero)."""
+    rows, cols = shape
+    tall = rows > cols
+    x = _buffer(work, "stack", (n, min(rows, cols), max(rows, cols)),
+                torch.empty((), dtype=torch.bfloat16, device=device))
+    for i, m in enumerate(mats):
+        x[i].copy_(m.bfloat16().mT if tall else m)  # a transposing copy runs faster in bf16 than from fp32
+    x[len(mats):].zero_()
+    return x, tall
+
+
+def orthogonalize(updates, ns_steps, work=None):
     """The Newton-Schulz of each update, batched by shape; under DDP rank r computes the r-th, (r + world)-th, ...
-    of each shape's matrices and one all-gather per shape brings the others' (the same result on every rank)."""
+    of each shape's matrices and one all-gather per shape brings the others' (the same result on every rank).
+    work: newton_schulz's; the results may be views of it, valid until the next call with it."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     out, pending, buckets = [None] * len(updates), [], {}
@@ -143,11 +175,13 @@ def orthogonalize(updates, ns_steps):
         buckets.setdefault(tuple(u.shape), []).append(i)
     for shape, idx in buckets.items():
         share = math.ceil(len(idx) / world)
-        mine = idx[rank::world]
-        stack = torch.stack([updates[i] for i in mine]) if mine else updates[idx[0]].new_zeros(0, *shape)
-        if len(mine) < share:  # (a rank short of a matrix pads with zeros: they stay zero)
-            stack = torch.cat([stack, stack.new_zeros(share - len(mine), *shape)])
-        result = newton_schulz(stack, ns_steps)
+        mine = [updates[i] for i in idx[rank::world]]
+        # a tall shape's stack is its transpose's: each shape has its own buffers, its result lives there
+        ws = None if work is None else work.setdefault(shape, {})
+        stack, tall = wide_bf16_stack(mine, shape, share, updates[idx[0]].device, ws)
+        result = newton_schulz(stack, ns_steps, ws)
+        if tall:
+            result = result.mT
         if world == 1:
             for i, o in zip(idx, result):
                 out[i] = o
