@@ -170,6 +170,8 @@ def build_report(run, gpu=None, total_s=None):
         "roofline": _read_json(os.path.join(run, "roofline.json")),
         "bench": _read_json(os.path.join(run, "bench.json")),
         "kernels_regression": _read_json(os.path.join(run, "kernels.json")),
+        "bench_lce_none": _read_json(os.path.join(run, "bench_lce_none.json")),
+        "muon": _tail(os.path.join(run, "muon.log"), 6) if os.path.exists(os.path.join(run, "muon.log")) else None,
         "logs": run,
     }
 
@@ -259,6 +261,17 @@ def markdown(rep, run):
     else:
         L.append("no result (see the bench stage log)")
     L.append("")
+    L += ["## Fused loss and Muon (open issues' GPU goals)", ""]
+    auto = next((e for e in (bench or {}).get("modes", []) if e["mode"] == "auto" and "ms_median" in e), None)
+    none = next((e for e in (rep.get("bench_lce_none") or {}).get("modes", []) if "ms_median" in e), None)
+    if auto and none:
+        L.append(f"Training step, auto with the measured loss ({auto['backends'].get('linear_cross_entropy')}): "
+                 f"{auto['ms_median']:.1f} ms, peak {_f(auto.get('peak_mem_mb'), '.0f')} MiB; with the unfused "
+                 f"loss (lce stage): {none['ms_median']:.1f} ms, peak {_f(none.get('peak_mem_mb'), '.0f')} MiB "
+                 "(separate runs).")
+    else:
+        L.append("no fused-vs-unfused comparison (see the bench and lce stage logs)")
+    L += ["", "Muon's step (muon stage):", "", "```", (rep.get("muon") or "no result").rstrip(), "```", ""]
     kr = rep["kernels_regression"]
     if kr:
         L += ["## Kernel regression (pytest-benchmark)", "", "| test | median ms |", "|---|---|"]
