@@ -77,7 +77,7 @@ def device_tests():
     compile-only checks (nvcc's and Triton's for sm_80/sm_90), which would spend device time learning nothing new."""
     from nanogpt_kernels import registry
     patterns = [f"test_{op}.py" for op in registry.OPS] + ["test_kernels_*.py", "test_ext_*.py", "test_model*.py",
-                                                          "test_autotune.py"]
+                                                          "test_autotune.py", "test_ns_gram.py"]
     compile_only = {"test_ext_nvcc.py", "test_kernels_compile.py"}
     return sorted({str(p.relative_to(ROOT)) for pat in patterns for p in (ROOT / "tests").glob(pat)
                    if p.name not in compile_only})

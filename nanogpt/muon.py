@@ -24,10 +24,13 @@ The Newton-Schulz iteration runs batched: the same-shaped matrices of a step (ev
 stacked and iterated together, torch.optim.Muon's bf16 arithmetic with bmm in place of mm, so a step launches
 ns_steps x 3 matmuls per shape, not per matrix. For small matrices the per-call overhead is most of the
 iteration's time (benchmarks/README.md, "Muon"). A fused fp32 iteration of our own was not kept: on this
-project's CPU machine (AMX-BF16) torch's bf16 iteration is already faster than an fp32 one.
+project's CPU machine (AMX-BF16) torch's bf16 iteration is already faster than an fp32 one. On CUDA the X·Xᵀ
+product may run on a Triton kernel that computes only the upper triangle of tiles (kernels/triton/ns_gram.py),
+kept per shape only where measured faster than torch.bmm at the first step (gram_backend).
 """
 import functools
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -129,6 +132,71 @@ def _buffer(work, name, shape, like):
     return t
 
 
+def _bmm_gram(x, out):
+    return torch.bmm(x, x.mT, out=out)
+
+
+def _triton_gram(x, out):
+    from nanogpt_kernels.triton.ns_gram import ns_gram
+    return ns_gram(x, out=out)
+
+
+GRAMS = {"torch": _bmm_gram, "triton": _triton_gram}
+
+
+def _cuda_ms(fn, reps=10):
+    """Median ms of fn() over reps CUDA-event-timed calls, after two untimed ones."""
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def gram_backend(x, work=None):
+    """Which of GRAMS computes the X·Xᵀ of stacks shaped like x: on CUDA with Triton, measure_gram's verdict,
+    once per shape (work keeps it); elsewhere, or without work, torch."""
+    if work is not None and "gram_backend" in work:
+        return work["gram_backend"]
+    from nanogpt_kernels import registry
+    if work is None or not x.is_cuda or registry.backend_unavailable("triton", "cuda") is not None:
+        return "torch"
+    work["gram_backend"] = measure_gram(x, _cuda_ms)
+    return work["gram_backend"]
+
+
+def measure_gram(x, time_ms):
+    """'triton' or 'torch' for x's X·Xᵀ. The Triton kernel (kernels/triton/ns_gram.py: the upper triangle of
+    tiles only) is checked against a float64 product (within 2x torch.bmm's error, the kernel tests' budget),
+    then both are timed on x itself (time_ms(fn) -> ms): Triton is kept only when at least 3% faster, as the
+    measured auto keeps a kernel. One line says the choice; a warning says why Triton was dropped if it raised
+    or disagreed."""
+    from nanogpt_kernels.contract import within_budget
+    choice = "torch"
+    try:
+        ref = torch.bmm(x.double(), x.double().mT)
+        ok, err, tol = within_budget(GRAMS["triton"](x, None), GRAMS["torch"](x, None), ref, x.dtype)
+        if not ok:
+            raise RuntimeError(f"off by {err:.3g} from float64 (budget {tol:.3g})")
+        out = torch.empty(ref.shape, dtype=x.dtype, device=x.device)
+        ms = {name: time_ms(lambda f=f: f(x, out)) for name, f in GRAMS.items()}
+        if ms["triton"] <= 0.97 * ms["torch"]:
+            choice = "triton"
+        why = f"triton {ms['triton']:.3f} ms, torch.bmm {ms['torch']:.3f} ms"
+    except Exception as e:  # noqa: BLE001 - any failure of the kernel: bmm, said once
+        warnings.warn(f"muon: the Triton X·Xᵀ kernel dropped for {tuple(x.shape)}: {type(e).__name__}: {e}")
+        why = "triton dropped"
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"muon: X·Xᵀ of {tuple(x.shape)} {x.dtype} on {choice} ({why})", flush=True)
+    return choice
+
+
 def newton_schulz(x, ns_steps, work=None):
     """torch.optim.Muon's _zeropower_via_newtonschulz over a (k, rows, cols) bf16 stack of wide (rows <= cols)
     matrices at once (wide_bf16_stack): each divided by its own norm, then ns_steps quintic steps. x is
@@ -139,9 +207,10 @@ def newton_schulz(x, ns_steps, work=None):
     k, rows, _ = x.shape
     y = _buffer(work, "y", x.shape, x)
     gram, poly = (_buffer(work, name, (k, rows, rows), x) for name in ("gram", "poly"))
+    gram_of = GRAMS[gram_backend(x, work)]
     x.div_(x.flatten(1).norm(dim=1).clamp(min=EPS)[:, None, None])
     for _ in range(ns_steps):
-        torch.bmm(x, x.mT, out=gram)
+        gram_of(x, gram)
         torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)
         torch.baddbmm(x, poly, x, beta=a, out=y)
         x, y = y, x

@@ -29,13 +29,17 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
+# Triton kernels outside the registry's ops: Muon's X·Xᵀ (nanogpt.muon measures it against torch.bmm)
+NON_OP_MODULES = ("nanogpt_kernels.triton.ns_gram",)
+
+
 def triton_modules():
-    """The modules of the registry's triton ops, each once."""
+    """The modules of the registry's triton ops, each once, and NON_OP_MODULES."""
     from nanogpt_kernels import registry
 
-    names = (spec.impls["triton"].target.partition(":")[0] for spec in registry.REGISTRY.values()
-             if "triton" in spec.impls)
-    return [importlib.import_module(name) for name in dict.fromkeys(names)]
+    names = [spec.impls["triton"].target.partition(":")[0] for spec in registry.REGISTRY.values()
+             if "triton" in spec.impls]
+    return [importlib.import_module(name) for name in dict.fromkeys(names + list(NON_OP_MODULES))]
 
 
 def all_configs():
