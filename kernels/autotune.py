@@ -98,7 +98,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _round_robin(runs, device, budget_s):
+def round_robin(runs, device, budget_s):
     """{name: (fastest, median) ms} of each runner, taking turns until the time budget or MAX_REPS runs out.
     The fastest run is the estimate: on a shared machine noise only ever adds time."""
     times = {name: [] for name in runs}
@@ -183,7 +183,7 @@ def measure_layer(op, backends, call, ctx, budget_s):
             runs[b] = functools.partial(run, douts=douts)
         except Exception as e:
             trials[b].error = f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    for b, (ms, med) in _round_robin(runs, call.args[0].device, budget_s).items():
+    for b, (ms, med) in round_robin(runs, call.args[0].device, budget_s).items():
         trials[b].ms, trials[b].median_ms = ms, med
     return list(trials.values())
 
@@ -238,7 +238,7 @@ def measure_optimizer(backends, groups, hyper, budget_s):
         except Exception as e:
             why = f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         trials[b].error = why
-    for b, (ms, med) in _round_robin(runs, device, budget_s).items():
+    for b, (ms, med) in round_robin(runs, device, budget_s).items():
         trials[b].ms, trials[b].median_ms = ms, med
     return list(trials.values())
 

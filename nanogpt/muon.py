@@ -144,21 +144,6 @@ def _triton_gram(x, out):
 GRAMS = {"torch": _bmm_gram, "triton": _triton_gram}
 
 
-def _cuda_ms(fn, reps=10):
-    """Median ms of fn() over reps CUDA-event-timed calls, after two untimed ones."""
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def gram_backend(x, work=None):
     """Which of GRAMS computes the X·Xᵀ of stacks shaped like x: on CUDA with Triton, measure_gram's verdict,
     once per shape (work keeps it); elsewhere, or without work, torch."""
@@ -167,16 +152,22 @@ def gram_backend(x, work=None):
     from nanogpt_kernels import registry
     if work is None or not x.is_cuda or registry.backend_unavailable("triton", "cuda") is not None:
         return "torch"
-    work["gram_backend"] = measure_gram(x, _cuda_ms)
+    work["gram_backend"] = measure_gram(x, _time_gram)
     return work["gram_backend"]
 
 
-def measure_gram(x, time_ms):
+def _time_gram(runs):
+    """{name: ms} of each runner, timed in turns as the measured auto times its kernels (the fastest run)."""
+    import nanogpt_kernels.autotune as kernel_autotune
+    return {name: fastest for name, (fastest, _) in kernel_autotune.round_robin(runs, torch.device("cuda"), 0.2).items()}
+
+
+def measure_gram(x, time_runs):
     """'triton' or 'torch' for x's X·Xᵀ. The Triton kernel (kernels/triton/ns_gram.py: the upper triangle of
     tiles only) is checked against a float64 product (within 2x torch.bmm's error, the kernel tests' budget),
-    then both are timed on x itself (time_ms(fn) -> ms): Triton is kept only when at least 3% faster, as the
-    measured auto keeps a kernel. One line says the choice; a warning says why Triton was dropped if it raised
-    or disagreed."""
+    then both are timed on x itself (time_runs({name: fn}) -> {name: ms}): Triton is kept only when at least 3%
+    faster, as the measured auto keeps a kernel. One line says the choice; a warning says why Triton was
+    dropped if it raised or disagreed."""
     from nanogpt_kernels.contract import within_budget
     choice = "torch"
     try:
@@ -185,7 +176,7 @@ def measure_gram(x, time_ms):
         if not ok:
             raise RuntimeError(f"off by {err:.3g} from float64 (budget {tol:.3g})")
         out = torch.empty(ref.shape, dtype=x.dtype, device=x.device)
-        ms = {name: time_ms(lambda f=f: f(x, out)) for name, f in GRAMS.items()}
+        ms = time_runs({name: (lambda f=f: f(x, out)) for name, f in GRAMS.items()})
         if ms["triton"] <= 0.97 * ms["torch"]:
             choice = "triton"
         why = f"triton {ms['triton']:.3f} ms, torch.bmm {ms['torch']:.3f} ms"
