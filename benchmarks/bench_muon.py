@@ -101,8 +101,8 @@ def run(c, argv=(), log=print):
     what = {"torch": "torch.optim.Muon + AdamW", "ours": f"optimizer=muon, adamw:{c['adamw']}"}
     for name in sides:
         log(f"| {name} ({what[name]}) | {ms[name]:.2f} | {ms[name] / ms['torch']:.2f}x |")
-    log(f"first step's hidden matrices {'agree' if same else 'DIFFER'} (ours vs torch.optim.Muon, max |diff| {diff:.2e}, "
-        f"tolerance {0.02 * 2**-6:.2e})")
+    log(f"first step's hidden matrices {'agree' if same else 'DIFFER'} (ours vs torch.optim.Muon, "
+        f"max |diff| {diff:.2e}, tolerance {0.02 * 2**-6:.2e})")
     if not same:
         sys.exit(1)
     return ms

@@ -159,7 +159,8 @@ def gram_backend(x, work=None):
 def _time_gram(runs):
     """{name: ms} of each runner, timed in turns as the measured auto times its kernels (the fastest run)."""
     import nanogpt_kernels.autotune as kernel_autotune
-    return {name: fastest for name, (fastest, _) in kernel_autotune.round_robin(runs, torch.device("cuda"), 0.2).items()}
+    timed = kernel_autotune.round_robin(runs, torch.device("cuda"), 0.2)
+    return {name: fastest for name, (fastest, _) in timed.items()}
 
 
 def measure_gram(x, time_runs):
