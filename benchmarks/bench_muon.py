@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_cases import device_name  # noqa: E402
 from nanogpt import muon  # noqa: E402
 from nanogpt.configurator import Keys, configure  # noqa: E402
-from nanogpt.errors import run_cli  # noqa: E402
+from nanogpt.errors import UserError, run_cli  # noqa: E402
 from nanogpt.model import GPT, MODERN, GPTConfig  # noqa: E402
 
 DEFAULTS = Keys("python benchmarks/bench_muon.py", __doc__, {
@@ -56,6 +56,8 @@ def build(c):
 
 
 def run(c, argv=(), log=print):
+    if torch.device(c["device"]).type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={c['device']} but CUDA is not available; use --device=cpu")
     if c["threads"] > 0:
         torch.set_num_threads(c["threads"])
     ours_model, ref_model = build(c), build(c)

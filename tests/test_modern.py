@@ -165,6 +165,10 @@ def test_bench_muon_runs_and_checks_agreement(monkeypatch):
     with pytest.raises(SystemExit) as e:
         bench.run(configure(bench.DEFAULTS, args), args, log=lines.append)
     assert e.value.code == 1 and "DIFFER" in lines[-1]
+    if not torch.cuda.is_available():
+        from nanogpt.errors import UserError
+        with pytest.raises(UserError, match="CUDA is not available; use --device=cpu"):
+            bench.run(configure(bench.DEFAULTS, args + ["--device=cuda"]), args, log=lines.append)
 
 
 def test_muon_clips_skips_and_returns_the_norm():
