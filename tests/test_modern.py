@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nanogpt import checkpoint, muon
 from nanogpt.model import GPT, MODERN, GPTConfig
