@@ -100,7 +100,11 @@ def test_bench_cpu_memory_probe(bench):
     # CPU memory: one fresh subprocess per mode, peak-RSS growth in MiB (the mode's activation checkpointing too)
     argv = TINY + ["--modes=torch", "--activation_checkpointing=block", "--iters=1", "--warmup=0", "--threads=1",
                    "--mem_steps=1"]
-    res = bench.run(bench.load_config(argv), argv=argv, log=lambda *a: None)
+    threads = torch.get_num_threads()
+    try:
+        res = bench.run(bench.load_config(argv), argv=argv, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)  # --threads=1 sets this process's: later tests key caches by it
     assert res["modes"][0]["mode"] == "torch+block"
     mem = res["modes"][0]["peak_mem_mb"]
     assert mem is not None and mem >= 0, res["modes"][0]
