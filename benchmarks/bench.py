@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_cases import device_name  # noqa: E402
+from kernel_cases import device_name, require_device  # noqa: E402
 from nanogpt import ops, parallel  # noqa: E402
 from nanogpt_kernels import registry  # noqa: E402
 from nanogpt.configurator import HELP, Keys, configure  # noqa: E402
@@ -415,9 +415,8 @@ def run(cfg, argv=(), perturb=None, log=print):
     """Benchmark; returns the result dict. `perturb` ({mode: seed}) is a test hook: that mode's
     model is initialised from its own seed instead of the shared state_dict."""
     perturb = perturb or {}
+    require_device(cfg["device"])
     device = torch.device(cfg["device"])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but CUDA is not available; use --device=cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if cfg["threads"] > 0:

@@ -104,18 +104,16 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
 stage tests 100 env NANOGPT_TEST_DEVICE=cuda $PY -m pytest $($PY benchmarks/suite_report.py tests) \
     -q -p no:cacheprovider --junitxml="$RUN/pytest.xml" $XDIST
 
-stage bench 180 $PY benchmarks/bench.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 \
-    --batch_size=12 --vocab_size=50304 --dtype=bfloat16 --modes=torch,torch+compile,auto,auto+compile \
-    --warmup=5 --iters=25 --json="$RUN/bench.json" ${SUITE_BENCH_ARGS:-}
+GPT2="--device=cuda --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50304"  # GPT-2 124M
+stage bench 180 $PY benchmarks/bench.py $GPT2 --batch_size=12 --dtype=bfloat16 \
+    --modes=torch,torch+compile,auto,auto+compile --warmup=5 --iters=25 --json="$RUN/bench.json" ${SUITE_BENCH_ARGS:-}
 
 # the open issues' GPU goals the bench stage leaves out: the same step with the unfused loss (its peak memory and
 # ms against the bench stage's auto, whose loss is the measured choice; the autotune cache is shared), and Muon's
 # step against torch.optim.Muon at GPT-2's shapes
-stage lce 40 $PY benchmarks/bench.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 \
-    --batch_size=12 --vocab_size=50304 --dtype=bfloat16 --modes=auto --kernels=linear_cross_entropy:none \
-    --warmup=5 --iters=25 --json="$RUN/bench_lce_none.json"
-stage muon 40 $PY benchmarks/bench_muon.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 \
-    --vocab_size=50304 --block_size=1024 --iters=20
+stage lce 40 $PY benchmarks/bench.py $GPT2 --batch_size=12 --dtype=bfloat16 --modes=auto \
+    --kernels=linear_cross_entropy:none --warmup=5 --iters=25 --json="$RUN/bench_lce_none.json"
+stage muon 40 $PY benchmarks/bench_muon.py $GPT2 --iters=20
 
 ROOF_ARGS="--device=cuda --json=$RUN/roofline.json"
 [ "${SUITE_COMPILE_REF:-0}" = 1 ] && ROOF_ARGS="$ROOF_ARGS --compile_ref=True" || ROOF_ARGS="$ROOF_ARGS --compile_ref=False"

@@ -191,6 +191,13 @@ def make_case(op, pass_, backend, preset, device, compile_fn=False):
     return run, work, unit
 
 
+def require_device(device):
+    """A one-line error when `device` names CUDA on a machine without it (each benchmark's first check)."""
+    from nanogpt.errors import UserError
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={device} but CUDA is not available; use --device=cpu")
+
+
 def device_name(device):
     """The GPU's name, or the CPU's model name from /proc/cpuinfo (else what platform knows)."""
     device = torch.device(device)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_cases import (OPS, PASSES, PRESETS, default_device, default_preset, device_name,  # noqa: E402
-                          UNFUSED, make_case, sync, unavailable)
+                          require_device, UNFUSED, make_case, sync, unavailable)
 from nanogpt_kernels import registry  # noqa: E402
 from nanogpt.configurator import Keys, configure  # noqa: E402
 from nanogpt.errors import run_cli  # noqa: E402
@@ -102,8 +102,7 @@ def ceilings(device, preset, rep_ms):
 
 def run(cfg, argv=(), log=print):
     device = cfg["device"]
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device=cuda but CUDA is not available; use --device=cpu")
+    require_device(device)
     preset = cfg["preset"] or default_preset(device)
     if preset not in PRESETS:
         raise SystemExit(f"error: preset must be one of {', '.join(PRESETS)}")

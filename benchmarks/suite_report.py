@@ -171,7 +171,7 @@ def build_report(run, gpu=None, total_s=None):
         "bench": _read_json(os.path.join(run, "bench.json")),
         "kernels_regression": _read_json(os.path.join(run, "kernels.json")),
         "bench_lce_none": _read_json(os.path.join(run, "bench_lce_none.json")),
-        "muon": _tail(os.path.join(run, "muon.log"), 6) if os.path.exists(os.path.join(run, "muon.log")) else None,
+        "muon": _tail(os.path.join(run, "muon.log"), 6) or None,
         "logs": run,
     }
 

@@ -122,11 +122,11 @@ def local_rows(full, p):
     return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
 
 
-def _buffer(work, name, shape, like):
+def _buffer(work, name, shape, dtype, device):
     """work[name] if it has this shape, else a new one (kept in work when given)."""
     t = None if work is None else work.get(name)
     if t is None or t.shape != shape:
-        t = like.new_empty(shape)
+        t = torch.empty(shape, dtype=dtype, device=device)
         if work is not None:
             work[name] = t
     return t
@@ -152,14 +152,14 @@ def gram_backend(x, work=None):
     from nanogpt_kernels import registry
     if work is None or not x.is_cuda or registry.backend_unavailable("triton", "cuda") is not None:
         return "torch"
-    work["gram_backend"] = measure_gram(x, _time_gram)
+    work["gram_backend"] = measure_gram(x, functools.partial(_time_gram, device=x.device))
     return work["gram_backend"]
 
 
-def _time_gram(runs):
+def _time_gram(runs, device):
     """{name: ms} of each runner, timed in turns as the measured auto times its kernels (the fastest run)."""
     import nanogpt_kernels.autotune as kernel_autotune
-    timed = kernel_autotune.round_robin(runs, torch.device("cuda"), 0.2)
+    timed = kernel_autotune.round_robin(runs, device, 0.2)
     return {name: fastest for name, (fastest, _) in timed.items()}
 
 
@@ -197,8 +197,8 @@ def newton_schulz(x, ns_steps, work=None):
     faulted in page by page on a CPU each time, which made the batched step slower than torch's one by one."""
     a, b, c = DEFAULT_A, DEFAULT_B, DEFAULT_C
     k, rows, _ = x.shape
-    y = _buffer(work, "y", x.shape, x)
-    gram, poly = (_buffer(work, name, (k, rows, rows), x) for name in ("gram", "poly"))
+    y = _buffer(work, "y", x.shape, x.dtype, x.device)
+    gram, poly = (_buffer(work, name, (k, rows, rows), x.dtype, x.device) for name in ("gram", "poly"))
     gram_of = GRAMS[gram_backend(x, work)]
     x.div_(x.flatten(1).norm(dim=1).clamp(min=EPS)[:, None, None])
     for _ in range(ns_steps):
@@ -217,8 +217,7 @@ def wide_bf16_stack(mats, shape, n, device, work=None):
     zero)."""
     rows, cols = shape
     tall = rows > cols
-    x = _buffer(work, "stack", (n, min(rows, cols), max(rows, cols)),
-                torch.empty((), dtype=torch.bfloat16, device=device))
+    x = _buffer(work, "stack", (n, min(rows, cols), max(rows, cols)), torch.bfloat16, device)
     for i, m in enumerate(mats):
         x[i].copy_(m.bfloat16().mT if tall else m)  # a transposing copy runs faster in bf16 than from fp32
     x[len(mats):].zero_()
