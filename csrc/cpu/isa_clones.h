@@ -11,8 +11,8 @@
 // not inline a function compiled with trapping math (std::fabs, std::sqrt, std::log: <cmath>'s
 // inline wrappers, compiled outside the regions) into a region, and a call left in a loop stops
 // its vectorization; kernels call the C functions fabsf, sqrtf, logf, which GCC expands as
-// builtins. (sqrtf still keeps a loop scalar: its errno branch goes only with -fno-math-errno on
-// the command line, which an optimize pragma cannot set for builtins.)
+// builtins. (sqrtf vectorizes only without its errno branch: setup.py passes -fno-math-errno on the
+// command line, which an optimize pragma cannot set for builtins.)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
