@@ -35,17 +35,73 @@ NG_INLINE void keep_mask(const Shape& sh, uint64_t key, int64_t row, int64_t n, 
 template <class T>
 NG_INLINE void load(Rows<T> src, int64_t Tn, int64_t D, int64_t Dp, float* __restrict dst) {
   for (int64_t t = 0; t < Tn; ++t) {
-    const T* r = src.row(t);
-    NG_SIMD
-    for (int64_t d = 0; d < D; ++d) dst[t * Dp + d] = ld(r, d);
+    const T* __restrict r = src.row(t);
+    int64_t d0 = 0;
+    for (; d0 + W <= D; d0 += W) {
+      NG_SIMD
+      for (int64_t c = 0; c < W; ++c) dst[t * Dp + d0 + c] = ld(r, d0 + c);
+    }
+    for (; d0 < D; ++d0) dst[t * Dp + d0] = ld(r, d0);
   }
+}
+
+// dst[d] = scale * src[d] for d < D (the head dim of an output row)
+template <class T>
+NG_INLINE void store_row(T* __restrict dst, const float* __restrict src, int64_t D, float scale) {
+  int64_t d0 = 0;
+  for (; d0 + W <= D; d0 += W) {
+    NG_SIMD
+    for (int64_t c = 0; c < W; ++c) st(dst, d0 + c, src[d0 + c] * scale);
+  }
+  for (; d0 < D; ++d0) st(dst, d0, src[d0] * scale);
 }
 template <class T>
 NG_INLINE void load_transposed(Rows<T> src, int64_t Tn, int64_t D, int64_t Tp, float* __restrict dst) {
-  for (int64_t t = 0; t < Tn; ++t) {
+  int64_t t0 = 0;
+  for (; t0 + W <= Tn; t0 += W)  // W rows at a time: contiguous stores (the loads gather down a column)
+    for (int64_t d = 0; d < D; ++d) {
+      const T* __restrict col = src.p + t0 * src.st + d;
+      NG_SIMD
+      for (int64_t c = 0; c < W; ++c) dst[d * Tp + t0 + c] = ld(col, c * src.st);
+    }
+  for (int64_t t = t0; t < Tn; ++t) {
     const T* r = src.row(t);
     for (int64_t d = 0; d < D; ++d) dst[d * Tp + t] = ld(r, d);
   }
+}
+
+// Horizontal sum / max of W lanes, as a tree (GCC's omp-simd reduction epilogue adds the lanes one by one,
+// a 16-long dependency chain per row). The lanes are clobbered.
+NG_INLINE float lane_sum(float* __restrict a) {
+  for (int64_t w = W / 2; w > 0; w /= 2) {
+    NG_SIMD
+    for (int64_t c = 0; c < w; ++c) a[c] += a[c + w];
+  }
+  return a[0];
+}
+NG_INLINE float lane_max(float* __restrict a) {
+  for (int64_t w = W / 2; w > 0; w /= 2) {
+    NG_SIMD
+    for (int64_t c = 0; c < w; ++c) a[c] = a[c + w] > a[c] ? a[c + w] : a[c];  // not std::max: blocks vectorizing
+  }
+  return a[0];
+}
+
+// Sets s[j] = -inf for n <= j < nb (nb a multiple of W) and returns the max of s[0, n), in W-wide steps: loops
+// over a run-time count end in a scalar remainder, which at the T a CPU trains at is most of each row.
+NG_INLINE float mask_max(float* __restrict s, int64_t n, int64_t nb) {
+  float mx[W];
+  NG_SIMD
+  for (int64_t c = 0; c < W; ++c) mx[c] = -std::numeric_limits<float>::infinity();
+  for (int64_t j0 = 0; j0 < nb; j0 += W) {
+    NG_SIMD
+    for (int64_t c = 0; c < W; ++c) {
+      const float x = j0 + c < n ? s[j0 + c] : -std::numeric_limits<float>::infinity();
+      s[j0 + c] = x;
+      mx[c] = x > mx[c] ? x : mx[c];
+    }
+  }
+  return lane_max(mx);
 }
 
 // C[r * ldc + c] = scale * sum_{k < K} A[r * lda + k] * B[k * ldb + c] for r < RB, c < ncols (a multiple of
@@ -114,15 +170,16 @@ NG_INLINE void fwd_bh(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, f
     for (int64_t r = 0; r < RB; ++r) {
       float* s = S + r * Tp;
       const int64_t n = row_keys(sh, i + r);
-      float m = -std::numeric_limits<float>::infinity();
-      NG_SIMD_MAX(m)
-      for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;  // not std::max: its reference blocks vectorizing
-      float sum = 0.0f;
-      NG_SIMD_SUM(sum)
-      for (int64_t j = 0; j < nb; ++j) {
-        s[j] = j < n ? vexp_nonpos(s[j] - m) : 0.0f;  // <= 0: m is the row max
-        sum += s[j];
+      const float m = n > 0 ? mask_max(s, n, nb) : 0.0f;
+      float part[W] = {};
+      for (int64_t j0 = 0; j0 < nb; j0 += W) {
+        NG_SIMD
+        for (int64_t c = 0; c < W; ++c) {
+          s[j0 + c] = vexp_nonpos(s[j0 + c] - m);  // <= 0: m is the row max; masked keys -inf -> 0
+          part[c] += s[j0 + c];
+        }
       }
+      const float sum = lane_sum(part);
       l[r] = sum;
       if (n > 0) lse[i + r] = m + logf(sum);
       if (DROP) {  // after the sum: the softmax normalizes over every key, dropout then zeroes some weights
@@ -134,9 +191,7 @@ NG_INLINE void fwd_bh(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, f
     tile_gemm(S, Tp, V, Dp, nb, Dp, 1.0f, O, Dp);  // p v
     for (int64_t r = 0; r < RB && i + r < Tn; ++r) {
       const float inv = 1.0f / l[r];
-      T* orow = out + (i + r) * out_st;
-      NG_SIMD
-      for (int64_t d = 0; d < D; ++d) st(orow, d, O[r * Dp + d] * inv);
+      store_row(out + (i + r) * out_st, O + r * Dp, D, inv);
     }
   }
 }
@@ -177,44 +232,51 @@ NG_INLINE void bwd_bh(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out
       // delta = rowsum(dO * O) with O as stored (in its dtype), as FlashAttention does
       float delta = 0.0f;
       if (n > 0) {
-        const T* orow = out.row(i + r);
-        const float* dOr = dO + (i + r) * Dp;
-        NG_SIMD_SUM(delta)
-        for (int64_t d = 0; d < D; ++d) delta += dOr[d] * ld(orow, d);
+        const T* __restrict orow = out.row(i + r);
+        const float* __restrict dOr = dO + (i + r) * Dp;
+        float part[W] = {};
+        int64_t d0 = 0;
+        for (; d0 + W <= D; d0 += W) {
+          NG_SIMD
+          for (int64_t c = 0; c < W; ++c) part[c] += dOr[d0 + c] * ld(orow, d0 + c);
+        }
+        for (; d0 < D; ++d0) part[d0 % W] += dOr[d0] * ld(orow, d0);
+        delta = lane_sum(part);
       }
       if (DROP) {  // the forward's mask, regenerated: dv takes the dropped weights, dp the same mask
         keep_mask(sh, key, i + r, n, M);
         float* pd = PD + r * Tp;
-        NG_SIMD
-        for (int64_t j = 0; j < nb; ++j) {
-          const float mj = j < n ? M[j] : 0.0f;
-          p[j] = j < n ? vexp_nonpos(p[j] - li) : 0.0f;
-          pd[j] = p[j] * mj;
-          ds[j] = p[j] * (ds[j] * mj - delta);
+        for (int64_t j0 = 0; j0 < nb; j0 += W) {
+          NG_SIMD
+          for (int64_t c = 0; c < W; ++c) {
+            const int64_t j = j0 + c;
+            const float mj = j < n ? M[j] : 0.0f;
+            p[j] = j < n ? vexp_nonpos(p[j] - li) : 0.0f;
+            pd[j] = p[j] * mj;
+            ds[j] = p[j] * (ds[j] * mj - delta);
+          }
         }
       } else {
-        NG_SIMD
-        for (int64_t j = 0; j < nb; ++j) {
-          p[j] = j < n ? vexp_nonpos(p[j] - li) : 0.0f;
-          ds[j] = p[j] * (ds[j] - delta);
+        for (int64_t j0 = 0; j0 < nb; j0 += W) {
+          NG_SIMD
+          for (int64_t c = 0; c < W; ++c) {
+            const int64_t j = j0 + c;
+            p[j] = j < n ? vexp_nonpos(p[j] - li) : 0.0f;
+            ds[j] = p[j] * (ds[j] - delta);
+          }
         }
       }
     }
     tile_gemm(dS, Tp, K, Dp, nb, Dp, 1.0f, G, Dp);  // ds k
     for (int64_t r = 0; r < RB && i + r < Tn; ++r) {
-      T* dqrow = dq + (i + r) * g_st;
-      NG_SIMD
-      for (int64_t d = 0; d < D; ++d) st(dqrow, d, G[r * Dp + d] * sh.scale);
+      store_row(dq + (i + r) * g_st, G + r * Dp, D, sh.scale);
     }
     accumulate_t(DROP ? PD : P, Tp, dO + i * Dp, Dp, nb, dV);
     accumulate_t(dS, Tp, Q + i * Dp, Dp, nb, dK);  // dk = scale * dS^T q, scaled when stored
   }
   for (int64_t j = 0; j < Tn; ++j) {
-    NG_SIMD
-    for (int64_t d = 0; d < D; ++d) {
-      st(dk + j * g_st, d, dK[j * Dp + d] * sh.scale);
-      st(dv + j * g_st, d, dV[j * Dp + d]);
-    }
+    store_row(dk + j * g_st, dK + j * Dp, D, sh.scale);
+    store_row(dv + j * g_st, dV + j * Dp, D, 1.0f);
   }
 }
 
