@@ -36,24 +36,14 @@ template <class T>
 NG_INLINE void load(Rows<T> src, int64_t Tn, int64_t D, int64_t Dp, float* __restrict dst) {
   for (int64_t t = 0; t < Tn; ++t) {
     const T* __restrict r = src.row(t);
-    int64_t d0 = 0;
-    for (; d0 + W <= D; d0 += W) {
-      NG_SIMD
-      for (int64_t c = 0; c < W; ++c) dst[t * Dp + d0 + c] = ld(r, d0 + c);
-    }
-    for (; d0 < D; ++d0) dst[t * Dp + d0] = ld(r, d0);
+    over_lanes(D, [&](int64_t d, int64_t) { dst[t * Dp + d] = ld(r, d); });
   }
 }
 
 // dst[d] = scale * src[d] for d < D (the head dim of an output row)
 template <class T>
 NG_INLINE void store_row(T* __restrict dst, const float* __restrict src, int64_t D, float scale) {
-  int64_t d0 = 0;
-  for (; d0 + W <= D; d0 += W) {
-    NG_SIMD
-    for (int64_t c = 0; c < W; ++c) st(dst, d0 + c, src[d0 + c] * scale);
-  }
-  for (; d0 < D; ++d0) st(dst, d0, src[d0] * scale);
+  over_lanes(D, [&](int64_t d, int64_t) { st(dst, d, src[d] * scale); });
 }
 template <class T>
 NG_INLINE void load_transposed(Rows<T> src, int64_t Tn, int64_t D, int64_t Tp, float* __restrict dst) {
@@ -70,38 +60,19 @@ NG_INLINE void load_transposed(Rows<T> src, int64_t Tn, int64_t D, int64_t Tp, f
   }
 }
 
-// Horizontal sum / max of W lanes, as a tree (GCC's omp-simd reduction epilogue adds the lanes one by one,
-// a 16-long dependency chain per row). The lanes are clobbered.
-NG_INLINE float lane_sum(float* __restrict a) {
-  for (int64_t w = W / 2; w > 0; w /= 2) {
-    NG_SIMD
-    for (int64_t c = 0; c < w; ++c) a[c] += a[c + w];
-  }
-  return a[0];
-}
-NG_INLINE float lane_max(float* __restrict a) {
-  for (int64_t w = W / 2; w > 0; w /= 2) {
-    NG_SIMD
-    for (int64_t c = 0; c < w; ++c) a[c] = a[c + w] > a[c] ? a[c + w] : a[c];  // not std::max: blocks vectorizing
-  }
-  return a[0];
-}
-
-// Sets s[j] = -inf for n <= j < nb (nb a multiple of W) and returns the max of s[0, n), in W-wide steps: loops
-// over a run-time count end in a scalar remainder, which at the T a CPU trains at is most of each row.
+// Sets s[j] = -inf for n <= j < nb and returns the max of s[0, n). Row loops go through over_lanes
+// (simd_math.h): a loop over a run-time count ends in a scalar remainder, which at the T a CPU trains at was
+// most of each row.
 NG_INLINE float mask_max(float* __restrict s, int64_t n, int64_t nb) {
-  float mx[W];
+  float mx[kLanes];
   NG_SIMD
-  for (int64_t c = 0; c < W; ++c) mx[c] = -std::numeric_limits<float>::infinity();
-  for (int64_t j0 = 0; j0 < nb; j0 += W) {
-    NG_SIMD
-    for (int64_t c = 0; c < W; ++c) {
-      const float x = j0 + c < n ? s[j0 + c] : -std::numeric_limits<float>::infinity();
-      s[j0 + c] = x;
-      mx[c] = x > mx[c] ? x : mx[c];
-    }
-  }
-  return lane_max(mx);
+  for (int64_t k = 0; k < kLanes; ++k) mx[k] = -std::numeric_limits<float>::infinity();
+  over_lanes(nb, [&](int64_t j, int64_t k) {
+    const float x = j < n ? s[j] : -std::numeric_limits<float>::infinity();
+    s[j] = x;
+    mx[k] = x > mx[k] ? x : mx[k];
+  });
+  return lanes_max(mx);
 }
 
 // C[r * ldc + c] = scale * sum_{k < K} A[r * lda + k] * B[k * ldb + c] for r < RB, c < ncols (a multiple of
@@ -171,15 +142,10 @@ NG_INLINE void fwd_bh(Rows<T> q, Rows<T> k, Rows<T> v, T* out, int64_t out_st, f
       float* s = S + r * Tp;
       const int64_t n = row_keys(sh, i + r);
       const float m = n > 0 ? mask_max(s, n, nb) : 0.0f;
-      float part[W] = {};
-      for (int64_t j0 = 0; j0 < nb; j0 += W) {
-        NG_SIMD
-        for (int64_t c = 0; c < W; ++c) {
-          s[j0 + c] = vexp_nonpos(s[j0 + c] - m);  // <= 0: m is the row max; masked keys -inf -> 0
-          part[c] += s[j0 + c];
-        }
-      }
-      const float sum = lane_sum(part);
+      const float sum = sum_over(nb, [&](int64_t j) {
+        s[j] = vexp_nonpos(s[j] - m);  // <= 0: m is the row max; masked keys -inf -> 0
+        return s[j];
+      });
       l[r] = sum;
       if (n > 0) lse[i + r] = m + logf(sum);
       if (DROP) {  // after the sum: the softmax normalizes over every key, dropout then zeroes some weights
@@ -234,37 +200,22 @@ NG_INLINE void bwd_bh(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out
       if (n > 0) {
         const T* __restrict orow = out.row(i + r);
         const float* __restrict dOr = dO + (i + r) * Dp;
-        float part[W] = {};
-        int64_t d0 = 0;
-        for (; d0 + W <= D; d0 += W) {
-          NG_SIMD
-          for (int64_t c = 0; c < W; ++c) part[c] += dOr[d0 + c] * ld(orow, d0 + c);
-        }
-        for (; d0 < D; ++d0) part[d0 % W] += dOr[d0] * ld(orow, d0);
-        delta = lane_sum(part);
+        delta = sum_over(D, [&](int64_t d) { return dOr[d] * ld(orow, d); });
       }
       if (DROP) {  // the forward's mask, regenerated: dv takes the dropped weights, dp the same mask
         keep_mask(sh, key, i + r, n, M);
         float* pd = PD + r * Tp;
-        for (int64_t j0 = 0; j0 < nb; j0 += W) {
-          NG_SIMD
-          for (int64_t c = 0; c < W; ++c) {
-            const int64_t j = j0 + c;
-            const float mj = j < n ? M[j] : 0.0f;
-            p[j] = j < n ? vexp_nonpos(p[j] - li) : 0.0f;
-            pd[j] = p[j] * mj;
-            ds[j] = p[j] * (ds[j] * mj - delta);
-          }
-        }
+        over_lanes(nb, [&](int64_t j, int64_t) {
+          const float mj = j < n ? M[j] : 0.0f;
+          p[j] = j < n ? vexp_nonpos(p[j] - li) : 0.0f;
+          pd[j] = p[j] * mj;
+          ds[j] = p[j] * (ds[j] * mj - delta);
+        });
       } else {
-        for (int64_t j0 = 0; j0 < nb; j0 += W) {
-          NG_SIMD
-          for (int64_t c = 0; c < W; ++c) {
-            const int64_t j = j0 + c;
-            p[j] = j < n ? vexp_nonpos(p[j] - li) : 0.0f;
-            ds[j] = p[j] * (ds[j] - delta);
-          }
-        }
+        over_lanes(nb, [&](int64_t j, int64_t) {
+          p[j] = j < n ? vexp_nonpos(p[j] - li) : 0.0f;
+          ds[j] = p[j] * (ds[j] - delta);
+        });
       }
     }
     tile_gemm(dS, Tp, K, Dp, nb, Dp, 1.0f, G, Dp);  // ds k

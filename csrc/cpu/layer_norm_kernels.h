@@ -8,16 +8,11 @@ NG_INLINE void fwd_rows(const T* __restrict x, const W* __restrict w, const W* _
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * N;
     T* yr = y + r * N;
-    float s = 0.0f;
-    NG_SIMD_SUM(s)
-    for (int64_t j = 0; j < N; ++j) s += ld(xr, j);
-    const float mu = s * inv_n;
-    float v = 0.0f;
-    NG_SIMD_SUM(v)
-    for (int64_t j = 0; j < N; ++j) {
+    const float mu = sum_over(N, [&](int64_t j) { return ld(xr, j); }) * inv_n;
+    const float v = sum_over(N, [&](int64_t j) {
       const float d = ld(xr, j) - mu;
-      v += d * d;
-    }
+      return d * d;
+    });
     const float rs = 1.0f / sqrtf(v * inv_n + eps);
     NG_SIMD
     for (int64_t j = 0; j < N; ++j) {
@@ -56,16 +51,14 @@ void bwd(const T* __restrict dy, const T* __restrict x, const W* __restrict w, c
     const T* dyr = dy + r * N;
     T* dxr = dx + r * N;
     const float mu = mean[r], rs = rstd[r];
-    float a = 0.0f, c = 0.0f;
-    NG_SIMD_SUM(a, c)
-    for (int64_t j = 0; j < N; ++j) {
+    float as[kLanes] = {}, cs[kLanes] = {};
+    over_lanes(N, [&](int64_t j, int64_t l) {
       const float xh = (ld(xr, j) - mu) * rs;
       const float g = ld(dyr, j) * ld(w, j);
-      a += g;
-      c += g * xh;
-    }
-    a *= inv_n;
-    c *= inv_n;
+      as[l] += g;
+      cs[l] += g * xh;
+    });
+    const float a = lanes_sum(as) * inv_n, c = lanes_sum(cs) * inv_n;
     NG_SIMD
     for (int64_t j = 0; j < N; ++j) {
       const float xh = (ld(xr, j) - mu) * rs;

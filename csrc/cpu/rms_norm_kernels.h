@@ -9,9 +9,7 @@ NG_INLINE void fwd_rows(const T* __restrict x, const W* __restrict w, T* __restr
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * N;
     T* yr = y + r * N;
-    float s = 0.0f;
-    NG_SIMD_SUM(s)
-    for (int64_t j = 0; j < N; ++j) s += ld(xr, j) * ld(xr, j);
+    const float s = sum_over(N, [&](int64_t j) { return ld(xr, j) * ld(xr, j); });
     const float rs = 1.0f / sqrtf(s * inv_n + eps);
     NG_SIMD
     for (int64_t j = 0; j < N; ++j) st(yr, j, HAS_W ? ld(xr, j) * rs * ld(w, j) : ld(xr, j) * rs);
@@ -42,10 +40,8 @@ NG_INLINE void bwd_rows(const T* __restrict dy, const T* __restrict x, const W* 
     const T* dyr = dy + r * N;
     T* dxr = dx + r * N;
     const float rs = rstd[r];
-    float c = 0.0f;
-    NG_SIMD_SUM(c)
-    for (int64_t j = 0; j < N; ++j) c += (HAS_W ? ld(dyr, j) * ld(w, j) : ld(dyr, j)) * ld(xr, j);
-    c *= rs * rs * inv_n;  // mean(g * xhat) / rstd, so that dx = rstd * (g - x * c)
+    const float c = sum_over(N, [&](int64_t j) { return (HAS_W ? ld(dyr, j) * ld(w, j) : ld(dyr, j)) * ld(xr, j); }) *
+                    (rs * rs * inv_n);  // mean(g * xhat) / rstd, so that dx = rstd * (g - x * c)
     NG_SIMD
     for (int64_t j = 0; j < N; ++j) {
       const float d = ld(dyr, j), xv = ld(xr, j);

@@ -19,6 +19,41 @@ NG_INLINE void st(bf16_t* p, int64_t i, float v) {
   p[i] = static_cast<bf16_t>(r >> 16);
 }
 
+// Row reductions in kLanes-wide steps finished by a tree over the lanes. GCC ends an `omp simd reduction` loop
+// with a scalar remainder and then adds the lanes one by one (a 16-long dependency chain on AVX-512): at the
+// rows a CPU trains at (LayerNorm's N = 128, attention's T = 64) that was most of each row. The lanes are clobbered.
+constexpr int64_t kLanes = 16;  // a multiple of every clone's vector width
+NG_INLINE float lanes_sum(float* __restrict a) {
+  for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+    NG_SIMD
+    for (int64_t c = 0; c < w; ++c) a[c] += a[c + w];
+  }
+  return a[0];
+}
+NG_INLINE float lanes_max(float* __restrict a) {
+  for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+    NG_SIMD
+    for (int64_t c = 0; c < w; ++c) a[c] = a[c + w] > a[c] ? a[c + w] : a[c];  // not std::max: blocks vectorizing
+  }
+  return a[0];
+}
+// f(j, l) for j < n with l = j % kLanes, the lane f adds j's terms into (lanes of float[kLanes] arrays)
+template <class F>
+NG_INLINE void over_lanes(int64_t n, F&& f) {
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= n; j0 += kLanes) {
+    NG_SIMD
+    for (int64_t l = 0; l < kLanes; ++l) f(j0 + l, l);
+  }
+  for (int64_t l = 0; j0 + l < n; ++l) f(j0 + l, l);
+}
+// sum over j < n of f(j)
+template <class F>
+NG_INLINE float sum_over(int64_t n, F&& f) {
+  float lanes[kLanes] = {};
+  over_lanes(n, [&](int64_t j, int64_t l) { lanes[l] += f(j); });
+  return lanes_sum(lanes);
+}
 
 NG_INLINE float as_float(int32_t i) {
   float f;
