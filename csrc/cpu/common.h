@@ -29,13 +29,11 @@
 #define NG_INLINE __forceinline
 #define NG_SIMD
 #define NG_SIMD_SUM(...)
-#define NG_SIMD_MAX(...)
 #else
 #define NG_INLINE inline __attribute__((always_inline))
 #define NG_PRAGMA(x) _Pragma(#x)
 #define NG_SIMD NG_PRAGMA(omp simd)
 #define NG_SIMD_SUM(...) NG_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
-#define NG_SIMD_MAX(...) NG_PRAGMA(omp simd reduction(max : __VA_ARGS__))
 #endif
 
 namespace nanogpt_cpu {
