@@ -107,16 +107,15 @@ NG_INLINE void accumulate_t(const float* __restrict P, int64_t Tp, const float* 
     }
     for (int64_t j = 0; j < n; ++j) {
       float* __restrict out = acc + j * Dp + d0;
-      float o[W];
+      float pr[RB];
+      for (int64_t r = 0; r < RB; ++r) pr[r] = P[r * Tp + j];
+      // the row sum per lane, in registers (a W-float temporary went through the stack on AVX2: 4x slower)
       NG_SIMD
-      for (int64_t c = 0; c < W; ++c) o[c] = out[c];
-      for (int64_t r = 0; r < RB; ++r) {
-        const float pr = P[r * Tp + j];
-        NG_SIMD
-        for (int64_t c = 0; c < W; ++c) o[c] += pr * ar[r][c];
+      for (int64_t c = 0; c < W; ++c) {
+        float o = out[c];
+        for (int64_t r = 0; r < RB; ++r) o += pr[r] * ar[r][c];
+        out[c] = o;
       }
-      NG_SIMD
-      for (int64_t c = 0; c < W; ++c) out[c] = o[c];
     }
   }
 }
