@@ -72,6 +72,19 @@ def test_auto_dtype_on_cpu_needs_bf16_units_and_our_attention(monkeypatch, nativ
     assert seen in ([], ["attention:torch"])  # the kernels asked for decide, not auto's
 
 
+@pytest.mark.parametrize("cap,native", [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
+                                        ("AVX512_CORE_AMX", True), ("ALL", True)])
+def test_cpu_native_bf16_follows_onednn_cap(monkeypatch, cap, native):
+    # oneDNN runs torch's bf16 matmuls: capped below bf16 units, bf16 is emulated whatever the CPU has
+    import torch
+
+    from nanogpt import ops
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert ops.cpu_native_bf16() is native
+
+
 def test_dtype_auto_resolves_before_training(tmp_path, monkeypatch):
     import copy
 
