@@ -109,7 +109,8 @@ NG_INLINE void accumulate_t(const float* __restrict P, int64_t Tp, const float* 
       float* __restrict out = acc + j * Dp + d0;
       float pr[RB];
       for (int64_t r = 0; r < RB; ++r) pr[r] = P[r * Tp + j];
-      // the row sum per lane, in registers (a W-float temporary went through the stack on AVX2: 4x slower)
+      // the row sum per lane, in registers (a W-float temporary went through the stack on AVX2: the x86-64-v3
+      // backward ran 2.5x slower)
       NG_SIMD
       for (int64_t c = 0; c < W; ++c) {
         float o = out[c];
