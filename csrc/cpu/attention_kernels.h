@@ -60,19 +60,13 @@ NG_INLINE void load_transposed(Rows<T> src, int64_t Tn, int64_t D, int64_t Tp, f
   }
 }
 
-// Sets s[j] = -inf for n <= j < nb and returns the max of s[0, n). Row loops go through over_lanes
-// (simd_math.h): a loop over a run-time count ends in a scalar remainder, which at the T a CPU trains at was
-// most of each row.
+// Sets s[j] = -inf for n <= j < nb and returns the max of s[0, n). (Row loops go through simd_math.h's
+// over_lanes helpers: a loop over a run-time count ended in a scalar remainder, most of a row at T = 64.)
 NG_INLINE float mask_max(float* __restrict s, int64_t n, int64_t nb) {
-  float mx[kLanes];
-  NG_SIMD
-  for (int64_t k = 0; k < kLanes; ++k) mx[k] = -std::numeric_limits<float>::infinity();
-  over_lanes(nb, [&](int64_t j, int64_t k) {
-    const float x = j < n ? s[j] : -std::numeric_limits<float>::infinity();
-    s[j] = x;
-    mx[k] = x > mx[k] ? x : mx[k];
+  return max_over(nb, [&](int64_t j) {
+    s[j] = j < n ? s[j] : -std::numeric_limits<float>::infinity();
+    return s[j];
   });
-  return lanes_max(mx);
 }
 
 // C[r * ldc + c] = scale * sum_{k < K} A[r * lda + k] * B[k * ldb + c] for r < RB, c < ncols (a multiple of

@@ -18,15 +18,10 @@ NG_INLINE float tanh_f(float u) {
 template <class T, bool CAP, bool GRAD>
 NG_INLINE float row(T* __restrict l, float* __restrict z, int64_t V, int64_t t, float cap) {
   const float inv_cap = CAP ? 1.0f / cap : 0.0f;
-  float ms[kLanes];
-  NG_SIMD
-  for (int64_t k = 0; k < kLanes; ++k) ms[k] = -std::numeric_limits<float>::infinity();
-  over_lanes(V, [&](int64_t j, int64_t k) {
-    const float v = CAP ? cap * tanh_f(ld(l, j) * inv_cap) : ld(l, j);
-    z[j] = v;
-    ms[k] = v > ms[k] ? v : ms[k];
+  const float m = max_over(V, [&](int64_t j) {
+    z[j] = CAP ? cap * tanh_f(ld(l, j) * inv_cap) : ld(l, j);
+    return z[j];
   });
-  const float m = lanes_max(ms);
   const float s = sum_over(V, [&](int64_t j) { return vexp_nonpos(z[j] - m); });
   const float lse = m + std::log(s);
   if (GRAD) {

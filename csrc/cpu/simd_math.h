@@ -54,6 +54,18 @@ NG_INLINE float sum_over(int64_t n, F&& f) {
   over_lanes(n, [&](int64_t j, int64_t l) { lanes[l] += f(j); });
   return lanes_sum(lanes);
 }
+// max over j < n of f(j) (-inf for n = 0)
+template <class F>
+NG_INLINE float max_over(int64_t n, F&& f) {
+  float lanes[kLanes];
+  NG_SIMD
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<float>::infinity();
+  over_lanes(n, [&](int64_t j, int64_t l) {
+    const float v = f(j);
+    lanes[l] = v > lanes[l] ? v : lanes[l];
+  });
+  return lanes_max(lanes);
+}
 
 NG_INLINE float as_float(int32_t i) {
   float f;
