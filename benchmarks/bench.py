@@ -62,7 +62,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_cases import device_name, require_device  # noqa: E402
-from nanogpt import ops, parallel  # noqa: E402
+from nanogpt import cpu_memory, ops, parallel  # noqa: E402
 from nanogpt_kernels import registry  # noqa: E402
 from nanogpt.configurator import HELP, Keys, configure  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
@@ -133,6 +133,8 @@ def defaults(device):
             dtype=(dtype, "float32 | bfloat16 | float16: the modes' precision unless a mode names its own"),
             seed=(1337, "random seed"),
             threads=(0, "torch.set_num_threads when > 0 (CPU); 0 keeps torch's default"),
+            cpu_keep_memory=(True, "CPU: glibc keeps freed memory for reuse, as nanogpt-train does (every mode: it is "
+                             "process-wide); False: the system default, page faults every step"),
             probe=("", "internal: run only the CPU memory probe of this mode"),
         ),
     })
@@ -333,9 +335,17 @@ def probe_memory_cpu(cfg, argv, name, backends):
     return None, f"memory probe failed (rc {out.returncode}): {(out.stderr or out.stdout).strip()[-300:]}"
 
 
-def run_probe(cfg):
+def cpu_setup(cfg):
+    """CPU threads and memory as the trainer sets them; returns the memory line (None on other devices)."""
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
+    if cfg["device"] == "cpu" and cfg["cpu_keep_memory"]:
+        return cpu_memory.keep_freed_memory()
+    return None
+
+
+def run_probe(cfg):
+    cpu_setup(cfg)
     name, sel, comp, dtype, ac = parse_modes(cfg["probe"], cfg["kernels"], cfg["dtype"])[0]
     batches = make_batches(cfg, cfg["device"])
     torch.manual_seed(cfg["seed"])
@@ -420,8 +430,9 @@ def run(cfg, argv=(), perturb=None, log=print):
     device = torch.device(cfg["device"])
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    if cfg["threads"] > 0:
-        torch.set_num_threads(cfg["threads"])
+    memory_line = cpu_setup(cfg)
+    if memory_line:
+        log(memory_line)
     status = {b: registry.backend_unavailable(b, device.type) for b in registry.BACKENDS}
     modes = parse_modes(cfg["modes"], cfg["kernels"], cfg["dtype"], cfg["activation_checkpointing"])
     result = {
@@ -433,7 +444,7 @@ def run(cfg, argv=(), perturb=None, log=print):
         "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
         "config": {k: v for k, v in cfg.items() if k != "probe"},
         "backend_status": {k: (v or "available") for k, v in status.items()},
-        "tokens_per_iter": cfg["batch_size"] * cfg["block_size"],
+        "tokens_per_iter": cfg["batch_size"] * cfg["block_size"], "cpu_memory": memory_line,
         "baseline": None, "modes": [], "check": None,
         "memory_method": None, "profile": None,
         "complete": False,  # the JSON is rewritten as the run goes; true once everything is in

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt import checkpoint, harness, health, ops, parallel
+from nanogpt import checkpoint, cpu_memory, harness, health, ops, parallel
 from nanogpt.codec import read_meta
 from nanogpt.configurator import Keys, configure
 from nanogpt.data import Batcher, check_data
@@ -119,6 +119,8 @@ DEFAULTS = Keys("nanogpt-train", __doc__, {
                else "float16", "float32 | bfloat16 | float16 (with a GradScaler) | auto (the faster precision for "
                "this device and these kernels)"),
         compile=(True, "torch.compile the model"),
+        cpu_keep_memory=(True, "device=cpu: glibc malloc keeps freed memory for the next step instead of page "
+                         "faulting it back every step (nanogpt.cpu_memory); False: the system's default"),
         seed=(1337, "random seed (rank r uses seed + r)"),
         deterministic=(False, "torch.use_deterministic_algorithms, for bitwise-reproducible runs"),
         max_skips=(20, "stop after this many consecutive non-finite steps"),
@@ -269,6 +271,10 @@ def train(c):
     tokens_per_iter = gas * proc.world * B * T
     if proc.master:
         print(f"tokens per iteration: {tokens_per_iter:,} ({proc.world} ranks x {gas} micro-steps x {B} x {T})")
+    if proc.device_type == "cpu" and c["cpu_keep_memory"]:
+        line = cpu_memory.keep_freed_memory()
+        if proc.master:
+            print(line)
     ctx = seed_and_precision(c, proc)
     run = init_run(c, proc, ctx, gas)
     if run is not None:

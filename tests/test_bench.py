@@ -50,6 +50,7 @@ def test_bench_writes_json_and_losses_agree(tiny_result):
     res, _ = tiny_result
     assert res["check"]["ok"] and res["check"]["mismatched"] == []
     assert res["baseline"] == "torch+compile"
+    assert res["cpu_memory"].startswith("CPU memory: ")  # set as nanogpt-train sets it (nanogpt.cpu_memory)
     assert [m["mode"] for m in res["modes"]] == ["torch", "torch+compile", "auto", "auto@bfloat16"]
     for m in res["modes"]:
         assert MODE_FIELDS <= set(m), MODE_FIELDS - set(m)

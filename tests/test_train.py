@@ -55,6 +55,7 @@ def test_train_then_sample(workdir):
                "--eval_interval=4", "--gradient_accumulation_steps=2"], workdir).stdout
     assert ("kernels (cpu, float32): attention=torch, layer_norm=torch, bias_gelu=torch, adamw=torch, "
             "linear_cross_entropy=torch") in out
+    assert "CPU memory: glibc keeps freed blocks" in out  # cpu_keep_memory's default (nanogpt.cpu_memory)
     assert "step 8: train loss" in out and "saved checkpoint at iter 8" in out
     losses = [float(line.split("loss ")[1].split(",")[0]) for line in out.splitlines() if line.startswith("iter ")]
     assert len(losses) == 9 and losses[-1] < losses[0]
