@@ -44,6 +44,7 @@ def test_adamw_matches_torch_adamw(impl, backend, device, max_norm, steps):
     opt = impl(_groups(ours), max_grad_norm=max_norm, **kw)
     ropt = torch.optim.AdamW(_groups(ref), **kw)
     clipped = 0
+    peak = {}  # (param index, state name) -> the largest magnitude the reference reached: the drift's scale
     for step in range(steps):
         # norms around the clip threshold: some steps clip, some don't
         grads = [torch.randn(s) * (0.002 if step % 3 else 0.01) for s in SHAPES]
@@ -60,13 +61,19 @@ def test_adamw_matches_torch_adamw(impl, backend, device, max_norm, steps):
             torch.nn.utils.clip_grad_norm_(ref, max_norm)
             clipped += bool(rnorm > max_norm)
         ropt.step()
-    # the same float32 recurrence rounded in another order: apart by at most `drift` after `steps` steps
-    for p, r in zip(ours, ref):
+        for i, r in enumerate(ref):
+            for name, t in (("param", r), ("exp_avg", ropt.state[r]["exp_avg"]),
+                            ("exp_avg_sq", ropt.state[r]["exp_avg_sq"])):
+                peak[i, name] = max(peak.get((i, name), 0.0), t.detach().abs().max().item())
+    # the same float32 recurrence rounded in another order: apart by at most `drift` after `steps` steps (at the
+    # scale the values had on the way: a one-element exp_avg that decays towards 0 at the end carries the
+    # differences of its larger past; at its final size alone the test failed on some random draws)
+    for i, (p, r) in enumerate(zip(ours, ref)):
         st, rst = opt.state[p], ropt.state[r]
         assert st["exp_avg"].dtype == torch.float32
         for name, a, b in (("param", p, r), ("exp_avg", st["exp_avg"], rst["exp_avg"]),
                            ("exp_avg_sq", st["exp_avg_sq"], rst["exp_avg_sq"])):
-            assert_drift(f"{name} {tuple(p.shape)}", a, b, steps)
+            assert_drift(f"{name} {tuple(p.shape)}", a, b, steps, scale=peak[i, name])
         assert float(st["step"]) == steps
     if max_norm > 0:
         assert 0 < clipped < steps
