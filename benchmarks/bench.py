@@ -72,9 +72,9 @@ from nanogpt.model import GPT, GPTConfig  # noqa: E402
 DEFAULT_MODES = "torch,torch+compile,auto,auto+compile"
 BASELINE = "torch+compile"
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
-SHAPES = {  # per device type: CPU quick-start shape, GPT-2 124M on CUDA
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),
-    "cuda": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=12, vocab_size=50304),
+SHAPES = {  # per device type: the CPU quick start's model (nanoGPT's bias=False), GPT-2 124M on CUDA (with biases)
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65, bias=False),
+    "cuda": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=12, vocab_size=50304, bias=True),
 }
 
 
@@ -92,11 +92,11 @@ def defaults(device):
         and torch.cuda.is_bf16_supported() else "float32"
     shape = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
     about = dict(n_layer="transformer blocks", n_head="attention heads", n_embd="embedding width",
-                 block_size="context length", batch_size="batch size", vocab_size="vocabulary size")
+                 block_size="context length", batch_size="batch size", vocab_size="vocabulary size",
+                 bias="biases in the Linear layers and LayerNorms")
     return Keys("python benchmarks/bench.py", __doc__, {
         "model": {k: (v, about[k]) for k, v in shape.items()} | dict(
             dropout=(0.0, "dropout probability"),
-            bias=(True, "biases in the Linear layers and LayerNorms"),
             gelu=("none", "the GELU's tanh approximation: none | tanh"),
         ),
         "timing": dict(
