@@ -1,13 +1,17 @@
 // LayerNorm over the last dimension, CPU: forward saves fp32 mean/rstd; backward gives dx,
 // dweight, dbias with dweight/dbias reduced deterministically (fixed row chunks -> fp32
 // partial sums -> ordered sum over chunks). Dtypes: x in {fp32, bf16}; weight/bias in
-// {x's dtype, fp32}; all math in fp32. Defines nanogpt_ext::layer_norm (C++ autograd over
+// {x's dtype, fp32}; all math in fp32. y (and so dy) in out_dtype, default x's: under autocast the model
+// asks for the dtype the next matmul casts to, which the CPU kernels write directly for an fp32 x (bf16); other
+// pairs, and the CUDA kernels, compute in x's dtype and cast. Defines nanogpt_ext::layer_norm (C++ autograd over
 // layer_norm_fwd / layer_norm_bwd) and registers the CPU kernels (leaf loops in cpu/layer_norm_kernels.h) and,
 // built with CUDA, the CUDA ones (cuda/layer_norm.cu).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "cpu/glue.h"
 #ifdef NANOGPT_WITH_CUDA
@@ -21,7 +25,18 @@ namespace {
 
 using LnOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-LnOut layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, double eps) {
+// f(Y{}) with y's storage type when the kernels write `out` from an x of type T (T itself, or bf16 for an fp32 x);
+// false when they do not
+template <class T, class F>
+bool with_out_type(at::ScalarType out, F&& f) {
+  constexpr bool fp32 = std::is_same_v<T, float>;
+  if (out == (fp32 ? at::kFloat : at::kBFloat16)) return f(T{}), true;
+  if (fp32 && out == at::kBFloat16) return f(bf16_t{}), true;
+  return false;
+}
+
+LnOut layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, double eps,
+                     std::optional<at::ScalarType> out_dtype) {
   const char* op = "nanogpt_ext::layer_norm_fwd";
   check_cpu(x, op, "x");
   check_cpu(weight, op, "weight");
@@ -40,7 +55,8 @@ LnOut layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const std::o
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t M = x.numel() / N;
-  at::Tensor y = new_output(x, x.sizes(), x.scalar_type());
+  const at::ScalarType out = out_dtype.value_or(x.scalar_type());
+  at::Tensor y;
   at::Tensor mean = new_output(x, {M}, at::kFloat), rstd = new_output(x, {M}, at::kFloat);
   float* mp = mean.data_ptr<float>();
   float* rp = rstd.data_ptr<float>();
@@ -49,28 +65,35 @@ LnOut layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const std::o
   with_row_dtypes(x.scalar_type(), weight.scalar_type(), op, "weight", [&](auto t, auto w) {
     using T = decltype(t);
     using W = decltype(w);
-    const auto fwd = NG_ISA_PICK(ln::fwd<T, W>);
-    at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
-      fwd(data<T>(xc), data<W>(wc), has_bias ? data<W>(bc) : nullptr, data<T>(y), mp, rp, r0, r1, N, e);
-    });
+    const auto run = [&](auto yt, at::ScalarType y_dtype) {
+      using Y = decltype(yt);
+      y = new_output(x, x.sizes(), y_dtype);
+      const auto fwd = NG_ISA_PICK(ln::fwd<T, W, Y>);
+      at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+        fwd(data<T>(xc), data<W>(wc), has_bias ? data<W>(bc) : nullptr, data<Y>(y), mp, rp, r0, r1, N, e);
+      });
+    };
+    if (!with_out_type<T>(out, [&](auto yt) { run(yt, out); })) {  // a pair the kernels do not write: x's dtype,
+      run(T{}, x.scalar_type());                                       // then a cast
+      y = y.to(out);
+    }
   });
   return {y, mean, rstd};
 }
 
-LnOut layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
+// dy in y's dtype (any, as the forward's out_dtype); dx in x's
+LnOut layer_norm_bwd(const at::Tensor& dy_, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
                      const at::Tensor& rstd, bool has_bias) {
   const char* op = "nanogpt_ext::layer_norm_bwd";
-  for (auto* t : {&dy, &x, &weight, &mean, &rstd}) check_cpu(*t, op, "every argument");
+  for (auto* t : {&dy_, &x, &weight, &mean, &rstd}) check_cpu(*t, op, "every argument");
   const int64_t N = x.size(-1);
-  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": dy shape ", dy.sizes(), " differs from x shape ", x.sizes());
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": dy dtype ", dy.scalar_type(), " differs from x dtype ",
-              x.scalar_type());
+  TORCH_CHECK(dy_.sizes() == x.sizes(), op, ": dy shape ", dy_.sizes(), " differs from x shape ", x.sizes());
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == N, op, ": weight must have shape [", N, "]");
   const int64_t M = N > 0 ? x.numel() / N : 0;
   TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.numel() == M &&
                   rstd.numel() == M,
               op, ": mean/rstd must be float32 with ", M, " elements");
-  const at::Tensor dyc = dy.contiguous(), xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
   at::Tensor dx = new_output(x, x.sizes(), x.scalar_type());
   at::Tensor dw = new_output(weight, {N}, weight.scalar_type());
@@ -87,14 +110,22 @@ LnOut layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   with_row_dtypes(x.scalar_type(), weight.scalar_type(), op, "weight", [&](auto t, auto w) {
     using T = decltype(t);
     using W = decltype(w);
-    const auto bwd = NG_ISA_PICK(ln::bwd<T, W>);
-    at::parallel_for(0, nchunks, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t r0 = c * chunk, r1 = std::min(M, r0 + chunk);
-        bwd(data<T>(dyc), data<T>(xc), data<W>(wc), mc.data_ptr<float>(), rc.data_ptr<float>(), data<T>(dx),
-            dwp + c * N, dbp + c * N, r0, r1, N);
-      }
-    });
+    at::Tensor dy = dy_.contiguous();
+    const auto run = [&](auto yt) {
+      using Y = decltype(yt);
+      const auto bwd = NG_ISA_PICK(ln::bwd<T, W, Y>);
+      at::parallel_for(0, nchunks, grain, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t r0 = c * chunk, r1 = std::min(M, r0 + chunk);
+          bwd(data<Y>(dy), data<T>(xc), data<W>(wc), mc.data_ptr<float>(), rc.data_ptr<float>(), data<T>(dx),
+              dwp + c * N, dbp + c * N, r0, r1, N);
+        }
+      });
+    };
+    if (!with_out_type<T>(dy.scalar_type(), run)) {  // as the forward: in x's dtype
+      dy = dy.to(x.scalar_type());
+      run(T{});
+    }
     const auto sum = NG_ISA_PICK(sum_chunks<W>);
     at::parallel_for(0, N, std::max<int64_t>(1, 65536 / nc), [&](int64_t j0, int64_t j1) {
       sum(dwp, nc, N, data<W>(dw), j0, j1);
@@ -111,9 +142,10 @@ const c10::TypedOperatorHandle<decltype(layer_norm_fwd)>& fwd_op() {
 
 struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, double eps) {
+                            const std::optional<at::Tensor>& bias, double eps,
+                            std::optional<at::ScalarType> out_dtype) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, rstd] = fwd_op().call(x, weight, bias, eps);
+    auto [y, mean, rstd] = fwd_op().call(x, weight, bias, eps, out_dtype);
     ctx->save_for_backward({x, weight, mean, rstd});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return y;
@@ -124,26 +156,27 @@ struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
     const auto saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     auto [dx, dw, db] = bwd_op.call(grads[0], saved[0], saved[1], saved[2], saved[3], has_bias);
-    return {dx, dw, has_bias ? db : at::Tensor(), at::Tensor()};
+    return {dx, dw, has_bias ? db : at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor layer_norm_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               double eps) {
-  return LayerNormFn::apply(x, weight, bias, eps);
+                               double eps, std::optional<at::ScalarType> out_dtype) {
+  return LayerNormFn::apply(x, weight, bias, eps, out_dtype);
 }
 // below autograd (no grad needed, inference mode): just the forward kernel, on any device
 at::Tensor layer_norm_plain(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            double eps) {
-  return std::get<0>(fwd_op().call(x, weight, bias, eps));
+                            double eps, std::optional<at::ScalarType> out_dtype) {
+  return std::get<0>(fwd_op().call(x, weight, bias, eps, out_dtype));
 }
 
 }  // namespace
 }  // namespace nanogpt_cpu
 
 TORCH_LIBRARY_FRAGMENT(nanogpt_ext, m) {
-  m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps) -> Tensor");
-  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps, ScalarType? out_dtype=None) -> Tensor");
+  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, float eps, ScalarType? out_dtype=None)"
+        " -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool has_bias)"
         " -> (Tensor, Tensor, Tensor)");
 }
@@ -160,8 +193,10 @@ TORCH_LIBRARY_IMPL(nanogpt_ext, CPU, m) {
 namespace nanogpt_cuda {
 namespace {
 
+// y in out_dtype by a cast after the kernel (the CUDA kernels write x's dtype)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
-                                                              const std::optional<at::Tensor>& bias, double eps) {
+                                                              const std::optional<at::Tensor>& bias, double eps,
+                                                              std::optional<at::ScalarType> out_dtype) {
   const char* op = "nanogpt_ext::layer_norm_fwd";
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have a non-empty last dimension");
   const int64_t N = x.size(-1), M = rows_of(x);
@@ -186,18 +221,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
                                  dtype_code(x.scalar_type(), op, "x"), dtype_code(weight.scalar_type(), op, "weight"),
                                  c10::cuda::getCurrentCUDAStream()),
                op);
-  return {y, mean, rstd};
+  return {out_dtype && *out_dtype != y.scalar_type() ? y.to(*out_dtype) : y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& dy_, const at::Tensor& x,
                                                               const at::Tensor& weight, const at::Tensor& mean,
                                                               const at::Tensor& rstd, bool has_bias) {
   const char* op = "nanogpt_ext::layer_norm_bwd";
   TORCH_CHECK(x.is_cuda() && x.dim() >= 1 && x.size(-1) > 0, op, ": x must be a CUDA tensor with a non-empty last dim");
   const int64_t N = x.size(-1), M = rows_of(x);
-  for (auto* t : {&dy, &weight, &mean, &rstd}) check_on(*t, x.device(), op, "every argument");
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), op, ": dy (", dy.sizes(), ", ",
-              dy.scalar_type(), ") must match x (", x.sizes(), ", ", x.scalar_type(), ")");
+  for (auto* t : {&dy_, &weight, &mean, &rstd}) check_on(*t, x.device(), op, "every argument");
+  TORCH_CHECK(dy_.sizes() == x.sizes(), op, ": dy shape ", dy_.sizes(), " differs from x shape ", x.sizes());
+  const at::Tensor dy = dy_.to(x.scalar_type());  // y's dtype (the forward's out_dtype): x's for the kernels
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == N, op, ": weight must have shape [", N, "]");
   check_param_dtype(x, weight, op, "weight");
   TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.numel() == M &&

@@ -137,7 +137,12 @@ def check_layer(op, backend, call):
     if "dropout_p" in kwargs:
         kwargs["dropout_p"] = 0.0  # a random mask cannot be compared; the kernels' masks are tested elsewhere
     ref, dtype, constants = registry.get(op, "torch"), call.args[0].dtype, registry.REGISTRY[op].constants
-    ref64, douts = _forward_backward(ref, call.leaves(torch.float64, constants), kwargs, 0, dtype)
+    # an output dtype asked for (layer_norm's out_dtype under autocast): float64 in the reference, and the
+    # gradients coming back are drawn in it
+    out_dtype = kwargs.get("out_dtype")
+    ref_kwargs = kwargs if out_dtype is None else {**kwargs, "out_dtype": torch.float64}
+    dtype = out_dtype or dtype
+    ref64, douts = _forward_backward(ref, call.leaves(torch.float64, constants), ref_kwargs, 0, dtype)
     theirs, _ = _forward_backward(ref, call.leaves(constants=constants), kwargs, 0, dtype)
     ours, _ = _forward_backward(registry.get(op, backend), call.leaves(constants=constants), kwargs, 0, dtype)
     hints = {}

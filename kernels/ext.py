@@ -56,9 +56,9 @@ def _register():
     ops = torch.ops.nanogpt_ext
 
     @torch.library.register_fake("nanogpt_ext::layer_norm_fwd")
-    def _(x, weight, bias, eps):
+    def _(x, weight, bias, eps, out_dtype=None):
         m = x.numel() // x.shape[-1]
-        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+        return (torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format),
                 x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32))
 
     @torch.library.register_fake("nanogpt_ext::layer_norm_bwd")
@@ -97,8 +97,8 @@ def _register():
 
     # the user-facing ops; their autograd formulas are C++ (csrc/ext.cpp)
     @torch.library.register_fake("nanogpt_ext::layer_norm")
-    def _(x, weight, bias, eps):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    def _(x, weight, bias, eps, out_dtype=None):
+        return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("nanogpt_ext::bias_gelu")
     def _(x, bias, tanh):
@@ -141,15 +141,16 @@ def _register():
 
 # ------------------------------------------------------------ the backend contract
 
-def layer_norm(x, weight, bias=None, eps=1e-5):
-    """LayerNorm over the last dim: fused kernel, fp32 statistics (x fp32/bf16, + fp16 on CUDA)."""
+def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None):
+    """LayerNorm over the last dim: fused kernel, fp32 statistics (x fp32/bf16, + fp16 on CUDA); the output in
+    out_dtype (the CPU kernels write bf16 from an fp32 x directly; other pairs are cast)."""
     if weight is None:
         weight = x.new_ones(x.shape[-1])
     if weight.dtype not in (x.dtype, torch.float32):
         weight = weight.to(x.dtype)
     if bias is not None and bias.dtype != weight.dtype:
         bias = bias.to(weight.dtype)
-    return torch.ops.nanogpt_ext.layer_norm(x, weight, bias, float(eps))
+    return torch.ops.nanogpt_ext.layer_norm(x, weight, bias, float(eps), out_dtype)
 
 
 def rms_norm(x, weight=None, eps=None):

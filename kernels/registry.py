@@ -93,8 +93,11 @@ def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
 
 
-def layer_norm(x, weight, bias=None, eps=1e-5):
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None):
+    """out_dtype: the output's dtype (None: F.layer_norm's). Under autocast the model asks for the autocast dtype,
+    which the matmul after every LayerNorm casts to anyway: the same values, and the kernels write it directly."""
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def bias_gelu(x, bias=None, approximate="none"):

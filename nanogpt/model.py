@@ -70,7 +70,10 @@ class Op(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1).
+
+    Every LayerNorm of the GPT feeds a matmul (c_attn, c_fc, lm_head), which under autocast casts its input to the
+    autocast dtype: the op writes that dtype itself, the same values without the cast and its backward."""
     op = "layer_norm"  # the registry op whose backend GPT.set_backends puts in self.fn
 
     def __init__(self, ndim, bias):
@@ -79,7 +82,9 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
-        return self.fn(x, self.weight, self.bias, 1e-5)
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        return self.fn(x, self.weight, self.bias, 1e-5, out_dtype=out_dtype)
 
 
 class RMSNorm(nn.Module):

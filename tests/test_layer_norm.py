@@ -68,6 +68,23 @@ def test_layer_norm_grid_matches_float64(impl, backend, device, case):
     check(impl, backend, device, *case)
 
 
+@pytest.mark.parametrize("out_dtype", [BF16, F16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_layer_norm_out_dtype_matches_float64(impl, backend, device, out_dtype, bias):
+    """The autocast path: fp32 x and parameters, the output (and its gradient) in the dtype the next matmul takes."""
+    shape = (3, 37, 1000)
+    x = (torch.randn(shape) * 2 + 0.5).to(device).requires_grad_()
+    w = (torch.randn(1000) * 0.5 + 1).to(device).requires_grad_()
+    b = (torch.randn(1000) * 0.3).to(device).requires_grad_() if bias else None
+
+    def torch_fn(x, w, b):  # float64 inputs: the reference, float64 throughout
+        y = F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+        return y if x.dtype == torch.float64 else y.to(out_dtype)
+
+    check_op(f"layer_norm[{backend}] out_dtype={out_dtype}", lambda x, w, b: impl(x, w, b, 1e-5, out_dtype=out_dtype),
+             torch_fn, dict(x=x, weight=w, bias=b), torch.randn(shape).to(device, out_dtype))
+
+
 def test_layer_norm_grads_are_deterministic(impl, device):
     x = torch.randn(64, 768).to(device).requires_grad_()
     w = torch.randn(768).to(device).requires_grad_()
@@ -138,3 +155,20 @@ def test_ext_layer_norm_every_cpu_isa(isa, dtype):
     check_op(f"layer_norm {isa}", lambda x, w, b: torch.ops.nanogpt_ext.layer_norm(x, w, b, 1e-5),
              lambda x, w, b: F.layer_norm(x, (1023,), w, b, 1e-5), {"x": x, "weight": w, "bias": b},
              rand_input(3, 37, 1023, dtype=dtype, grad=False))
+
+
+@pytest.mark.cpu_only("the ISA clones are the CPU kernels'")
+def test_ext_layer_norm_bf16_output_is_the_cast_fp32_output_every_cpu_isa(isa):
+    """out_dtype=bf16 from fp32 x (autocast) rounds in the kernel exactly as a cast of the fp32 output would (RNE),
+    and dy in bf16 gives the gradients of dy cast to fp32: the model's values are those without out_dtype."""
+    x, w, b = rand_input(3, 37, 1023, dtype=F32, scale=2.0), rand_input(1023, dtype=F32), rand_input(1023, dtype=F32)
+    dy = rand_input(3, 37, 1023, dtype=BF16, grad=False)
+    runs = []
+    for out_dtype in (None, BF16):
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        y = torch.ops.nanogpt_ext.layer_norm(xs, ws, bs, 1e-5, out_dtype)
+        y.backward(dy.to(y.dtype))
+        runs.append([y.bfloat16(), xs.grad, ws.grad, bs.grad])
+    assert runs[1][0].dtype == BF16
+    for name, a, c in zip(("y", "dx", "dweight", "dbias"), *runs):
+        assert torch.equal(a, c), name

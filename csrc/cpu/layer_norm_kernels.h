@@ -1,13 +1,14 @@
-// LayerNorm leaf kernels on raw pointers, compiled once per ISA clone (isa_clones.h).
+// LayerNorm leaf kernels on raw pointers, compiled once per ISA clone (isa_clones.h). x and dx in T, y and dy
+// in Y: T, or bf16 for an fp32 x (the output dtype autocast's next matmul takes).
 namespace ln {
 
-template <class T, class W, bool HAS_BIAS>
-NG_INLINE void fwd_rows(const T* __restrict x, const W* __restrict w, const W* __restrict b, T* __restrict y,
+template <class T, class W, class Y, bool HAS_BIAS>
+NG_INLINE void fwd_rows(const T* __restrict x, const W* __restrict w, const W* __restrict b, Y* __restrict y,
                         float* mean, float* rstd, int64_t r0, int64_t r1, int64_t N, float eps) {
   const float inv_n = 1.0f / static_cast<float>(N);
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * N;
-    T* yr = y + r * N;
+    Y* yr = y + r * N;
     const float mu = sum_over(N, [&](int64_t j) { return ld(xr, j); }) * inv_n;
     const float v = sum_over(N, [&](int64_t j) {
       const float d = ld(xr, j) - mu;
@@ -26,18 +27,18 @@ NG_INLINE void fwd_rows(const T* __restrict x, const W* __restrict w, const W* _
 }
 
 // rows [r0, r1): y, mean, rstd (b may be null)
-template <class T, class W>
-void fwd(const T* x, const W* w, const W* b, T* y, float* mean, float* rstd, int64_t r0, int64_t r1, int64_t N,
+template <class T, class W, class Y>
+void fwd(const T* x, const W* w, const W* b, Y* y, float* mean, float* rstd, int64_t r0, int64_t r1, int64_t N,
          float eps) {
   if (b)
-    fwd_rows<T, W, true>(x, w, b, y, mean, rstd, r0, r1, N, eps);
+    fwd_rows<T, W, Y, true>(x, w, b, y, mean, rstd, r0, r1, N, eps);
   else
-    fwd_rows<T, W, false>(x, w, b, y, mean, rstd, r0, r1, N, eps);
+    fwd_rows<T, W, Y, false>(x, w, b, y, mean, rstd, r0, r1, N, eps);
 }
 
 // dx for rows [r0, r1) and this chunk's partial sums of dy*xhat (dw_part) and dy (db_part)
-template <class T, class W>
-void bwd(const T* __restrict dy, const T* __restrict x, const W* __restrict w, const float* __restrict mean,
+template <class T, class W, class Y>
+void bwd(const Y* __restrict dy, const T* __restrict x, const W* __restrict w, const float* __restrict mean,
          const float* __restrict rstd, T* __restrict dx, float* __restrict dw_part, float* __restrict db_part,
          int64_t r0, int64_t r1, int64_t N) {
   const float inv_n = 1.0f / static_cast<float>(N);
@@ -48,7 +49,7 @@ void bwd(const T* __restrict dy, const T* __restrict x, const W* __restrict w, c
   }
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * N;
-    const T* dyr = dy + r * N;
+    const Y* dyr = dy + r * N;
     T* dxr = dx + r * N;
     const float mu = mean[r], rs = rstd[r];
     float as[kLanes] = {}, cs[kLanes] = {};

@@ -101,7 +101,7 @@ def _config(N, interpret=False):
     return rows_fwd, rows_bwd, block, warps
 
 
-def _fwd(x, weight, bias, eps):
+def _fwd(x, weight, bias, eps, out_dtype=None):
     N = x.shape[-1]
     if weight.shape != (N,):
         raise ValueError(f"layer_norm: weight has shape {tuple(weight.shape)}, expected ({N},)")
@@ -109,7 +109,7 @@ def _fwd(x, weight, bias, eps):
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    y = nan_like((M, N), x.dtype, x.device)
+    y = nan_like((M, N), out_dtype or x.dtype, x.device)
     mean = nan_like((M,), torch.float32, x.device)
     rstd = nan_like((M,), torch.float32, x.device)
     if M > 0:
@@ -118,7 +118,7 @@ def _fwd(x, weight, bias, eps):
                                                    bias.contiguous() if bias is not None else weight,
                                                    mean, rstd, x2.stride(0), y.stride(0), M, N, eps,
                                                    HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                                   EMU_BF16=emu_bf16(x.dtype), num_warps=warps)
+                                                   EMU_BF16=emu_bf16(y.dtype), num_warps=warps)
     return y.view(x.shape), mean, rstd
 
 
@@ -155,15 +155,15 @@ def _bwd(dy, x, weight, mean, rstd, has_bias):
 # ---------------------------------------------------------------- custom ops + autograd
 
 @torch.library.custom_op("nanogpt_triton::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd(x, weight, bias, eps)
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+                   out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd(x, weight, bias, eps, out_dtype)
 
 
 @layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, out_dtype=None):
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+    return (torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format),
             x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
 
 
@@ -180,7 +180,7 @@ def _(dy, x, weight, mean, rstd, has_bias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps = inputs
+    x, weight, bias, eps, _ = inputs
     _, mean, rstd = output
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight, mean, rstd)
@@ -190,24 +190,26 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd, ctx.has_bias)
-    return dx, dw, (db if ctx.has_bias else None), None
+    return dx, dw, (db if ctx.has_bias else None), None, None
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def layer_norm(x, weight, bias=None, eps=1e-5):
+def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None):
     """LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias.
 
-    Statistics are computed in fp32 whatever the input dtype; the output has x's dtype.
-    Differentiable in x, weight and bias (deterministic dweight / dbias reduction).
+    Statistics are computed in fp32 whatever the input dtype; the output has out_dtype (default x's), and its
+    gradient may come in it. Differentiable in x, weight and bias (deterministic dweight / dbias reduction).
     """
-    return layer_norm_fwd(x, weight, bias, float(eps))[0]
+    return layer_norm_fwd(x, weight, bias, float(eps), out_dtype)[0]
 
 
 # (x / y / dx dtype, weight / bias dtype): same dtype, or fp32 parameters with low-precision
 # activations (autocast)
 _DTYPE_PAIRS = [("*fp32", "*fp32"), ("*fp16", "*fp16"), ("*bf16", "*bf16"), ("*fp16", "*fp32"), ("*bf16", "*fp32")]
+# LayerNorm's (x, weight, y): y in x's dtype, or a low-precision y from fp32 x and weight (autocast's out_dtype)
+_DTYPE_TRIPLES = [(x, w, x) for x, w in _DTYPE_PAIRS] + [("*fp32", "*fp32", "*bf16"), ("*fp32", "*fp32", "*fp16")]
 
 
 def _compile_configs():
@@ -215,10 +217,10 @@ def _compile_configs():
     out = []
     for N in [2 ** i for i in range(4, 14)]:
         rows, rows_bwd, block, warps = _config(N)
-        for sig, wsig in _DTYPE_PAIRS:
-            tag = sig[1:] if wsig == sig else f"{sig[1:]},w={wsig[1:]}"
+        for sig, wsig, ysig in _DTYPE_TRIPLES:
+            tag = sig[1:] + ("" if wsig == sig else f",w={wsig[1:]}") + ("" if ysig == sig else f",y={ysig[1:]}")
             for has_bias in (True, False):
-                fsig = {"X": sig, "Y": sig, "W": wsig, "B": wsig, "Mean": "*fp32", "Rstd": "*fp32",
+                fsig = {"X": sig, "Y": ysig, "W": wsig, "B": wsig, "Mean": "*fp32", "Rstd": "*fp32",
                         "stride_x": "i32", "stride_y": "i32", "M": "i32", "N": "i32", "eps": "fp32",
                         "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                         "EMU_BF16": "constexpr"}
@@ -227,7 +229,7 @@ def _compile_configs():
                                 constexprs={"HAS_BIAS": has_bias, "BLOCK_M": rows, "BLOCK_N": block,
                                             "EMU_BF16": False}))
                 # the backward's entry has the forward's shape with its own arguments and row block
-                bsig = {"DY": sig, "X": sig, "W": wsig, "Mean": "*fp32", "Rstd": "*fp32", "DX": sig,
+                bsig = {"DY": ysig, "X": sig, "W": wsig, "Mean": "*fp32", "Rstd": "*fp32", "DX": sig,
                         "DW": "*fp32", "DB": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32",
                         "M": "i32", "N": "i32", "rows_per_prog": "i32",
                         "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
