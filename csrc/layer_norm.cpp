@@ -11,8 +11,6 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "cpu/glue.h"
 #ifdef NANOGPT_WITH_CUDA
 #include "cuda/glue.h"
@@ -24,16 +22,6 @@ namespace nanogpt_cpu {
 namespace {
 
 using LnOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
-// f(Y{}) with y's storage type when the kernels write `out` from an x of type T (T itself, or bf16 for an fp32 x);
-// false when they do not
-template <class T, class F>
-bool with_out_type(at::ScalarType out, F&& f) {
-  constexpr bool fp32 = std::is_same_v<T, float>;
-  if (out == (fp32 ? at::kFloat : at::kBFloat16)) return f(T{}), true;
-  if (fp32 && out == at::kBFloat16) return f(bf16_t{}), true;
-  return false;
-}
 
 LnOut layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, double eps,
                      std::optional<at::ScalarType> out_dtype) {

@@ -117,9 +117,16 @@ def _register():
     def like_x(x, *_):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    def norm_out(x, out_dtype):  # a norm's output: x's shape, out_dtype (default x's)
+        return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
+
     @fake("rms_norm_fwd")
-    def _(x, weight, eps):
-        return like_x(x), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+    def _(x, weight, eps, out_dtype=None):
+        return norm_out(x, out_dtype), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+
+    @fake("rms_norm")
+    def _(x, weight, eps, out_dtype=None):
+        return norm_out(x, out_dtype)
 
     @fake("rms_norm_bwd")
     def _(dy, x, weight, rstd):
@@ -128,7 +135,7 @@ def _register():
     def bias_grads(dy, x, bias):
         return like_x(x), (bias.new_empty((x.shape[-1],)) if bias is not None else x.new_empty((0,)))
 
-    for name in ("rms_norm", "bias_relu2", "bias_relu2_fwd"):
+    for name in ("bias_relu2", "bias_relu2_fwd"):
         fake(name)(like_x)
     fake("bias_relu2_bwd")(bias_grads)
 
@@ -153,12 +160,12 @@ def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None):
     return torch.ops.nanogpt_ext.layer_norm(x, weight, bias, float(eps), out_dtype)
 
 
-def rms_norm(x, weight=None, eps=None):
+def rms_norm(x, weight=None, eps=None, out_dtype=None):
     """RMSNorm over the last dim: fused kernel, fp32 statistics (x fp32/bf16, + fp16 on CUDA); eps None is
-    float32's eps (F.rms_norm's default for the fp32 math)."""
+    float32's eps (F.rms_norm's default for the fp32 math); the output in out_dtype, as layer_norm's."""
     if weight is not None and weight.dtype not in (x.dtype, torch.float32):
         weight = weight.to(x.dtype)
-    return torch.ops.nanogpt_ext.rms_norm(x, weight, rms_norm_eps(eps))
+    return torch.ops.nanogpt_ext.rms_norm(x, weight, rms_norm_eps(eps), out_dtype)
 
 
 def bias_relu2(x, bias=None):

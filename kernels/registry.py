@@ -104,9 +104,10 @@ def bias_gelu(x, bias=None, approximate="none"):
     return F.gelu(x if bias is None else x + bias, approximate=approximate)
 
 
-def rms_norm(x, weight=None, eps=None):
-    """RMSNorm over the last dimension (QK-norm is this over the head dimension)."""
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+def rms_norm(x, weight=None, eps=None, out_dtype=None):
+    """RMSNorm over the last dimension (QK-norm is this over the head dimension); out_dtype as layer_norm's."""
+    y = F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def rms_norm_eps(eps):

@@ -69,11 +69,16 @@ class Op(nn.Module):
         return self.fn(*args)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1).
+def norm_out_dtype(x):
+    """The dtype a norm's output is wanted in: under autocast, autocast's. Every norm of the GPT feeds a matmul
+    (c_attn, c_fc, lm_head) that casts its input to that dtype, or (QK-norm) already gets it: the norm op writes
+    it itself, the same values without the cast and its backward."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
-    Every LayerNorm of the GPT feeds a matmul (c_attn, c_fc, lm_head), which under autocast casts its input to the
-    autocast dtype: the op writes that dtype itself, the same values without the cast and its backward."""
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
     op = "layer_norm"  # the registry op whose backend GPT.set_backends puts in self.fn
 
     def __init__(self, ndim, bias):
@@ -82,9 +87,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
-        dev = x.device.type
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        return self.fn(x, self.weight, self.bias, 1e-5, out_dtype=out_dtype)
+        return self.fn(x, self.weight, self.bias, 1e-5, out_dtype=norm_out_dtype(x))
 
 
 class RMSNorm(nn.Module):
@@ -95,7 +98,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(ndim))
 
     def forward(self, x):
-        return self.fn(x, self.weight)
+        return self.fn(x, self.weight, out_dtype=norm_out_dtype(x))
 
 
 def make_norm(config, ndim=None):

@@ -52,6 +52,22 @@ def test_rms_norm_grid_matches_float64(impl, backend, device, case):
     check(impl, backend, device, *case)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "noweight"])
+def test_rms_norm_out_dtype_matches_float64(impl, backend, device, out_dtype, weight):
+    """The autocast path: fp32 x (and weight), the output (and its gradient) in the dtype the next matmul takes."""
+    shape = (3, 37, 1000)
+    x = (torch.randn(shape) * 2 + 0.5).to(device).requires_grad_()
+    w = (torch.randn(1000) * 0.5 + 1).to(device).requires_grad_() if weight else None
+
+    def torch_fn(x, w):  # float64 inputs: the reference, float64 throughout
+        y = F.rms_norm(x, (x.shape[-1],), w)
+        return y if x.dtype == torch.float64 else y.to(out_dtype)
+
+    check_op(f"rms_norm[{backend}] out_dtype={out_dtype}", lambda x, w: impl(x, w, out_dtype=out_dtype), torch_fn,
+             dict(x=x, weight=w), torch.randn(shape).to(device, out_dtype))
+
+
 def test_rms_norm_grads_are_deterministic(impl, device):
     x = torch.randn(64, 768).to(device).requires_grad_()
     w = torch.randn(768).to(device).requires_grad_()
@@ -121,3 +137,20 @@ def test_ext_rms_norm_every_cpu_isa(isa, dtype, weight):
     check_op(f"rms_norm {isa}", lambda x, w: torch.ops.nanogpt_ext.rms_norm(x, w, 1e-6),
              lambda x, w: F.rms_norm(x, (1023,), w, 1e-6), {"x": x, "weight": w},
              rand_input(3, 37, 1023, dtype=dtype, grad=False))
+
+
+@pytest.mark.cpu_only("the ISA clones are the CPU kernels'")
+def test_ext_rms_norm_bf16_output_is_the_cast_fp32_output_every_cpu_isa(isa):
+    """As layer_norm's: out_dtype=bf16 from fp32 x rounds in the kernel exactly as a cast would, and a bf16 dy gives
+    the gradients of the fp32 one."""
+    x, w = rand_input(3, 37, 1023, dtype=torch.float32, scale=2.0), rand_input(1023, dtype=torch.float32)
+    dy = rand_input(3, 37, 1023, dtype=torch.bfloat16, grad=False)
+    runs = []
+    for out_dtype in (None, torch.bfloat16):
+        xs, ws = (t.detach().clone().requires_grad_() for t in (x, w))
+        y = torch.ops.nanogpt_ext.rms_norm(xs, ws, torch.finfo(torch.float32).eps, out_dtype)
+        y.backward(dy.to(y.dtype))
+        runs.append([y.bfloat16(), xs.grad, ws.grad])
+    assert runs[1][0].dtype == torch.bfloat16
+    for name, a, c in zip(("y", "dx", "dweight"), *runs):
+        assert torch.equal(a, c), name

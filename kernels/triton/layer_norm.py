@@ -208,7 +208,7 @@ def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None):
 # (x / y / dx dtype, weight / bias dtype): same dtype, or fp32 parameters with low-precision
 # activations (autocast)
 _DTYPE_PAIRS = [("*fp32", "*fp32"), ("*fp16", "*fp16"), ("*bf16", "*bf16"), ("*fp16", "*fp32"), ("*bf16", "*fp32")]
-# LayerNorm's (x, weight, y): y in x's dtype, or a low-precision y from fp32 x and weight (autocast's out_dtype)
+# the norms' (x, weight, y): y in x's dtype, or a low-precision y from fp32 x and weight (autocast's out_dtype)
 _DTYPE_TRIPLES = [(x, w, x) for x, w in _DTYPE_PAIRS] + [("*fp32", "*fp32", "*bf16"), ("*fp32", "*fp32", "*fp16")]
 
 

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from nanogpt_kernels.registry import rms_norm_eps
 from nanogpt_kernels.triton._utils import emu_bf16, interpreting, nan_like, next_pow2, rne_bf16, sms_for
-from nanogpt_kernels.triton.layer_norm import MAX_N, _DTYPE_PAIRS
+from nanogpt_kernels.triton.layer_norm import _DTYPE_TRIPLES, MAX_N
 from nanogpt_kernels.triton.layer_norm import _config as _ln_config
 
 
@@ -88,19 +88,19 @@ def _rows(t, N):
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _fwd(x, weight, eps):
+def _fwd(x, weight, eps, out_dtype=None):
     N = x.shape[-1]
     if weight is not None and weight.shape != (N,):
         raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, expected ({N},)")
     x2 = _rows(x, N)
     M = x2.shape[0]
-    y = nan_like((M, N), x.dtype, x.device)
+    y = nan_like((M, N), out_dtype or x.dtype, x.device)
     rstd = nan_like((M,), torch.float32, x.device)
     if M > 0:
         BLOCK_M, _, BLOCK_N, warps = _config(N, interpreting())
         _rms_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](x2, y, weight.contiguous() if weight is not None else x2, rstd,
                                                     x2.stride(0), y.stride(0), M, N, eps, HAS_W=weight is not None,
-                                                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EMU_BF16=emu_bf16(x.dtype),
+                                                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EMU_BF16=emu_bf16(y.dtype),
                                                     num_warps=warps)
     return y.view(x.shape), rstd
 
@@ -130,14 +130,16 @@ def _bwd(dy, x, weight, rstd):
 # ---------------------------------------------------------------- custom ops + autograd
 
 @torch.library.custom_op("nanogpt_triton::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd(x, weight, eps)
+def rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
+                 out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(x, weight, eps, out_dtype)
 
 
 @rms_norm_fwd.register_fake
-def _(x, weight, eps):
+def _(x, weight, eps, out_dtype=None):
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((M,), dtype=torch.float32)
+    return (torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format),
+            x.new_empty((M,), dtype=torch.float32))
 
 
 @torch.library.custom_op("nanogpt_triton::rms_norm_bwd", mutates_args=())
@@ -153,7 +155,7 @@ def _(dy, x, weight, rstd):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _ = inputs
+    x, weight, _, _ = inputs
     ctx.has_weight = weight is not None
     ctx.save_for_backward(x, weight, output[1])
     ctx.mark_non_differentiable(output[1])
@@ -162,19 +164,19 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     dx, dw = rms_norm_bwd(dy, x, weight if ctx.has_weight else None, rstd)
-    return dx, (dw if ctx.has_weight else None), None
+    return dx, (dw if ctx.has_weight else None), None, None
 
 
 rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def rms_norm(x, weight=None, eps=None):
+def rms_norm(x, weight=None, eps=None, out_dtype=None):
     """RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * weight (eps None: float32's eps).
 
-    Statistics in fp32 whatever the input dtype; the output has x's dtype. Differentiable in x and weight
-    (deterministic dweight reduction).
+    Statistics in fp32 whatever the input dtype; the output has out_dtype (default x's), and its gradient may come
+    in it. Differentiable in x and weight (deterministic dweight reduction).
     """
-    return rms_norm_fwd(x, weight, rms_norm_eps(eps))[0]
+    return rms_norm_fwd(x, weight, rms_norm_eps(eps), out_dtype)[0]
 
 
 def _compile_configs():
@@ -182,19 +184,19 @@ def _compile_configs():
     out = []
     for N in [2 ** i for i in range(4, 14)]:
         rows, rows_bwd, block, warps = _config(N)
-        for sig, wsig in _DTYPE_PAIRS:
-            tag = sig[1:] if wsig == sig else f"{sig[1:]},w={wsig[1:]}"
+        for sig, wsig, ysig in _DTYPE_TRIPLES:
+            tag = sig[1:] + ("" if wsig == sig else f",w={wsig[1:]}") + ("" if ysig == sig else f",y={ysig[1:]}")
             for has_w in (True, False):
                 if not has_w and wsig != sig:
                     continue
                 flags = {"HAS_W": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "EMU_BF16": "constexpr"}
                 ce = {"HAS_W": has_w, "BLOCK_N": block, "EMU_BF16": False}
-                fsig = {"X": sig, "Y": sig, "W": wsig, "Rstd": "*fp32", "stride_x": "i32", "stride_y": "i32",
+                fsig = {"X": sig, "Y": ysig, "W": wsig, "Rstd": "*fp32", "stride_x": "i32", "stride_y": "i32",
                         "M": "i32", "N": "i32", "eps": "fp32", **flags}
                 out.append(dict(name=f"rms_fwd[{tag},M={rows},N={block},w={int(has_w)}]", fn=_rms_fwd_kernel,
                                 signature=fsig, num_warps=warps, num_stages=1, key=(block, sig),
                                 constexprs=dict(ce, BLOCK_M=rows)))
-                bsig = {"DY": sig, "X": sig, "W": wsig, "Rstd": "*fp32", "DX": sig, "DW": "*fp32",
+                bsig = {"DY": ysig, "X": sig, "W": wsig, "Rstd": "*fp32", "DX": sig, "DW": "*fp32",
                         "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
                         "rows_per_prog": "i32", **flags}
                 out.append(dict(name=f"rms_bwd[{tag},M={rows_bwd},N={block},w={int(has_w)}]", fn=_rms_bwd_kernel,
