@@ -55,11 +55,13 @@ def unavailable(device_type):
 def _register():
     ops = torch.ops.nanogpt_ext
 
+    def norm_out(x, out_dtype):  # a norm's output: x's shape, out_dtype (default x's)
+        return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("nanogpt_ext::layer_norm_fwd")
     def _(x, weight, bias, eps, out_dtype=None):
         m = x.numel() // x.shape[-1]
-        return (torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format),
-                x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32))
+        return norm_out(x, out_dtype), x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32)
 
     @torch.library.register_fake("nanogpt_ext::layer_norm_bwd")
     def _(dy, x, weight, mean, rstd, has_bias):
@@ -98,7 +100,7 @@ def _register():
     # the user-facing ops; their autograd formulas are C++ (csrc/ext.cpp)
     @torch.library.register_fake("nanogpt_ext::layer_norm")
     def _(x, weight, bias, eps, out_dtype=None):
-        return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
+        return norm_out(x, out_dtype)
 
     @torch.library.register_fake("nanogpt_ext::bias_gelu")
     def _(x, bias, tanh):
@@ -116,9 +118,6 @@ def _register():
 
     def like_x(x, *_):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-    def norm_out(x, out_dtype):  # a norm's output: x's shape, out_dtype (default x's)
-        return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
 
     @fake("rms_norm_fwd")
     def _(x, weight, eps, out_dtype=None):

@@ -12,7 +12,6 @@ The CPU PyTorch wheels use glibc's malloc (no jemalloc/tcmalloc); under another 
 this does nothing and says so.
 """
 import ctypes
-import ctypes.util
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
@@ -26,8 +25,7 @@ def keep_freed_memory():
     if any(name in preloaded for name in ("jemalloc", "tcmalloc", "mimalloc")):
         return f"CPU memory: left to the preloaded allocator ({preloaded})"
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own libc (find_library would run ldconfig)
     except (OSError, AttributeError):
         return "CPU memory: not glibc (no mallopt); freed memory goes back to the system as the allocator decides"
     if mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) != 1 or mallopt(M_TRIM_THRESHOLD, KEEP_BYTES) != 1:

@@ -52,6 +52,20 @@ def check_op(name, fn, torch_fn, inputs, grad_out, scale_hints=None):
         assert_within_budget(f"{name} {key}", o, t, r, t.dtype, (scale_hints or {}).get(key, 0.0))
 
 
+def check_bf16_out_is_the_cast(norm, inputs, dy):
+    """norm(*inputs, out_dtype) from fp32 inputs: out_dtype=bf16 gives exactly the bf16 cast of the fp32 output, and
+    a bf16 dy exactly the gradients of that dy in fp32 (the kernels round as a cast would, and read dy as given)."""
+    runs = []
+    for out_dtype in (None, torch.bfloat16):
+        ins = [t.detach().clone().requires_grad_() for t in inputs]
+        y = norm(*ins, out_dtype)
+        assert y.dtype == (out_dtype or torch.float32)
+        y.backward(dy.to(y.dtype))
+        runs.append([y.bfloat16()] + [t.grad for t in ins])
+    for i, (a, c) in enumerate(zip(*runs)):
+        assert torch.equal(a, c), "output" if i == 0 else f"grad of input {i - 1}"
+
+
 def check_compiled(fn, *inputs):
     """torch.compile(fn, fullgraph=True) gives eager's output and input gradients: the ops' fake kernels and
     autograd registration trace without graph breaks, and the compiled code around them computes the same."""
