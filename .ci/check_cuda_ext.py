@@ -11,10 +11,11 @@ from nanogpt_kernels import ext, registry
 
 def expected_on_cuda(op_names):
     """The nanogpt_ext ops that need a CUDA kernel: all but those of registry ops whose ext implementation is
-    limited to other devices (attention: attention, attention_fwd, attention_bwd)."""
+    limited to other devices (attention: attention, attention_fwd, attention_bwd) and ext.CPU_ONLY_OPS."""
     elsewhere = [op for op, spec in registry.REGISTRY.items()
                  if spec.impls["ext"].devices and "cuda" not in spec.impls["ext"].devices]
-    return {n for n in op_names if not any(n == op or n.startswith(op + "_") for op in elsewhere)}
+    return {n for n in op_names if not any(n == op or n.startswith(op + "_") for op in elsewhere)
+            and n not in ext.CPU_ONLY_OPS}
 
 
 def error_message_check():

@@ -18,6 +18,9 @@ from nanogpt_kernels.registry import lce_args, lce_fake, rms_norm_eps, rope_chec
 
 _C = None
 _IMPORT_ERROR = None
+# internal ops with a CPU kernel only, under an op that also runs on CUDA: the CPU GELU's forward that saves its
+# derivative and the backward that multiplies by it (csrc/bias_act.cpp; .ci/check_cuda_ext.py expects no CUDA kernel)
+CPU_ONLY_OPS = ("bias_gelu_fwd_saving", "bias_act_bwd_saved")
 
 
 def _load():
@@ -137,6 +140,12 @@ def _register():
     for name in ("bias_relu2", "bias_relu2_fwd"):
         fake(name)(like_x)
     fake("bias_relu2_bwd")(bias_grads)
+
+    @fake("bias_gelu_fwd_saving")  # y and the fp32 derivative the CPU backward multiplies by
+    def _(x, bias, tanh):
+        return like_x(x), torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
+
+    fake("bias_act_bwd_saved")(lambda dy, d, bias: bias_grads(dy, dy, bias))
 
     def rope_fake(q, k, cos, sin, *_):
         return like_x(q), torch.empty_like(k, dtype=q.dtype, memory_format=torch.contiguous_format)

@@ -130,3 +130,24 @@ def test_ext_bias_gelu_every_cpu_isa(isa, dtype, tanh):
     check_op(f"bias_gelu {approx} {isa}", lambda x, b: torch.ops.nanogpt_ext.bias_gelu(x, b, tanh),
              lambda x, b: F.gelu(x + b, approximate=approx), {"x": x, "bias": b},
              rand_input(37, 1023, dtype=dtype, grad=False))
+
+
+@pytest.mark.cpu_only("the saved derivative is the CPU kernels'")
+@pytest.mark.parametrize("dtype", ISA_DTYPES)
+@pytest.mark.parametrize("tanh", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_ext_bias_gelu_saved_derivative_gives_the_recomputed_grads(isa, dtype, tanh, bias):
+    """On CPU the forward saves gelu'(x + bias) in fp32 and the backward multiplies by it: y, dx and dbias are
+    bitwise those of the kernels that evaluate gelu' again from x (bias_gelu_fwd / bias_gelu_bwd)."""
+    ops = torch.ops.nanogpt_ext
+    x = rand_input(37, 1023, dtype=dtype, scale=3.0)
+    b = rand_input(1023, dtype=torch.float32) if bias else None
+    y = ops.bias_gelu(x, b, tanh)
+    dy = rand_input(37, 1023, dtype=dtype, grad=False)
+    y.backward(dy)
+    y0 = ops.bias_gelu_fwd(x.detach(), None if b is None else b.detach(), tanh)
+    dx0, db0 = ops.bias_gelu_bwd(dy, x.detach(), None if b is None else b.detach(), tanh)
+    assert torch.equal(y, y0) and torch.equal(x.grad, dx0)
+    assert b is None or torch.equal(b.grad, db0)
+    _, d = ops.bias_gelu_fwd_saving(x.detach(), None if b is None else b.detach(), tanh)
+    assert d.dtype == torch.float32 and d.shape == x.shape

@@ -16,6 +16,12 @@ NG_INLINE float act_grad(float u) {
   return ACT == kGeluTanh ? gelu_tanh_grad(u) : gelu_erf_grad(u);
 }
 
+// act(u), and act'(u) in `grad`, from one evaluation (GELU only: ReLU^2's backward is cheaper than reading it)
+template <int ACT>
+NG_INLINE float act_and_grad(float u, float& grad) {
+  return ACT == kGeluTanh ? gelu_tanh_and_grad(u, grad) : gelu_erf_and_grad(u, grad);
+}
+
 template <class T, class B, int ACT, bool HAS_BIAS>
 NG_INLINE void fwd_rows(const T* __restrict x, const B* __restrict b, T* __restrict y, int64_t r0, int64_t r1,
                         int64_t N) {
@@ -55,6 +61,45 @@ NG_INLINE void bwd_rows(const T* __restrict dy, const T* __restrict x, const B* 
   }
 }
 
+// y = act(x + b) and d = act'(x + b) in fp32 for rows [r0, r1): the backward is then dx = dy * d (bwd_saved_rows),
+// the values bwd_rows computes, without evaluating erf/tanh and exp a second time
+template <class T, class B, int ACT, bool HAS_BIAS>
+NG_INLINE void fwd_saving_rows(const T* __restrict x, const B* __restrict b, T* __restrict y, float* __restrict d,
+                               int64_t r0, int64_t r1, int64_t N) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * N;
+    T* yr = y + r * N;
+    float* dr = d + r * N;
+    NG_SIMD
+    for (int64_t j = 0; j < N; ++j) {
+      float u = ld(xr, j);
+      if (HAS_BIAS) u += ld(b, j);
+      st(yr, j, act_and_grad<ACT>(u, dr[j]));
+    }
+  }
+}
+
+// dx = dy * d for rows [r0, r1) and (when HAS_BIAS) this chunk's column sums of dx in part[N], as bwd_rows
+template <class T, bool HAS_BIAS>
+NG_INLINE void bwd_saved_rows(const T* __restrict dy, const float* __restrict d, T* __restrict dx,
+                              float* __restrict part, int64_t r0, int64_t r1, int64_t N) {
+  if (HAS_BIAS) {
+    NG_SIMD
+    for (int64_t j = 0; j < N; ++j) part[j] = 0.0f;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* dyr = dy + r * N;
+    const float* dr = d + r * N;
+    T* dxr = dx + r * N;
+    NG_SIMD
+    for (int64_t j = 0; j < N; ++j) {
+      const float g = ld(dyr, j) * dr[j];
+      st(dxr, j, g);
+      if (HAS_BIAS) part[j] += g;
+    }
+  }
+}
+
 // rows [r0, r1) of y = act(x + b) (b may be null)
 template <class T, class B, int ACT>
 void fwd_act(const T* x, const B* b, T* y, int64_t r0, int64_t r1, int64_t N) {
@@ -66,6 +111,22 @@ void fwd(const T* x, const B* b, T* y, int64_t r0, int64_t r1, int64_t N, int ac
   if (act == kGeluErf) fwd_act<T, B, kGeluErf>(x, b, y, r0, r1, N);
   else if (act == kGeluTanh) fwd_act<T, B, kGeluTanh>(x, b, y, r0, r1, N);
   else fwd_act<T, B, kRelu2>(x, b, y, r0, r1, N);
+}
+
+template <class T, class B, int ACT>
+void fwd_saving_act(const T* x, const B* b, T* y, float* d, int64_t r0, int64_t r1, int64_t N) {
+  if (b) fwd_saving_rows<T, B, ACT, true>(x, b, y, d, r0, r1, N);
+  else fwd_saving_rows<T, B, ACT, false>(x, b, y, d, r0, r1, N);
+}
+template <class T, class B>
+void fwd_saving(const T* x, const B* b, T* y, float* d, int64_t r0, int64_t r1, int64_t N, int act) {
+  if (act == kGeluTanh) fwd_saving_act<T, B, kGeluTanh>(x, b, y, d, r0, r1, N);
+  else fwd_saving_act<T, B, kGeluErf>(x, b, y, d, r0, r1, N);
+}
+template <class T>
+void bwd_saved(const T* dy, const float* d, T* dx, float* part, int64_t r0, int64_t r1, int64_t N) {
+  if (part) bwd_saved_rows<T, true>(dy, d, dx, part, r0, r1, N);
+  else bwd_saved_rows<T, false>(dy, d, dx, part, r0, r1, N);
 }
 
 template <class T, class B, int ACT>

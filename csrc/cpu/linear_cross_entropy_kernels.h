@@ -9,7 +9,7 @@ NG_INLINE float tanh_f(float u) {
   const float small =
       ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z + 1.33314422036e-1f) * z -
        3.33332819422e-1f) * z * u + u;
-  const float big = 1.0f - 2.0f * rcp_ge1(vexp(2.0f * a) + 1.0f);
+  const float big = 1.0f - 2.0f / (vexp(2.0f * a) + 1.0f);
   return a < 0.625f ? small : (u < 0.0f ? -big : big);
 }
 

@@ -73,19 +73,6 @@ NG_INLINE float as_float(int32_t i) {
   return f;
 }
 
-// 1/d for d >= 1 (finite) without a divide instruction (vdivps is the bottleneck of the GELU
-// loops): bit-trick guess (rel. error < 12.5%) + 3 Newton steps -> rel. error ~1e-7.
-NG_INLINE float rcp_ge1(float d) {
-  d = d < 1e30f ? d : 1e30f;  // +inf (and NaN) -> ~0 instead of garbage
-  int32_t i;
-  std::memcpy(&i, &d, 4);
-  float y = as_float(0x7EF311C3 - i);
-  y = y * (2.0f - d * y);
-  y = y * (2.0f - d * y);
-  y = y * (2.0f - d * y);
-  return y;
-}
-
 // exp(x) = 2^n * p for x in [-87.3365, 88.7228]: Cephes-style range reduction + degree-6
 // polynomial, ~1 ulp, branch-free; returns p and sets n
 NG_INLINE float exp_reduced(float x, int32_t& n_out) {
@@ -130,7 +117,7 @@ NG_INLINE float vexp_nonpos(float x0) {
 // same exp(-x^2), so the backward pays for one exp per element.
 NG_INLINE float one_plus_erf(float x, float& e) {
   const float z = fabsf(x);
-  const float t = rcp_ge1(1.0f + 0.3275911f * z);
+  const float t = 1.0f / (1.0f + 0.3275911f * z);
   float p = 1.061405429f;
   p = p * t + -1.453152027f;
   p = p * t + 1.421413741f;
@@ -151,16 +138,23 @@ NG_INLINE float gelu_erf(float u) {
   float e;
   return 0.5f * u * one_plus_erf(u * kSqrt1_2, e);
 }
-NG_INLINE float gelu_erf_grad(float u) {
+// gelu(u), and gelu'(u) in `grad` from the same erf and exp (the forward that saves the derivative)
+NG_INLINE float gelu_erf_and_grad(float u, float& grad) {
   float e;  // exp(-u^2/2)
   const float c = one_plus_erf(u * kSqrt1_2, e);
-  return 0.5f * c + u * kInvSqrt2Pi * e;
+  grad = 0.5f * c + u * kInvSqrt2Pi * e;
+  return 0.5f * u * c;
+}
+NG_INLINE float gelu_erf_grad(float u) {
+  float grad;
+  gelu_erf_and_grad(u, grad);
+  return grad;
 }
 
 // tanh form: with E = exp(-2|z|), 1+tanh(z) and 1-tanh(z)^2 are computed without cancellation
 NG_INLINE void tanh_parts(float z, float& one_plus_t, float& one_minus_t2) {
   float e = vexp_nonpos(-2.0f * fabsf(z));
-  float inv = rcp_ge1(1.0f + e);
+  const float inv = 1.0f / (1.0f + e);
   one_plus_t = z >= 0.0f ? 2.0f * inv : 2.0f * e * inv;
   one_minus_t2 = 4.0f * e * inv * inv;
 }
@@ -169,12 +163,18 @@ NG_INLINE float gelu_tanh(float u) {
   tanh_parts(kSqrt2_Pi * (u + kTanhC * u * u * u), opt, omt2);
   return 0.5f * u * opt;
 }
-NG_INLINE float gelu_tanh_grad(float u) {
+NG_INLINE float gelu_tanh_and_grad(float u, float& grad) {
   float opt, omt2;
   tanh_parts(kSqrt2_Pi * (u + kTanhC * u * u * u), opt, omt2);
   float u2 = u * u;
   u2 = u2 < 1e30f ? u2 : 1e30f;  // |u| huge: omt2 is 0, keep 0 * u^2 from becoming NaN
-  return 0.5f * opt + 0.5f * u * omt2 * kSqrt2_Pi * (1.0f + 3.0f * kTanhC * u2);
+  grad = 0.5f * opt + 0.5f * u * omt2 * kSqrt2_Pi * (1.0f + 3.0f * kTanhC * u2);
+  return 0.5f * u * opt;
+}
+NG_INLINE float gelu_tanh_grad(float u) {
+  float grad;
+  gelu_tanh_and_grad(u, grad);
+  return grad;
 }
 
 // out[j] = sum over chunks c of part[c*N + j] for j in [j0, j1), in chunk order (deterministic):
