@@ -191,7 +191,8 @@ def rope(q, k, cos, sin):
 
 
 def bias_gelu(x, bias=None, approximate="none"):
-    """gelu(x + bias) in one pass, exact erf ("none") or "tanh" form."""
+    """gelu(x + bias) in one pass, exact erf ("none") or "tanh" form. On CPU, when a gradient is wanted, the forward
+    also keeps gelu'(x + bias) in fp32 and the backward only multiplies by it (csrc/README.md, "GELU on CPU")."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
