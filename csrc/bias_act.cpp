@@ -77,26 +77,37 @@ at::Tensor act_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias, i
   return std::get<0>(act_fwd_impl(x, bias, act, op, false));
 }
 
-// dx chunk by chunk of rows, then dbias (with a bias) as the ordered sum of the chunks' column sums of dx:
-// deterministic. rows(r0, r1, part) writes dx's rows [r0, r1) and, with a bias, their column sums in part[N].
-template <class B, class Rows>
-void bwd_chunks(int64_t M, int64_t N, const at::Tensor& db, bool has_bias, const at::Tensor& like, Rows&& rows) {
+// dx (dy's dtype) chunk by chunk of rows, then dbias (with a bias) as the ordered sum of the chunks' column sums of
+// dx: deterministic. rows(T{}, B{}, r0, r1, part) writes dx's rows [r0, r1) and, with a bias, their column sums in
+// part[N]. a: the bias (and shape) as prepared.
+template <class Rows>
+std::tuple<at::Tensor, at::Tensor> bwd_chunks(const at::Tensor& dy, const Args& a, const char* op, Rows&& rows) {
+  const int64_t M = a.M, N = a.N;
+  const bool has_bias = a.bc.defined();
+  at::Tensor dx = new_output(dy, dy.sizes(), dy.scalar_type());
+  at::Tensor db = new_output(dy, {has_bias ? N : 0}, a.bias_dtype);
   const int64_t chunk = reduce_chunk_rows(M);
   const int64_t nchunks = (M + chunk - 1) / chunk;
   const int64_t nc = std::max<int64_t>(nchunks, 1);
-  at::Tensor part = at::empty({has_bias ? nc : 0, N}, like.options().dtype(at::kFloat));
+  at::Tensor part = at::empty({has_bias ? nc : 0, N}, dy.options().dtype(at::kFloat));
   if (has_bias && nchunks == 0) part.zero_();
   float* pp = has_bias ? part.data_ptr<float>() : nullptr;
-  at::parallel_for(0, nchunks, std::max<int64_t>(1, 8192 / (chunk * N)), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = c * chunk, r1 = std::min(M, r0 + chunk);
-      rows(r0, r1, pp ? pp + c * N : nullptr);
-    }
+  with_row_dtypes(dy.scalar_type(), a.bias_dtype, op, "bias", [&](auto t, auto b) {
+    using T = decltype(t);
+    using B = decltype(b);
+    if (N == 0) return;
+    at::parallel_for(0, nchunks, std::max<int64_t>(1, 8192 / (chunk * N)), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r0 = c * chunk, r1 = std::min(M, r0 + chunk);
+        rows(T{}, B{}, data<T>(dx), r0, r1, pp ? pp + c * N : nullptr);
+      }
+    });
+    if (!has_bias) return;
+    const auto sum = NG_ISA_PICK(sum_chunks<B>);
+    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / nc),
+                     [&](int64_t j0, int64_t j1) { sum(pp, nc, N, data<B>(db), j0, j1); });
   });
-  if (!has_bias) return;
-  const auto sum = NG_ISA_PICK(sum_chunks<B>);
-  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / nc),
-                   [&](int64_t j0, int64_t j1) { sum(pp, nc, N, data<B>(db), j0, j1); });
+  return {dx, db};
 }
 
 std::tuple<at::Tensor, at::Tensor> act_bwd(const at::Tensor& dy, const at::Tensor& x,
@@ -106,20 +117,11 @@ std::tuple<at::Tensor, at::Tensor> act_bwd(const at::Tensor& dy, const at::Tenso
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), op, ": dy (", dy.sizes(), ", ",
               dy.scalar_type(), ") must match x (", x.sizes(), ", ", x.scalar_type(), ")");
   const at::Tensor dyc = dy.contiguous();
-  const int64_t N = a.N;
-  const bool has_bias = a.bc.defined();
-  at::Tensor dx = new_output(x, x.sizes(), x.scalar_type());
-  at::Tensor db = new_output(x, {has_bias ? N : 0}, a.bias_dtype);
-  with_row_dtypes(x.scalar_type(), a.bias_dtype, op, "bias", [&](auto t, auto b) {
+  return bwd_chunks(dyc, a, op, [&](auto t, auto b, auto* dx, int64_t r0, int64_t r1, float* part) {
     using T = decltype(t);
     using B = decltype(b);
-    if (N == 0) return;
-    const auto bwd = NG_ISA_PICK(bact::bwd<T, B>);
-    bwd_chunks<B>(a.M, N, db, has_bias, x, [&](int64_t r0, int64_t r1, float* part) {
-      bwd(data<T>(dyc), data<T>(a.xc), bias_ptr<B>(a), data<T>(dx), part, r0, r1, N, act);
-    });
+    NG_ISA_PICK(bact::bwd<T, B>)(data<T>(dyc), data<T>(a.xc), bias_ptr<B>(a), dx, part, r0, r1, a.N, act);
   });
-  return {dx, db};
 }
 
 // the backward from the forward's saved d = act'(x + bias) (fp32, x's shape): dx = dy * d, dbias as act_bwd's;
@@ -131,20 +133,10 @@ std::tuple<at::Tensor, at::Tensor> act_bwd_saved(const at::Tensor& dy, const at:
   TORCH_CHECK(d.sizes() == dy.sizes() && d.scalar_type() == at::kFloat, op, ": d (", d.sizes(), ", ",
               d.scalar_type(), ") must be float32 of dy's shape ", dy.sizes());
   const at::Tensor dc = d.contiguous();
-  const int64_t N = a.N;
-  const bool has_bias = a.bc.defined();
-  at::Tensor dx = new_output(dy, dy.sizes(), dy.scalar_type());
-  at::Tensor db = new_output(dy, {has_bias ? N : 0}, a.bias_dtype);
-  with_row_dtypes(dy.scalar_type(), a.bias_dtype, op, "bias", [&](auto t, auto b) {
+  return bwd_chunks(a.xc, a, op, [&](auto t, auto, auto* dx, int64_t r0, int64_t r1, float* part) {
     using T = decltype(t);
-    using B = decltype(b);
-    if (N == 0) return;
-    const auto bwd = NG_ISA_PICK(bact::bwd_saved<T>);
-    bwd_chunks<B>(a.M, N, db, has_bias, dy, [&](int64_t r0, int64_t r1, float* part) {
-      bwd(data<T>(a.xc), data<float>(dc), data<T>(dx), part, r0, r1, N);
-    });
+    NG_ISA_PICK(bact::bwd_saved<T>)(data<T>(a.xc), data<float>(dc), dx, part, r0, r1, a.N);
   });
-  return {dx, db};
 }
 
 using Bias = std::optional<at::Tensor>;

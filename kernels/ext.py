@@ -14,13 +14,15 @@ import math
 import torch
 
 from nanogpt_kernels.contract import FusedAdamWBase, sdpa_fallback
-from nanogpt_kernels.registry import lce_args, lce_fake, rms_norm_eps, rope_check
+from nanogpt_kernels.registry import add_then, lce_args, lce_fake, rms_norm_eps, rope_check
 
 _C = None
 _IMPORT_ERROR = None
-# internal ops with a CPU kernel only, under an op that also runs on CUDA: the CPU GELU's forward that saves its
-# derivative and the backward that multiplies by it (csrc/bias_act.cpp; .ci/check_cuda_ext.py expects no CUDA kernel)
-CPU_ONLY_OPS = ("bias_gelu_fwd_saving", "bias_act_bwd_saved")
+# ops with a CPU kernel only, under registry ops that also run on CUDA: the CPU GELU's forward that saves its
+# derivative and the backward that multiplies by it (csrc/bias_act.cpp), and LayerNorm fused with the residual add
+# before it (csrc/layer_norm.cpp; on CUDA layer_norm adds first). .ci/check_cuda_ext.py expects no CUDA kernel.
+CPU_ONLY_OPS = ("bias_gelu_fwd_saving", "bias_act_bwd_saved", "add_layer_norm", "add_layer_norm_fwd",
+                "add_layer_norm_bwd")
 
 
 def _load():
@@ -141,6 +143,22 @@ def _register():
         fake(name)(like_x)
     fake("bias_relu2_bwd")(bias_grads)
 
+    @fake("add_layer_norm")
+    def _(x, add, weight, bias, eps, out_dtype=None):
+        return like_x(x), norm_out(x, out_dtype)
+
+    @fake("add_layer_norm_fwd")
+    def _(x, add, weight, bias, eps, out_dtype=None):
+        m = x.numel() // x.shape[-1]
+        return (like_x(x), norm_out(x, out_dtype), x.new_empty((m,), dtype=torch.float32),
+                x.new_empty((m,), dtype=torch.float32))
+
+    @fake("add_layer_norm_bwd")
+    def _(dy, ds, s, weight, mean, rstd, has_bias, add_dtype):
+        n = s.shape[-1]
+        return (like_x(s), torch.empty_like(s, dtype=add_dtype, memory_format=torch.contiguous_format),
+                weight.new_empty((n,)), weight.new_empty((n if has_bias else 0,)))
+
     @fake("bias_gelu_fwd_saving")  # y and the fp32 derivative the CPU backward multiplies by
     def _(x, bias, tanh):
         return like_x(x), torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
@@ -156,16 +174,22 @@ def _register():
 
 # ------------------------------------------------------------ the backend contract
 
-def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None):
+def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None, add=None):
     """LayerNorm over the last dim: fused kernel, fp32 statistics (x fp32/bf16, + fp16 on CUDA); the output in
-    out_dtype (the CPU kernels write bf16 from an fp32 x directly; other pairs are cast)."""
+    out_dtype (the CPU kernels write bf16 from an fp32 x directly; other pairs are cast). add: (x + add, LayerNorm
+    of it), in one CPU kernel when add has x's shape and dtype or is bf16 with an fp32 x; else PyTorch adds first."""
     if weight is None:
         weight = x.new_ones(x.shape[-1])
     if weight.dtype not in (x.dtype, torch.float32):
         weight = weight.to(x.dtype)
     if bias is not None and bias.dtype != weight.dtype:
         bias = bias.to(weight.dtype)
-    return torch.ops.nanogpt_ext.layer_norm(x, weight, bias, float(eps), out_dtype)
+    if add is None:
+        return torch.ops.nanogpt_ext.layer_norm(x, weight, bias, float(eps), out_dtype)
+    bf16_branch = add.dtype == torch.bfloat16 and x.dtype == torch.float32  # an autocast branch into the fp32 stream
+    if x.device.type == "cpu" and add.device == x.device and add.shape == x.shape and (add.dtype == x.dtype or bf16_branch):
+        return torch.ops.nanogpt_ext.add_layer_norm(x, add, weight, bias, float(eps), out_dtype)
+    return add_then(layer_norm, x, add, weight, bias, eps, out_dtype)
 
 
 def rms_norm(x, weight=None, eps=None, out_dtype=None):

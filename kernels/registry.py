@@ -93,11 +93,21 @@ def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
 
 
-def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None):
+def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None, add=None):
     """out_dtype: the output's dtype (None: F.layer_norm's). Under autocast the model asks for the autocast dtype,
-    which the matmul after every LayerNorm casts to anyway: the same values, and the kernels write it directly."""
+    which the matmul after every LayerNorm casts to anyway: the same values, and the kernels write it directly.
+    add: normalize x + add instead, and return (x + add, y): a block's residual add before its norm, which the
+    ext CPU kernel fuses (one pass, and one backward op where autograd took three)."""
+    if add is not None:
+        return add_then(layer_norm, x, add, weight, bias, eps, out_dtype)
     y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     return y if out_dtype is None else y.to(out_dtype)
+
+
+def add_then(norm, x, add, *args):
+    """(x + add, norm(x + add, *args)): a norm's `add` where no kernel fuses the residual add."""
+    s = x + add
+    return s, norm(s, *args)
 
 
 def bias_gelu(x, bias=None, approximate="none"):

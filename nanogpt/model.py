@@ -86,8 +86,10 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
-    def forward(self, x):
-        return self.fn(x, self.weight, self.bias, 1e-5, out_dtype=norm_out_dtype(x))
+    def forward(self, x, add=None):
+        """add: (x + add, the norm of that), the residual add in the norm's kernel where the backend fuses it."""
+        kw = {} if add is None else {"add": add}
+        return self.fn(x, self.weight, self.bias, 1e-5, out_dtype=norm_out_dtype(x), **kw)
 
 
 class RMSNorm(nn.Module):
@@ -97,7 +99,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
 
-    def forward(self, x):
+    def forward(self, x, add=None):
+        if add is not None:  # as LayerNorm's (no fused kernel: PyTorch adds)
+            return registry.add_then(self, x, add)
         return self.fn(x, self.weight, out_dtype=norm_out_dtype(x))
 
 
@@ -184,9 +188,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, kv=None, rotary=None):
-        x = x + self.attn(self.ln_1(x), kv, rotary)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        x, h = self.ln_2(x, add=self.attn(self.ln_1(x), kv, rotary))  # x = x + attn(...); h = ln_2(x)
+        return x + self.mlp(h)
 
 
 class GPT(nn.Module):

@@ -85,6 +85,45 @@ def test_layer_norm_out_dtype_matches_float64(impl, backend, device, out_dtype, 
              torch_fn, dict(x=x, weight=w, bias=b), torch.randn(shape).to(device, out_dtype))
 
 
+# (x, add, out_dtype): the autocast block (fp32 stream, bf16 branch, bf16 output), and one dtype throughout
+ADD_CASES = [(F32, BF16, BF16), (F32, F32, None), (BF16, BF16, None)]
+
+
+def add_case_id(case):
+    return "/".join(str(t)[6:] for t in case)
+
+
+@pytest.mark.parametrize("case", ADD_CASES, ids=add_case_id)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("uses", ["both", "s", "y"])
+def test_layer_norm_add_matches_float64(impl, backend, device, case, bias, uses):
+    """layer_norm(x, ..., add=a) = (x + a, LayerNorm(x + a)): both outputs (or one of them, the other unused) and
+    the gradients of x, a, weight and bias against float64, for odd rows and width."""
+    xd, ad, out_dtype = case
+    shape = (2, 17, 1023)
+    x = (torch.randn(shape) * 2 + 0.5).to(device, xd).requires_grad_()
+    a = torch.randn(shape).to(device, ad).requires_grad_()
+    w = (torch.randn(1023) * 0.5 + 1).to(device, xd).requires_grad_(uses != "s")  # (y unused: no weight grads)
+    b = (torch.randn(1023) * 0.3).to(device, xd).requires_grad_(uses != "s") if bias else None
+
+    def outputs(s, y):  # one tensor for check_op: what the block goes on with
+        if uses == "s":
+            return s
+        return y if uses == "y" else torch.cat([s.flatten(), y.flatten().to(s.dtype)])
+
+    def torch_fn(x, a, w, b):  # PyTorch's x + a and F.layer_norm (float64 inputs: the reference)
+        s = x + a
+        y = F.layer_norm(s, (1023,), w, b, 1e-5)
+        return outputs(s, y if x.dtype == torch.float64 or out_dtype is None else y.to(out_dtype))
+
+    n = {"both": 2, "s": 1, "y": 1}[uses] * x.numel()
+    grad_dtype = ad if uses == "y" and out_dtype else xd
+    check_op(f"layer_norm[{backend}] add {add_case_id(case)} uses {uses}",
+             lambda x, a, w, b: outputs(*impl(x, w, b, 1e-5, out_dtype=out_dtype, add=a)), torch_fn,
+             dict(x=x, add=a, weight=w, bias=b), torch.randn(n).reshape(-1 if uses == "both" else shape)
+             .to(device, grad_dtype))
+
+
 def test_layer_norm_grads_are_deterministic(impl, device):
     x = torch.randn(64, 768).to(device).requires_grad_()
     w = torch.randn(768).to(device).requires_grad_()
@@ -163,3 +202,33 @@ def test_ext_layer_norm_bf16_output_is_the_cast_fp32_output_every_cpu_isa(isa):
     check_bf16_out_is_the_cast(lambda x, w, b, out: torch.ops.nanogpt_ext.layer_norm(x, w, b, 1e-5, out),
                                [rand_input(3, 37, 1023, dtype=F32, scale=2.0), rand_input(1023, dtype=F32),
                                 rand_input(1023, dtype=F32)], rand_input(3, 37, 1023, dtype=BF16, grad=False))
+
+
+@pytest.mark.cpu_only("the ISA clones are the CPU kernels'")
+@pytest.mark.parametrize("case", ADD_CASES, ids=add_case_id)
+def test_ext_layer_norm_add_is_the_unfused_path_every_cpu_isa(isa, case):
+    """The fused residual add gives bitwise what x + a and the kernel's LayerNorm give, outputs and gradients, with
+    the gradient of s (x + a) from its other uses, and without one."""
+    xd, ad, out_dtype = case
+    for with_ds in (True, False):
+        runs = []
+        for fused in (True, False):
+            torch.manual_seed(0)
+            x, a = rand_input(3, 37, 1023, dtype=xd, scale=2.0), rand_input(3, 37, 1023, dtype=ad)
+            w, b = rand_input(1023, dtype=F32), rand_input(1023, dtype=F32)
+            if fused:
+                s, y = torch.ops.nanogpt_ext.add_layer_norm(x, a, w, b, 1e-5, out_dtype)
+            else:
+                s = x + a
+                y = torch.ops.nanogpt_ext.layer_norm(s, w, b, 1e-5, out_dtype)
+            dy, ds = rand_input(*y.shape, dtype=y.dtype, grad=False), rand_input(*s.shape, dtype=s.dtype, grad=False)
+            torch.autograd.backward([s, y] if with_ds else [y], [ds, dy] if with_ds else [dy])
+            runs.append([s, y, x.grad, a.grad, w.grad, b.grad])
+        for name, f, u in zip(["s", "y", "dx", "da", "dw", "db"], *runs):
+            assert f.dtype == u.dtype and torch.equal(f, u), f"{name} (ds given: {with_ds})"
+
+
+@pytest.mark.backends("ext")
+def test_layer_norm_add_compiles_fullgraph(impl, device):
+    x, a, w = (torch.randn(*s).to(device).requires_grad_() for s in ((2, 9, 100), (2, 9, 100), (100,)))
+    check_compiled(lambda x, a, w: torch.cat([t.flatten() for t in impl(x, w, None, add=a)]), x, a, w)

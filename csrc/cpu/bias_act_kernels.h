@@ -37,32 +37,40 @@ NG_INLINE void fwd_rows(const T* __restrict x, const B* __restrict b, T* __restr
   }
 }
 
-// dx for rows [r0, r1) and (when HAS_BIAS) this chunk's column sums of dx in part[N]
-template <class T, class B, int ACT, bool HAS_BIAS>
-NG_INLINE void bwd_rows(const T* __restrict dy, const T* __restrict x, const B* __restrict b, T* __restrict dx,
-                        float* __restrict part, int64_t r0, int64_t r1, int64_t N) {
+// dx = dy * grad(r, j) for rows [r0, r1) and (when HAS_BIAS) this chunk's column sums of dx in part[N]: dbias is
+// the sum of the fp32 dx (before rounding dx to T), like an fp32 accumulation
+template <class T, bool HAS_BIAS, class G>
+NG_INLINE void grad_rows(const T* __restrict dy, T* __restrict dx, float* __restrict part, int64_t r0, int64_t r1,
+                         int64_t N, G&& grad) {
   if (HAS_BIAS) {
     NG_SIMD
     for (int64_t j = 0; j < N; ++j) part[j] = 0.0f;
   }
   for (int64_t r = r0; r < r1; ++r) {
-    const T* xr = x + r * N;
     const T* dyr = dy + r * N;
     T* dxr = dx + r * N;
     NG_SIMD
     for (int64_t j = 0; j < N; ++j) {
-      float u = ld(xr, j);
-      if (HAS_BIAS) u += ld(b, j);
-      const float g = ld(dyr, j) * act_grad<ACT>(u);
+      const float g = ld(dyr, j) * grad(r, j);
       st(dxr, j, g);
-      // dbias is the sum of the fp32 dx (before rounding dx to T), like an fp32 accumulation
       if (HAS_BIAS) part[j] += g;
     }
   }
 }
 
-// y = act(x + b) and d = act'(x + b) in fp32 for rows [r0, r1): the backward is then dx = dy * d (bwd_saved_rows),
-// the values bwd_rows computes, without evaluating erf/tanh and exp a second time
+// the backward evaluating act'(x + b) again
+template <class T, class B, int ACT, bool HAS_BIAS>
+NG_INLINE void bwd_rows(const T* __restrict dy, const T* __restrict x, const B* __restrict b, T* __restrict dx,
+                        float* __restrict part, int64_t r0, int64_t r1, int64_t N) {
+  grad_rows<T, HAS_BIAS>(dy, dx, part, r0, r1, N, [&](int64_t r, int64_t j) {
+    float u = ld(x, r * N + j);
+    if (HAS_BIAS) u += ld(b, j);
+    return act_grad<ACT>(u);
+  });
+}
+
+// y = act(x + b) and d = act'(x + b) in fp32 for rows [r0, r1): the backward is then dx = dy * d (bwd_saved), the
+// values bwd_rows computes, without evaluating erf/tanh and exp a second time
 template <class T, class B, int ACT, bool HAS_BIAS>
 NG_INLINE void fwd_saving_rows(const T* __restrict x, const B* __restrict b, T* __restrict y, float* __restrict d,
                                int64_t r0, int64_t r1, int64_t N) {
@@ -75,27 +83,6 @@ NG_INLINE void fwd_saving_rows(const T* __restrict x, const B* __restrict b, T* 
       float u = ld(xr, j);
       if (HAS_BIAS) u += ld(b, j);
       st(yr, j, act_and_grad<ACT>(u, dr[j]));
-    }
-  }
-}
-
-// dx = dy * d for rows [r0, r1) and (when HAS_BIAS) this chunk's column sums of dx in part[N], as bwd_rows
-template <class T, bool HAS_BIAS>
-NG_INLINE void bwd_saved_rows(const T* __restrict dy, const float* __restrict d, T* __restrict dx,
-                              float* __restrict part, int64_t r0, int64_t r1, int64_t N) {
-  if (HAS_BIAS) {
-    NG_SIMD
-    for (int64_t j = 0; j < N; ++j) part[j] = 0.0f;
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* dyr = dy + r * N;
-    const float* dr = d + r * N;
-    T* dxr = dx + r * N;
-    NG_SIMD
-    for (int64_t j = 0; j < N; ++j) {
-      const float g = ld(dyr, j) * dr[j];
-      st(dxr, j, g);
-      if (HAS_BIAS) part[j] += g;
     }
   }
 }
@@ -123,10 +110,12 @@ void fwd_saving(const T* x, const B* b, T* y, float* d, int64_t r0, int64_t r1, 
   if (act == kGeluTanh) fwd_saving_act<T, B, kGeluTanh>(x, b, y, d, r0, r1, N);
   else fwd_saving_act<T, B, kGeluErf>(x, b, y, d, r0, r1, N);
 }
+// dx = dy * d (the forward's saved derivative) for rows [r0, r1), and with part the chunk's column sums of dx
 template <class T>
 void bwd_saved(const T* dy, const float* d, T* dx, float* part, int64_t r0, int64_t r1, int64_t N) {
-  if (part) bwd_saved_rows<T, true>(dy, d, dx, part, r0, r1, N);
-  else bwd_saved_rows<T, false>(dy, d, dx, part, r0, r1, N);
+  const auto saved = [&](int64_t r, int64_t j) { return d[r * N + j]; };
+  if (part) grad_rows<T, true>(dy, dx, part, r0, r1, N, saved);
+  else grad_rows<T, false>(dy, dx, part, r0, r1, N, saved);
 }
 
 template <class T, class B, int ACT>

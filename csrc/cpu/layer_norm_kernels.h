@@ -71,4 +71,23 @@ void bwd(const Y* __restrict dy, const T* __restrict x, const W* __restrict w, c
   }
 }
 
+// add_layer_norm's residual add: s = x + r for rows [r0, r1) (fp32 math, s in x's dtype: torch's x + r)
+template <class T, class R>
+void add_rows(const T* __restrict x, const R* __restrict r, T* __restrict s, int64_t r0, int64_t r1, int64_t N) {
+  NG_SIMD
+  for (int64_t i = r0 * N; i < r1 * N; ++i) st(s, i, ld(x, i) + ld(r, i));
+}
+
+// its backward, after LayerNorm's wrote dx for these rows: dx += ds (s's gradient from its other uses; null:
+// none), and dr = dx in r's dtype (the rounding autograd's sum and cast would do)
+template <class T, class R>
+void add_rows_bwd(T* __restrict dx, const T* __restrict ds, R* __restrict dr, int64_t r0, int64_t r1, int64_t N) {
+  if (ds) {
+    NG_SIMD
+    for (int64_t i = r0 * N; i < r1 * N; ++i) st(dx, i, ld(dx, i) + ld(ds, i));
+  }
+  NG_SIMD
+  for (int64_t i = r0 * N; i < r1 * N; ++i) st(dr, i, ld(dx, i));
+}
+
 }  // namespace ln

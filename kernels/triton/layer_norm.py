@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanogpt_kernels.registry import add_then
 from nanogpt_kernels.triton._utils import emu_bf16, interpreting, nan_like, next_pow2, rne_bf16, sms_for
 
 MAX_N = 8192  # a row lives in registers: larger rows would spill in the backward
@@ -196,12 +197,15 @@ def _backward(ctx, dy, _dmean, _drstd):
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None):
+def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None, add=None):
     """LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias.
 
     Statistics are computed in fp32 whatever the input dtype; the output has out_dtype (default x's), and its
     gradient may come in it. Differentiable in x, weight and bias (deterministic dweight / dbias reduction).
+    add: (x + add, LayerNorm(x + add)), the add done by PyTorch (registry.layer_norm).
     """
+    if add is not None:
+        return add_then(layer_norm, x, add, weight, bias, eps, out_dtype)
     return layer_norm_fwd(x, weight, bias, float(eps), out_dtype)[0]
 
 
