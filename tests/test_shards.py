@@ -59,6 +59,12 @@ def test_llmc_shards_load_as_one_sequence(llmc_dir):
     ix = torch.randint(len(want["train"]) - T, (B,), generator=torch.Generator().manual_seed(3))
     train = torch.tensor(want["train"])
     assert torch.equal(x, torch.stack([train[i:i + T] for i in ix])) and torch.equal(y, torch.stack([train[i + 1:i + 1 + T] for i in ix]))
+    # one shard (val): the batch is one gather from one memmap, past the shard's header
+    gen = torch.Generator().manual_seed(5)
+    x, y = batcher.get_batch("val", gen)
+    ix = torch.randint(len(want["val"]) - T, (B,), generator=torch.Generator().manual_seed(5))
+    val = torch.tensor(want["val"])
+    assert torch.equal(x, torch.stack([val[i:i + T] for i in ix])) and torch.equal(y, torch.stack([val[i + 1:i + 1 + T] for i in ix]))
 
 
 @pytest.mark.parametrize("kw,why", [(dict(magic=20240521), "not an llm.c token shard"),
