@@ -210,7 +210,13 @@ struct BiasActFn : public torch::autograd::Function<BiasActFn> {
 };
 
 at::Tensor bias_gelu_autograd(const at::Tensor& x, const Bias& bias, bool tanh) {
-  return BiasActFn::apply(x, bias, tanh ? kGeluTanh : kGeluErf);
+  const int act = tanh ? kGeluTanh : kGeluErf;
+  const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || bias_grad)) {  // no graph (no_grad, evaluation): no
+    at::AutoDispatchBelowADInplaceOrView guard;                               // derivative to save
+    return dispatch_fwd(x, bias, act);
+  }
+  return BiasActFn::apply(x, bias, act);
 }
 at::Tensor bias_relu2_autograd(const at::Tensor& x, const Bias& bias) { return BiasActFn::apply(x, bias, kRelu2); }
 // below autograd (no grad needed, inference mode): just the forward kernel, on any device

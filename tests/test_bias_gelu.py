@@ -151,3 +151,21 @@ def test_ext_bias_gelu_saved_derivative_gives_the_recomputed_grads(isa, dtype, t
     assert b is None or torch.equal(b.grad, db0)
     _, d = ops.bias_gelu_fwd_saving(x.detach(), None if b is None else b.detach(), tanh)
     assert d.dtype == torch.float32 and d.shape == x.shape
+
+
+@pytest.mark.cpu_only("the saved derivative is the CPU kernels'")
+def test_ext_bias_gelu_saves_the_derivative_only_for_a_backward():
+    """Evaluation and generation (no gradient wanted) run the plain forward; training the one that keeps gelu'."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def ops_run(x):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            torch.ops.nanogpt_ext.bias_gelu(x, None, False)
+        return {e.name for e in prof.events()}
+
+    x = torch.randn(4, 100, requires_grad=True)
+    assert "nanogpt_ext::bias_gelu_fwd_saving" in ops_run(x)
+    with torch.no_grad():
+        names = ops_run(x)
+    assert "nanogpt_ext::bias_gelu_fwd" in names and "nanogpt_ext::bias_gelu_fwd_saving" not in names
+    assert "nanogpt_ext::bias_gelu_fwd_saving" not in ops_run(x.detach())
