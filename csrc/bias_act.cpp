@@ -2,8 +2,9 @@
 // tanh GELU) and nanogpt_ext::bias_relu2 (relu(x + bias)^2), one set of kernels for both. The backward gives
 // dx = dy * act'(x + bias) and dbias = column sums of dx (fixed row chunks -> fp32 partials -> ordered sum, so
 // deterministic). x in {fp32, bf16}; bias in {x's dtype, fp32}; fp32 math. Each op is a C++ autograd function
-// over its _fwd / _bwd ops (on CPU a GELU's over _fwd_saving / bias_act_bwd_saved: see BiasActFn); registers the CPU kernels (leaf loops in cpu/bias_act_kernels.h) and, built with
-// CUDA, the CUDA ones (cuda/bias_act.cu).
+// over its _fwd / _bwd ops (on CPU a GELU's over bias_gelu_fwd_saving / bias_act_bwd_saved: see BiasActFn);
+// registers the CPU kernels (leaf loops in cpu/bias_act_kernels.h) and, built with CUDA, the CUDA ones
+// (cuda/bias_act.cu).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -78,8 +79,8 @@ at::Tensor act_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias, i
 }
 
 // dx (dy's dtype) chunk by chunk of rows, then dbias (with a bias) as the ordered sum of the chunks' column sums of
-// dx: deterministic. rows(T{}, B{}, r0, r1, part) writes dx's rows [r0, r1) and, with a bias, their column sums in
-// part[N]. a: the bias (and shape) as prepared.
+// dx: deterministic. rows(T{}, B{}, dx, r0, r1, part) writes dx's rows [r0, r1) (dx: T*) and, with a bias, their
+// column sums in part[N]. a: the bias (and shape) as prepared.
 template <class Rows>
 std::tuple<at::Tensor, at::Tensor> bwd_chunks(const at::Tensor& dy, const Args& a, const char* op, Rows&& rows) {
   const int64_t M = a.M, N = a.N;
@@ -133,9 +134,10 @@ std::tuple<at::Tensor, at::Tensor> act_bwd_saved(const at::Tensor& dy, const at:
   TORCH_CHECK(d.sizes() == dy.sizes() && d.scalar_type() == at::kFloat, op, ": d (", d.sizes(), ", ",
               d.scalar_type(), ") must be float32 of dy's shape ", dy.sizes());
   const at::Tensor dc = d.contiguous();
-  return bwd_chunks(a.xc, a, op, [&](auto t, auto, auto* dx, int64_t r0, int64_t r1, float* part) {
+  const at::Tensor& dyc = a.xc;  // prepare() took dy as its x: checked, made contiguous
+  return bwd_chunks(dyc, a, op, [&](auto t, auto, auto* dx, int64_t r0, int64_t r1, float* part) {
     using T = decltype(t);
-    NG_ISA_PICK(bact::bwd_saved<T>)(data<T>(a.xc), data<float>(dc), dx, part, r0, r1, a.N);
+    NG_ISA_PICK(bact::bwd_saved<T>)(data<T>(dyc), data<float>(dc), dx, part, r0, r1, a.N);
   });
 }
 

@@ -4,9 +4,9 @@
 // {x's dtype, fp32}; all math in fp32. y (and so dy) in out_dtype, default x's: under autocast the model
 // asks for the dtype the next matmul casts to, which the CPU kernels write directly for an fp32 x (bf16); other
 // pairs, and the CUDA kernels, compute in x's dtype and cast. Defines nanogpt_ext::layer_norm (C++ autograd over
-// layer_norm_fwd / layer_norm_bwd), nanogpt_ext::add_layer_norm (CPU only: x + add, then LayerNorm, one pass;
-// its backward sums the gradients of x + add and casts add's, which autograd did in two more ops) and registers the CPU kernels (leaf loops in cpu/layer_norm_kernels.h) and,
-// built with CUDA, the CUDA ones (cuda/layer_norm.cu).
+// layer_norm_fwd / layer_norm_bwd) and nanogpt_ext::add_layer_norm (CPU only: x + add, then LayerNorm of it, in one
+// pass; its backward also sums s's gradients and casts add's, where autograd ran ops of their own), and registers
+// the CPU kernels (leaf loops in cpu/layer_norm_kernels.h) and, built with CUDA, the CUDA ones (cuda/layer_norm.cu).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>

@@ -187,7 +187,8 @@ def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None, add=None):
     if add is None:
         return torch.ops.nanogpt_ext.layer_norm(x, weight, bias, float(eps), out_dtype)
     bf16_branch = add.dtype == torch.bfloat16 and x.dtype == torch.float32  # an autocast branch into the fp32 stream
-    if x.device.type == "cpu" and add.device == x.device and add.shape == x.shape and (add.dtype == x.dtype or bf16_branch):
+    fused = x.device.type == "cpu" and add.device == x.device and add.shape == x.shape
+    if fused and (add.dtype == x.dtype or bf16_branch):
         return torch.ops.nanogpt_ext.add_layer_norm(x, add, weight, bias, float(eps), out_dtype)
     return add_then(layer_norm, x, add, weight, bias, eps, out_dtype)
 
