@@ -26,6 +26,7 @@
 #pragma GCC target("arch=x86-64-v4")
 #pragma GCC optimize("no-trapping-math")
 namespace nanogpt_cpu::isa_v4 {
+constexpr int64_t kVecFloats = 16;  // floats in one vector register of the clone
 #include "simd_math.h"
 #include NG_KERNELS
 }  // namespace nanogpt_cpu::isa_v4
@@ -35,6 +36,7 @@ namespace nanogpt_cpu::isa_v4 {
 #pragma GCC target("arch=x86-64-v3")
 #pragma GCC optimize("no-trapping-math")
 namespace nanogpt_cpu::isa_v3 {
+constexpr int64_t kVecFloats = 8;
 #include "simd_math.h"
 #include NG_KERNELS
 }  // namespace nanogpt_cpu::isa_v3
@@ -46,6 +48,7 @@ namespace nanogpt_cpu::isa_v3 {
 #pragma GCC optimize("no-trapping-math")
 #endif
 namespace nanogpt_cpu::isa_base {
+constexpr int64_t kVecFloats = 4;  // SSE2 / NEON
 #include "simd_math.h"
 #include NG_KERNELS
 }  // namespace nanogpt_cpu::isa_base
