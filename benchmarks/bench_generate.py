@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_cases import device_name  # noqa: E402
 from nanogpt import generate as engine  # noqa: E402
 from nanogpt.configurator import Keys, configure  # noqa: E402
-from nanogpt.errors import run_cli  # noqa: E402
+from nanogpt.errors import UserError, run_cli  # noqa: E402
 from nanogpt.model import GPT, GPTConfig  # noqa: E402
 from nanogpt.sample import load_model  # noqa: E402
 
@@ -50,7 +50,8 @@ DEFAULTS = Keys("python benchmarks/bench_generate.py", __doc__, {
         device=("cuda" if torch.cuda.is_available() else "cpu", "cpu | cuda | cuda:N"),
         dtype=("float32", "float32 | bfloat16 | float16 (autocast)"),
         kernels=("auto", "auto | torch | triton | ext | per op (see nanogpt-train --help)"),
-        inference_layout=(True, "store the Linear weights (in, out) for decoding (nanogpt.generate.inference_layout)"),
+        inference_layout=("auto", "auto: store the Linear weights (in, out) where measured faster at the largest batch "
+                          "| True: always | False: never (nanogpt.generate.inference_layout)"),
         threads=(0, "torch.set_num_threads when > 0 (CPU); 0 keeps torch's default"),
         seed=(1337, "random seed (weights and prompts)"),
     ),
@@ -91,18 +92,23 @@ def run(c, argv=(), log=print):
         torch.set_num_threads(c["threads"])
     torch.manual_seed(c["seed"])
     model = build(c).eval().to(c["device"])
-    if c["inference_layout"]:
-        engine.inference_layout(model)
+    layout = str(c["inference_layout"])
+    if layout not in ("auto", "True", "False"):
+        raise UserError(f"--inference_layout={layout}: expected auto, True or False")
+    sizes = [int(b) for key in ("batch_sizes", "no_cache_batch_sizes") for b in c[key].split(",") if b.strip()]
+    layout_line = ("weights: as trained (--inference_layout=False)" if layout == "False" else
+                   engine.inference_layout(model, batch=max(sizes, default=1) if layout == "auto" else None))
     device_type = c["device"].split(":")[0]
     ctx = nullcontext() if c["dtype"] == "float32" else torch.autocast(device_type, dtype=getattr(torch, c["dtype"]))
     result = dict(
         command=" ".join(["python", "benchmarks/bench_generate.py", *argv]), device=device_name(c["device"]),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,
         threads=torch.get_num_threads(), loadavg_before=os.getloadavg()[0], config=c, backends=model.backends,
-        runs=[])
+        inference_layout=layout_line, runs=[])
     log(f"{result['device']}, torch {torch.__version__}, {result['threads']} threads, {c['dtype']}, "
         f"{model.get_num_params() / 1e6:.1f}M params, block_size {model.config.block_size}, load average "
         f"{result['loadavg_before']:.2f}")
+    log(layout_line)
     log(f"{'cache':>5} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/token':>9} {'total s':>8} {'cache MiB':>9}")
     tokens, ok = {}, True
     for use_cache, key in ((True, "batch_sizes"), (False, "no_cache_batch_sizes")):

@@ -106,17 +106,55 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
     return (tokens if kept is None else kept.gather(-1, tokens))[:, 0]
 
 
-def inference_layout(model):
-    """Store every Linear weight of a CPU model as (in, out) in memory, for a model that will only generate: its
-    values, shape and autograd are unchanged, weight.t() becomes contiguous. A decode step multiplies a few rows by
-    every weight, so reading the weights is the step; MKL reads an (in, out) weight faster at a few rows (a batch-8
-    decode step of GPT-2 124M 1.45x faster on CPU, README "Generation") and as fast at one. Not for training: the
-    optimizers take contiguous weights. Returns the model."""
-    if next(model.parameters()).device.type == "cpu":
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.data = m.weight.data.t().contiguous().t()
-    return model
+def _linears(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _relayout(model, in_out):
+    """Every Linear weight stored (in, out) (weight.t() contiguous) or back to (out, in): same values and shape."""
+    for m in _linears(model):
+        m.weight.data = m.weight.data.t().contiguous().t() if in_out else m.weight.data.contiguous()
+
+
+def linear_pass_ms(model, rows):
+    """ms for one product of `rows` rows by every Linear weight of the model (what a decode step reads), the best
+    of 5 after a warm-up."""
+    weights = [m.weight for m in _linears(model)]
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+    best = float("inf")
+    with torch.no_grad():
+        for rep in range(6):
+            t0 = time.perf_counter()
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+            if rep:
+                best = min(best, time.perf_counter() - t0)
+    return 1e3 * best
+
+
+def inference_layout(model, batch=None, margin=0.03):
+    """For a CPU model that will only generate: store every Linear weight as (in, out) in memory (values, shape and
+    autograd unchanged; weight.t() becomes contiguous) where that is faster. A decode step multiplies a few rows by
+    every weight, so reading the weights is the step, and which layout MKL reads faster at a few rows depends on
+    the CPU: (in, out) made a batch-8 decode step of GPT-2 124M 1.45x faster on an AVX-512 Xeon, and 1.3x slower on
+    the same Xeon with MKL capped to AVX2 (README "Generation"). With `batch` (the decode step's rows) both layouts
+    are timed over the model's weights and (in, out) is kept only when at least `margin` faster; batch=None relays
+    without measuring. Not for training: the optimizers take contiguous weights. Returns a one-line account."""
+    if next(model.parameters()).device.type != "cpu":
+        return "weights: as trained (the (in, out) layout is for CPU decoding)"
+    if batch is None:
+        _relayout(model, True)
+        return "weights: stored (in, out) for decoding"
+    t0 = time.perf_counter()
+    plain = linear_pass_ms(model, batch)
+    _relayout(model, True)
+    relaid = linear_pass_ms(model, batch)
+    keep = relaid < plain * (1 - margin)
+    if not keep:
+        _relayout(model, False)
+    verdict = "stored (in, out)" if keep else f"as trained, (out, in): (in, out) not {margin:.0%} faster"
+    return (f"weights: {verdict} (one decode step's Linear products at batch {batch}: {plain:.2f} ms as trained, "
+            f"{relaid:.2f} ms (in, out); measured in {time.perf_counter() - t0:.1f} s)")
 
 
 def left_pad(prompts, device):

@@ -113,9 +113,10 @@ def print_streamed(ids, steps, decode):
 def sample(c):
     torch.manual_seed(c["seed"])
     model, data_dir = load_model(c)
-    engine.inference_layout(model.eval().to(c["device"]))
+    model.eval().to(c["device"])
     encode, decode = load_codec(data_dir)
     prompts, eos = encode_prompts(c, encode)
+    print(engine.inference_layout(model, batch=len(prompts)), file=sys.stderr)
     stream = len(prompts) == 1 if c["stream"] is None else c["stream"]
     if stream and len(prompts) > 1:
         raise UserError("--stream=True prints one sequence as it comes; with several prompts pass --stream=False")

@@ -50,6 +50,37 @@ def test_cache_equals_recomputing_past_block_size(kernels, recipe, monkeypatch):
         assert torch.equal(t1, t2), step
 
 
+@pytest.mark.parametrize("plain_ms,in_out_ms,kept", [(1.10, 1.0, True), (1.02, 1.0, False), (1.0, 1.10, False)],
+                         ids=["in-out-10%-faster", "in-out-2%-faster", "in-out-slower"])
+def test_inference_layout_keeps_the_measured_faster_layout(monkeypatch, plain_ms, in_out_ms, kept):
+    """With a batch, the weights are timed in both layouts (here by a stand-in timer that reads their layout) and
+    (in, out) is kept only when at least 3% faster; otherwise every weight is contiguous (out, in) again. The values
+    never change."""
+    model = tiny_model("torch")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    seen = []
+
+    def fake_ms(m, rows):
+        in_out = all(w.t().is_contiguous() and not w.is_contiguous() for w in linears)
+        seen.append((in_out, rows))
+        return in_out_ms if in_out else plain_ms
+    monkeypatch.setattr(engine, "linear_pass_ms", fake_ms)
+    line = engine.inference_layout(model, batch=8)
+    assert seen == [(False, 8), (True, 8)], seen
+    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in linears) == kept
+    assert all(w.is_contiguous() for w in linears) != kept
+    assert ("stored (in, out)" in line) == kept and "at batch 8" in line and "\n" not in line, line
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_linear_pass_ms_times_every_weight():
+    model = tiny_model("torch")
+    ms = engine.linear_pass_ms(model, 3)
+    assert 0 < ms < 1e4
+
+
 @pytest.mark.parametrize("kernels", ["torch", "ext"])
 @RECIPES
 def test_inference_layout_keeps_the_tokens(kernels, recipe):
@@ -61,7 +92,7 @@ def test_inference_layout_keeps_the_tokens(kernels, recipe):
     idx = torch.randint(0, TINY["vocab_size"], (3, 5))
     before = list(engine.stream(model, idx, 40, top_k=1))
     linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert engine.inference_layout(model) is model
+    assert engine.inference_layout(model) == "weights: stored (in, out) for decoding"
     assert all(w.t().is_contiguous() and not w.is_contiguous() for w in linears)
     assert (model.transformer.wte.weight is model.lm_head.weight) == model.config.tie_embeddings
     after = list(engine.stream(model, idx, 40, top_k=1))
@@ -210,3 +241,6 @@ def test_bench_generate_runs(tmp_path):
     assert [(r["cache"], r["batch"]) for r in result["runs"]] == [(True, 1), (True, 2), (False, 2)]
     assert all(r["decode_tokens"] == 19 * r["batch"] and r["ms_per_token"] > 0 for r in result["runs"])
     assert set(result["cache_speedup"]) == {"2"} and "error" not in json.dumps(result["runs"])
+    assert "at batch 2:" in result["inference_layout"]  # measured at the largest batch it runs
+    with pytest.raises(SystemExit):
+        bench.main([*argv[:-1], "--inference_layout=maybe"])
