@@ -138,8 +138,8 @@ def inference_layout(model, batch=None, margin=0.03):
     every weight, so reading the weights is the step, and which layout MKL reads faster at a few rows depends on
     the CPU: (in, out) made a batch-8 decode step of GPT-2 124M 1.45x faster on an AVX-512 Xeon, and 1.3x slower on
     the same Xeon with MKL capped to AVX2 (README "Generation"). With `batch` (the decode step's rows) both layouts
-    are timed over the model's weights and (in, out) is kept only when at least `margin` faster; batch=None relays
-    without measuring. Not for training: the optimizers take contiguous weights. Returns a one-line account."""
+    are timed over the model's weights, in their own dtype (an autocast copy keeps the layout it is cast from), and
+    (in, out) is kept only when at least `margin` faster; batch=None relays without measuring. Not for training: the optimizers take contiguous weights. Returns a one-line account."""
     if next(model.parameters()).device.type != "cpu":
         return "weights: as trained (the (in, out) layout is for CPU decoding)"
     if batch is None:
