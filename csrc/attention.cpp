@@ -14,6 +14,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <array>
 #include <vector>
 
 #include "cpu/glue.h"
@@ -145,7 +146,33 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   return {out, lse};
 }
 
-// The same checks and per-(batch, head) task loop as attention_fwd, over the backward's inputs and outputs.
+// The backward's per-(batch, head) task loop, writing dq, dk, dv ((B, H, T, D) views with one row stride)
+void bwd_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+              const at::Tensor& dv, const attn::Shape& sh) {
+  const int64_t H = q.size(1), Tn = q.size(2), D = q.size(3);
+  attn::with_dtype(q, [&](auto tag) {
+    using T = decltype(tag);
+    const auto bwd = NG_ISA_PICK(attn::bwd<T>);
+    at::parallel_for(0, q.size(0) * H, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> buf(attn::bwd_buffer(Tn, D));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H, h = t % H;
+        bwd(attn::rows<T>(dout, b, h), attn::rows<T>(q, b, h), attn::rows<T>(k, b, h), attn::rows<T>(v, b, h),
+            attn::rows<T>(out, b, h), lse.data_ptr<float>() + t * Tn, attn::head_ptr<T>(dq, b, h),
+            attn::head_ptr<T>(dk, b, h), attn::head_ptr<T>(dv, b, h), dq.stride(2), sh, sh.key(t), buf.data());
+      }
+    });
+  });
+}
+
+void check_lse(const at::Tensor& lse, const at::Tensor& q, const char* op) {
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.sizes() == q.sizes().slice(0, 3),
+              op, ": lse must be a contiguous float32 CPU tensor of shape (B, H, T) from attention_fwd");
+}
+
+// The same checks as attention_fwd, over the backward's inputs and outputs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout_, const at::Tensor& q_,
                                                              const at::Tensor& k_, const at::Tensor& v_,
                                                              const at::Tensor& out_, const at::Tensor& lse,
@@ -156,26 +183,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   const at::Tensor q = attn::checked(q_, q_, op, "q"), k = attn::checked(k_, q_, op, "k"),
                    v = attn::checked(v_, q_, op, "v"), out = attn::checked(out_, q_, op, "out"),
                    dout = attn::checked(dout_, q_, op, "grad of out");
-  const int64_t B = q.size(0), H = q.size(1), Tn = q.size(2), D = q.size(3);
-  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
-                  lse.sizes() == at::IntArrayRef({B, H, Tn}),
-              op, ": lse must be a contiguous float32 CPU tensor of shape (B, H, T) from attention_fwd");
+  check_lse(lse, q, op);
   at::Tensor dq = attn::new_bthd(q), dk = attn::new_bthd(q), dv = attn::new_bthd(q);
-  attn::Shape sh{Tn, D, causal, static_cast<float>(scale), 0.0f, 0};
+  attn::Shape sh{q.size(2), q.size(3), causal, static_cast<float>(scale), 0.0f, 0};
   attn::dropout_args(dropout_p, seed, op, sh);
-  attn::with_dtype(q, [&](auto tag) {
-    using T = decltype(tag);
-    const auto bwd = NG_ISA_PICK(attn::bwd<T>);
-    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> buf(attn::bwd_buffer(Tn, D));
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / H, h = t % H;
-        bwd(attn::rows<T>(dout, b, h), attn::rows<T>(q, b, h), attn::rows<T>(k, b, h), attn::rows<T>(v, b, h),
-            attn::rows<T>(out, b, h), lse.data_ptr<float>() + t * Tn, attn::head_ptr<T>(dq, b, h),
-            attn::head_ptr<T>(dk, b, h), attn::head_ptr<T>(dv, b, h), dq.stride(2), sh, sh.key(t), buf.data());
-      }
-    });
-  });
+  bwd_into(dout, q, k, v, out, lse, dq, dk, dv, sh);
   return {dq, dk, dv};
 }
 
@@ -220,6 +232,82 @@ at::Tensor attention_plain(const at::Tensor& q, const at::Tensor& k, const at::T
   return std::get<0>(fwd_op().call(q, k, v, causal, scale, dropout_p, seed));
 }
 
+// Attention over c_attn's packed (B, T, 3C) output. q, k and v are views of its thirds split into n_head heads, the
+// output comes back (B, T, C) and the backward writes dq, dk and dv into one (B, T, 3C) gradient: where PyTorch splits,
+// the forward dispatches a view and a transpose per third and the backward concatenates the three gradients.
+std::array<at::Tensor, 3> heads(const at::Tensor& qkv, int64_t n_head, const char* op) {
+  TORCH_CHECK(qkv.dim() == 3 && n_head > 0 && qkv.size(2) % (3 * n_head) == 0, op,
+              ": qkv must be (B, T, 3 * C) with C a multiple of n_head = ", n_head, ", got shape ", qkv.sizes());
+  const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3;
+  std::array<at::Tensor, 3> qkv_heads;
+  for (int64_t i = 0; i < 3; ++i)
+    qkv_heads[i] = qkv.narrow(2, i * C, C).view({B, Tn, n_head, C / n_head}).transpose(1, 2);  // (B, H, T, D)
+  return qkv_heads;
+}
+
+at::Tensor unit_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// (B, T, C) view of the (B, H, T, D) output the forward stores (B, T, H, D)
+at::Tensor heads_side_by_side(const at::Tensor& out) {
+  return out.transpose(1, 2).view({out.size(0), out.size(2), out.size(1) * out.size(3)});
+}
+
+at::Tensor attention_qkv_bwd(const at::Tensor& dout_, const at::Tensor& qkv_, const at::Tensor& out_,
+                             const at::Tensor& lse, int64_t n_head, bool causal, double scale, double dropout_p,
+                             const std::optional<at::Tensor>& seed) {
+  const char* op = "nanogpt_ext::attention_qkv_bwd";
+  const at::Tensor qkv = unit_stride(qkv_);
+  const auto [q, k, v] = heads(qkv, n_head, op);
+  attn::check_q(q, op);
+  const std::vector<int64_t> btc{q.size(0), q.size(2), q.size(1) * q.size(3)};
+  TORCH_CHECK(dout_.sizes() == at::IntArrayRef(btc), op, ": the grad of out has shape ", dout_.sizes(),
+              ", expected (B, T, C) = ", at::IntArrayRef(btc));
+  const at::Tensor dout = attn::checked(dout_.reshape(q.transpose(1, 2).sizes()).transpose(1, 2), q, op, "grad of out"),
+                   out = attn::checked(out_, q, op, "out");
+  check_lse(lse, q, op);
+  at::Tensor dqkv = new_output(qkv, qkv.sizes(), qkv.scalar_type());
+  const auto [dq, dk, dv] = heads(dqkv, n_head, op);
+  attn::Shape sh{q.size(2), q.size(3), causal, static_cast<float>(scale), 0.0f, 0};
+  attn::dropout_args(dropout_p, seed, op, sh);
+  bwd_into(dout, q, k, v, out, lse, dq, dk, dv, sh);
+  return dqkv;
+}
+
+struct AttentionQkvFn : public torch::autograd::Function<AttentionQkvFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& qkv, int64_t n_head, bool causal,
+                            double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto [q, k, v] = heads(unit_stride(qkv), n_head, "nanogpt_ext::attention_qkv");
+    auto [out, lse] = fwd_op().call(q, k, v, causal, scale, dropout_p, seed);
+    ctx->save_for_backward({qkv, out, lse});
+    ctx->saved_data["n_head"] = n_head;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["seed"] = seed;
+    return heads_side_by_side(out);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto bwd_op = ext_op<decltype(attention_qkv_bwd)>("attention_qkv_bwd");
+    const auto s = ctx->get_saved_variables();
+    const auto& d = ctx->saved_data;
+    return {bwd_op.call(grads[0], s[0], s[1], s[2], d.at("n_head").toInt(), d.at("causal").toBool(),
+                        d.at("scale").toDouble(), d.at("dropout_p").toDouble(), d.at("seed").toOptional<at::Tensor>()),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor attention_qkv_autograd(const at::Tensor& qkv, int64_t n_head, bool causal, double scale, double dropout_p,
+                                  const std::optional<at::Tensor>& seed) {
+  return AttentionQkvFn::apply(qkv, n_head, causal, scale, dropout_p, seed);
+}
+at::Tensor attention_qkv_plain(const at::Tensor& qkv, int64_t n_head, bool causal, double scale, double dropout_p,
+                               const std::optional<at::Tensor>& seed) {
+  const auto [q, k, v] = heads(unit_stride(qkv), n_head, "nanogpt_ext::attention_qkv");
+  return heads_side_by_side(std::get<0>(fwd_op().call(q, k, v, causal, scale, dropout_p, seed)));
+}
+
 }  // namespace
 }  // namespace nanogpt_cpu
 
@@ -229,12 +317,20 @@ TORCH_LIBRARY_FRAGMENT(nanogpt_ext, m) {
         " -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale,"
         " float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_qkv(Tensor qkv, int n_head, bool causal, float scale, float dropout_p, Tensor? seed) -> Tensor");
+  m.def("attention_qkv_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int n_head, bool causal, float scale,"
+        " float dropout_p, Tensor? seed) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(nanogpt_ext, Autograd, m) { m.impl("attention", &nanogpt_cpu::attention_autograd); }
+TORCH_LIBRARY_IMPL(nanogpt_ext, Autograd, m) {
+  m.impl("attention", &nanogpt_cpu::attention_autograd);
+  m.impl("attention_qkv", &nanogpt_cpu::attention_qkv_autograd);
+}
 
 TORCH_LIBRARY_IMPL(nanogpt_ext, CPU, m) {
   m.impl("attention", &nanogpt_cpu::attention_plain);
   m.impl("attention_fwd", &nanogpt_cpu::attention_fwd);
   m.impl("attention_bwd", &nanogpt_cpu::attention_bwd);
+  m.impl("attention_qkv", &nanogpt_cpu::attention_qkv_plain);
+  m.impl("attention_qkv_bwd", &nanogpt_cpu::attention_qkv_bwd);
 }

@@ -14,7 +14,8 @@ import math
 import torch
 
 from nanogpt_kernels.contract import FusedAdamWBase, sdpa_fallback
-from nanogpt_kernels.registry import add_then, lce_args, lce_fake, rms_norm_eps, rope_check
+from nanogpt_kernels.registry import (add_then, lce_args, lce_fake, merge_heads, rms_norm_eps, rope_check,
+                                      split_heads)
 
 _C = None
 _IMPORT_ERROR = None
@@ -83,6 +84,10 @@ def _register():
         db = bias.new_empty((x.shape[-1],)) if bias is not None else x.new_empty((0,))
         return torch.empty_like(x, memory_format=torch.contiguous_format), db
 
+    def fake(name):  # registers a fake kernel for an op this build has (one from before it lacks the op)
+        return (lambda fn: torch.library.register_fake(f"nanogpt_ext::{name}", fn)) if hasattr(ops, name) else (
+            lambda fn: fn)
+
     def bthd(q):  # (B, H, T, D) view of a (B, T, H, D) buffer, as the CPU kernel allocates
         return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3])).transpose(1, 2)
 
@@ -98,6 +103,14 @@ def _register():
     def _(q, k, v, causal, scale, dropout_p, seed):
         return bthd(q)
 
+    @fake("attention_qkv")
+    def _(qkv, n_head, causal, scale, dropout_p, seed):
+        return qkv.new_empty((*qkv.shape[:2], qkv.shape[2] // 3))
+
+    @fake("attention_qkv_bwd")
+    def _(dout, qkv, out, lse, n_head, causal, scale, dropout_p, seed):
+        return qkv.new_empty(qkv.shape)
+
     @torch.library.register_fake("nanogpt_ext::grad_norm")
     def _(grads):
         return grads[0].new_empty((), dtype=torch.float32)
@@ -110,10 +123,6 @@ def _register():
     @torch.library.register_fake("nanogpt_ext::bias_gelu")
     def _(x, bias, tanh):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-    def fake(name):  # registers a fake kernel for an op this build has (one from before it lacks the op)
-        return (lambda fn: torch.library.register_fake(f"nanogpt_ext::{name}", fn)) if hasattr(ops, name) else (
-            lambda fn: fn)
 
     fake("linear_cross_entropy_fwd")(lce_fake)
 
@@ -247,6 +256,23 @@ def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     seed = torch.randint(2**31 - 1, (), device=q.device) if dropout_p > 0.0 else None  # as kernels.attention
     return torch.ops.nanogpt_ext.attention(q, k, v, bool(causal), float(scale), float(dropout_p), seed)
+
+
+def attention_packed(qkv, n_head, dropout_p=0.0):
+    """Causal attention over c_attn's packed (B, T, 3C) output, returned (B, T, C) (registry.attention_qkv): on CPU
+    in float32/bfloat16 one op whose q, k, v are views of qkv's thirds and whose backward returns the packed
+    gradient (csrc/attention.cpp, the same kernels and values as attention on the split heads); else split first."""
+    if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or qkv.dim() != 3 or \
+            qkv.shape[-1] % (3 * n_head) or not hasattr(torch.ops.nanogpt_ext, "attention_qkv"):
+        return merge_heads(attention(*split_heads(qkv, n_head), causal=True, dropout_p=dropout_p))
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    scale = 1.0 / math.sqrt(qkv.shape[-1] // 3 // n_head)
+    seed = torch.randint(2**31 - 1, (), device=qkv.device) if dropout_p > 0.0 else None  # as attention
+    return torch.ops.nanogpt_ext.attention_qkv(qkv, int(n_head), True, scale, float(dropout_p), seed)
+
+
+attention.packed = attention_packed
 
 
 class FusedAdamW(FusedAdamWBase):

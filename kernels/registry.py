@@ -93,6 +93,29 @@ def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
 
 
+def split_heads(qkv, n_head):
+    """c_attn's (B, T, 3C) output as q, k, v, each (B, nh, T, hs): views, no copy."""
+    B, T, C3 = qkv.shape
+    return tuple(t.view(B, T, n_head, C3 // 3 // n_head).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
+
+
+def merge_heads(y):
+    """(B, nh, T, hs) -> (B, T, C): every head's output side by side."""
+    B, nh, T, hs = y.shape
+    return y.transpose(1, 2).contiguous().view(B, T, nh * hs)
+
+
+def attention_qkv(attention, qkv, n_head, dropout_p=0.0):
+    """Causal attention over c_attn's packed (B, T, 3C) output with a backend's attention, returned (B, T, C). A
+    backend whose attention has a `packed` form taking qkv itself (ext on CPU: the forward makes no per-third views
+    and the backward writes one packed gradient where autograd concatenated three) runs that; otherwise split,
+    attention, merge."""
+    packed = getattr(attention, "packed", None)
+    if packed is not None:
+        return packed(qkv, n_head, dropout_p=dropout_p)
+    return merge_heads(attention(*split_heads(qkv, n_head), causal=True, dropout_p=dropout_p))
+
+
 def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None, add=None):
     """out_dtype: the output's dtype (None: F.layer_norm's). Under autocast the model asks for the autocast dtype,
     which the matmul after every LayerNorm casts to anyway: the same values, and the kernels write it directly.

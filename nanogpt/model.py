@@ -141,10 +141,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv=None, rotary=None):
         """rotary: RoPE's (cos, sin) for these tokens' positions (pos_emb=rope)."""
-        B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
-        # query, key, values for all heads in batch, and move head forward to be the batch dim
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        qkv = self.c_attn(x)  # (B, T, 3 * n_embd): query, key, values for all heads in batch
+        dropout_p = self.dropout if self.training else 0.0
+        if kv is None and self.rope is None and self.q_norm is None:  # the heads straight from qkv, on the backend
+            return self.resid_dropout(self.c_proj(registry.attention_qkv(self.fn, qkv, self.n_head, dropout_p)))
+        q, k, v = registry.split_heads(qkv, self.n_head)  # (B, nh, T, hs): head moved forward to be a batch dim
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
@@ -153,11 +154,10 @@ class CausalSelfAttention(nn.Module):
         if kv is not None:  # generation (nanogpt.generate.LayerKV): attend over every cached token
             k, v, causal, mask = kv.append(k, v)
         if causal:  # causal self-attention over this call's tokens, on the backend's kernel
-            y = self.fn(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+            y = self.fn(q, k, v, causal=True, dropout_p=dropout_p)
         else:  # queries at the end of the cache, maybe a padding mask: the backends take neither, SDPA does
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(registry.merge_heads(y)))  # all head outputs side by side
 
 
 class MLP(nn.Module):

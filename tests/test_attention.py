@@ -208,3 +208,60 @@ def _attention(q, k, v, causal, scale=None):
 @pytest.mark.parametrize("B,H,T,D,causal", [(1, 2, 17, 20, True), (2, 1, 33, 48, False), (1, 1, 1, 32, True)])
 def test_ext_attention_every_cpu_isa(isa, dtype, B, H, T, D, causal):
     check_attention(_attention, "cpu", B, H, T, D, dtype, causal)
+
+
+# ---------------------------------------------------------------- attention over c_attn's packed output
+
+def _split_path(attention, qkv, n_head, dropout_p=0.0):
+    from nanogpt_kernels import registry
+    return registry.merge_heads(attention(*registry.split_heads(qkv, n_head), causal=True, dropout_p=dropout_p))
+
+
+@pytest.mark.cpu_only("the packed op is the extension's CPU kernel")
+@pytest.mark.parametrize("dtype", ISA_DTYPES)
+@pytest.mark.parametrize("B,T,H,D,dropout_p", [(2, 37, 3, 20, 0.0), (1, 64, 4, 32, 0.2), (2, 1, 2, 16, 0.0),
+                                               (1, 70, 2, 48, 0.1)])
+def test_ext_attention_packed_equals_the_split_heads_every_cpu_isa(isa, dtype, B, T, H, D, dropout_p):
+    """ext's packed form (registry.attention_qkv): bit for bit the output and the qkv gradient of split -> attention
+    -> merge on the same kernel (which test_ext_attention_every_cpu_isa checks against float64), dropout's mask
+    included; with a strided qkv and gradient, and without a graph."""
+    from nanogpt_kernels import ext, registry
+    C = H * D
+    x = torch.randn(T, B, 3 * C, dtype=dtype).transpose(0, 1)  # (B, T, 3C), not contiguous
+    g = torch.randn(T, B, C, dtype=dtype).transpose(0, 1)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(3)
+    y = registry.attention_qkv(ext.attention, a, H, dropout_p)
+    torch.manual_seed(3)
+    ref = _split_path(ext.attention, b, H, dropout_p)
+    y.backward(g)
+    ref.backward(g)
+    assert y.shape == (B, T, C) and y.is_contiguous()
+    assert torch.equal(y, ref) and torch.equal(a.grad, b.grad)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        assert torch.equal(registry.attention_qkv(ext.attention, x, H, dropout_p), ref)
+
+
+@pytest.mark.cpu_only("the packed op is the extension's CPU kernel")
+def test_ext_attention_packed_compiles_and_rejects_bad_shapes():
+    from nanogpt_kernels import ext
+    qkv = torch.randn(2, 9, 3 * 24)
+    f = torch.compile(lambda t: ext.attention_packed(t, 3).square().sum(), fullgraph=True)
+    a, b = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    f(a).backward()
+    ext.attention_packed(b, 3).square().sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"qkv must be \(B, T, 3 \* C\) with C a multiple of n_head = 3"):
+        torch.ops.nanogpt_ext.attention_qkv(torch.randn(2, 3, 10), 3, True, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match=r"the grad of out has shape \[2, 9, 23\], expected \(B, T, C\)"):
+        torch.ops.nanogpt_ext.attention_qkv_bwd(torch.randn(2, 9, 23), qkv, torch.randn(2, 3, 9, 8),
+                                                torch.randn(2, 3, 9), 3, True, 1.0, 0.0, None)
+
+
+def test_attention_qkv_without_a_packed_form_splits():
+    """A backend's attention without `packed` (here torch's) runs on the split heads."""
+    from nanogpt_kernels import registry
+    qkv = torch.randn(2, 11, 3 * 12, dtype=torch.float64)
+    torch.testing.assert_close(registry.attention_qkv(registry.attention, qkv, 2), _split_path(registry.attention, qkv, 2),
+                               rtol=0, atol=0)
