@@ -14,8 +14,7 @@ import math
 import torch
 
 from nanogpt_kernels.contract import FusedAdamWBase, sdpa_fallback
-from nanogpt_kernels.registry import (add_then, lce_args, lce_fake, merge_heads, rms_norm_eps, rope_check,
-                                      split_heads)
+from nanogpt_kernels.registry import add_then, lce_args, lce_fake, rms_norm_eps, rope_check, split_attention
 
 _C = None
 _IMPORT_ERROR = None
@@ -264,7 +263,7 @@ def attention_packed(qkv, n_head, dropout_p=0.0):
     gradient (csrc/attention.cpp, the same kernels and values as attention on the split heads); else split first."""
     if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or qkv.dim() != 3 or \
             qkv.shape[-1] % (3 * n_head) or not hasattr(torch.ops.nanogpt_ext, "attention_qkv"):
-        return merge_heads(attention(*split_heads(qkv, n_head), causal=True, dropout_p=dropout_p))
+        return split_attention(attention, qkv, n_head, dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(qkv.shape[-1] // 3 // n_head)

@@ -105,15 +105,20 @@ def merge_heads(y):
     return y.transpose(1, 2).contiguous().view(B, T, nh * hs)
 
 
+def split_attention(attention, qkv, n_head, dropout_p=0.0):
+    """Causal attention over c_attn's packed (B, T, 3C) output by split, attention(q, k, v), merge: (B, T, C)."""
+    return merge_heads(attention(*split_heads(qkv, n_head), causal=True, dropout_p=dropout_p))
+
+
 def attention_qkv(attention, qkv, n_head, dropout_p=0.0):
     """Causal attention over c_attn's packed (B, T, 3C) output with a backend's attention, returned (B, T, C). A
     backend whose attention has a `packed` form taking qkv itself (ext on CPU: the forward makes no per-third views
-    and the backward writes one packed gradient where autograd concatenated three) runs that; otherwise split,
-    attention, merge."""
+    and the backward writes one packed gradient where autograd concatenated three) runs that; otherwise
+    split_attention."""
     packed = getattr(attention, "packed", None)
     if packed is not None:
         return packed(qkv, n_head, dropout_p=dropout_p)
-    return merge_heads(attention(*split_heads(qkv, n_head), causal=True, dropout_p=dropout_p))
+    return split_attention(attention, qkv, n_head, dropout_p)
 
 
 def layer_norm(x, weight, bias=None, eps=1e-5, out_dtype=None, add=None):

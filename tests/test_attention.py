@@ -212,11 +212,6 @@ def test_ext_attention_every_cpu_isa(isa, dtype, B, H, T, D, causal):
 
 # ---------------------------------------------------------------- attention over c_attn's packed output
 
-def _split_path(attention, qkv, n_head, dropout_p=0.0):
-    from nanogpt_kernels import registry
-    return registry.merge_heads(attention(*registry.split_heads(qkv, n_head), causal=True, dropout_p=dropout_p))
-
-
 @pytest.mark.cpu_only("the packed op is the extension's CPU kernel")
 @pytest.mark.parametrize("dtype", ISA_DTYPES)
 @pytest.mark.parametrize("B,T,H,D,dropout_p", [(2, 37, 3, 20, 0.0), (1, 64, 4, 32, 0.2), (2, 1, 2, 16, 0.0),
@@ -233,7 +228,7 @@ def test_ext_attention_packed_equals_the_split_heads_every_cpu_isa(isa, dtype, B
     torch.manual_seed(3)
     y = registry.attention_qkv(ext.attention, a, H, dropout_p)
     torch.manual_seed(3)
-    ref = _split_path(ext.attention, b, H, dropout_p)
+    ref = registry.split_attention(ext.attention, b, H, dropout_p)
     y.backward(g)
     ref.backward(g)
     assert y.shape == (B, T, C) and y.is_contiguous()
@@ -263,5 +258,6 @@ def test_attention_qkv_without_a_packed_form_splits():
     """A backend's attention without `packed` (here torch's) runs on the split heads."""
     from nanogpt_kernels import registry
     qkv = torch.randn(2, 11, 3 * 12, dtype=torch.float64)
-    torch.testing.assert_close(registry.attention_qkv(registry.attention, qkv, 2), _split_path(registry.attention, qkv, 2),
-                               rtol=0, atol=0)
+    q, k, v = (t.view(2, 11, 2, 6).transpose(1, 2) for t in qkv.split(12, dim=2))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 11, 12)
+    torch.testing.assert_close(registry.attention_qkv(registry.attention, qkv, 2), ref, rtol=0, atol=0)
