@@ -60,6 +60,9 @@ NG_INLINE int64_t bwd_buffer(int64_t Tn, int64_t D) {
   return 7 * round_up(Tn) * round_up(D) + RB * (3 * round_up(Tn) + round_up(D)) + round_up(Tn);
 }
 
+// t itself when its last dimension has unit stride, else a contiguous copy
+at::Tensor unit_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 // unit stride over D (a copy otherwise); same (B, H, T, D) shape and dtype as q
 at::Tensor checked(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
@@ -67,7 +70,7 @@ at::Tensor checked(const at::Tensor& t, const at::Tensor& q, const char* op, con
               " (B, H, T, D)");
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " is ", t.scalar_type(), ", expected q's dtype ",
               q.scalar_type());
-  return t.stride(3) == 1 ? t : t.contiguous();
+  return unit_stride(t);
 }
 
 void check_q(const at::Tensor& q, const char* op) {
@@ -99,17 +102,18 @@ void with_dtype(const at::Tensor& q, F&& f) {
     f(float{});
 }
 
-// dropout's Shape fields from (dropout_p, seed)
-void dropout_args(double dropout_p, const std::optional<at::Tensor>& seed, const char* op, Shape& sh) {
+// A call's Shape: (B, H, T, D) q's T and D, and the op's arguments after the tensors (dropout's checked)
+Shape call_shape(const at::Tensor& q, bool causal, double scale, double dropout_p, const std::optional<at::Tensor>& seed,
+                 const char* op) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  sh.p_drop = static_cast<float>(dropout_p);
-  sh.seed = 0;
+  Shape sh{q.size(2), q.size(3), causal, static_cast<float>(scale), static_cast<float>(dropout_p), 0};
   if (dropout_p > 0.0) {
     TORCH_CHECK(seed.has_value() && seed->defined() && seed->numel() == 1 && seed->device().is_cpu() &&
                     seed->scalar_type() == at::kLong,
                 op, ": dropout_p > 0 needs seed, a one-element int64 CPU tensor");
     sh.seed = static_cast<uint64_t>(seed->item<int64_t>());
   }
+  return sh;
 }
 
 }  // namespace nanogpt_cpu::attn
@@ -129,8 +133,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   const int64_t B = q.size(0), H = q.size(1), Tn = q.size(2), D = q.size(3);
   at::Tensor out = attn::new_bthd(q);
   at::Tensor lse = new_output(q, {B, H, Tn}, at::kFloat);
-  attn::Shape sh{Tn, D, causal, static_cast<float>(scale), 0.0f, 0};
-  attn::dropout_args(dropout_p, seed, op, sh);
+  const attn::Shape sh = attn::call_shape(q, causal, scale, dropout_p, seed, op);
   attn::with_dtype(q, [&](auto tag) {
     using T = decltype(tag);
     const auto fwd = NG_ISA_PICK(attn::fwd<T>);
@@ -185,8 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
                    dout = attn::checked(dout_, q_, op, "grad of out");
   check_lse(lse, q, op);
   at::Tensor dq = attn::new_bthd(q), dk = attn::new_bthd(q), dv = attn::new_bthd(q);
-  attn::Shape sh{q.size(2), q.size(3), causal, static_cast<float>(scale), 0.0f, 0};
-  attn::dropout_args(dropout_p, seed, op, sh);
+  const attn::Shape sh = attn::call_shape(q, causal, scale, dropout_p, seed, op);
   bwd_into(dout, q, k, v, out, lse, dq, dk, dv, sh);
   return {dq, dk, dv};
 }
@@ -197,6 +199,26 @@ const c10::TypedOperatorHandle<AttnFwd>& fwd_op() {
   return op;
 }
 
+// The arguments after the tensors, kept by the autograd Functions for their backward (which regenerates the dropout
+// mask from the seed)
+struct CallArgs {
+  bool causal;
+  double scale, dropout_p;
+  std::optional<at::Tensor> seed;
+
+  void save(torch::autograd::AutogradContext* ctx) const {
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["seed"] = seed;
+  }
+  static CallArgs saved(torch::autograd::AutogradContext* ctx) {
+    const auto& d = ctx->saved_data;
+    return {d.at("causal").toBool(), d.at("scale").toDouble(), d.at("dropout_p").toDouble(),
+            d.at("seed").toOptional<at::Tensor>()};
+  }
+};
+
 struct AttentionFn : public torch::autograd::Function<AttentionFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, bool causal, double scale, double dropout_p,
@@ -204,20 +226,15 @@ struct AttentionFn : public torch::autograd::Function<AttentionFn> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = fwd_op().call(q, k, v, causal, scale, dropout_p, seed);
     ctx->save_for_backward({q, k, v, out, lse});
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["seed"] = seed;  // the backward regenerates the dropout mask from it
+    CallArgs{causal, scale, dropout_p, seed}.save(ctx);
     return out;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     static const auto bwd_op = ext_op<decltype(attention_bwd)>("attention_bwd");
     const auto s = ctx->get_saved_variables();
-    const auto seed = ctx->saved_data["seed"].toOptional<at::Tensor>();
-    auto [dq, dk, dv] = bwd_op.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["causal"].toBool(),
-                                    ctx->saved_data["scale"].toDouble(), ctx->saved_data["dropout_p"].toDouble(),
-                                    seed);
+    const CallArgs a = CallArgs::saved(ctx);
+    auto [dq, dk, dv] = bwd_op.call(grads[0], s[0], s[1], s[2], s[3], s[4], a.causal, a.scale, a.dropout_p, a.seed);
     return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -236,7 +253,7 @@ at::Tensor attention_plain(const at::Tensor& q, const at::Tensor& k, const at::T
 // output comes back (B, T, C) and the backward writes dq, dk and dv into one (B, T, 3C) gradient: where PyTorch splits,
 // the forward dispatches a view and a transpose per third and the backward concatenates the three gradients.
 std::array<at::Tensor, 3> heads(const at::Tensor& qkv, int64_t n_head, const char* op) {
-  TORCH_CHECK(qkv.dim() == 3 && n_head > 0 && qkv.size(2) % (3 * n_head) == 0, op,
+  TORCH_CHECK(qkv.dim() == 3 && n_head > 0 && qkv.size(2) > 0 && qkv.size(2) % (3 * n_head) == 0, op,
               ": qkv must be (B, T, 3 * C) with C a multiple of n_head = ", n_head, ", got shape ", qkv.sizes());
   const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3;
   std::array<at::Tensor, 3> qkv_heads;
@@ -244,8 +261,6 @@ std::array<at::Tensor, 3> heads(const at::Tensor& qkv, int64_t n_head, const cha
     qkv_heads[i] = qkv.narrow(2, i * C, C).view({B, Tn, n_head, C / n_head}).transpose(1, 2);  // (B, H, T, D)
   return qkv_heads;
 }
-
-at::Tensor unit_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // (B, T, C) view of the (B, H, T, D) output the forward stores (B, T, H, D)
 at::Tensor heads_side_by_side(const at::Tensor& out) {
@@ -256,7 +271,7 @@ at::Tensor attention_qkv_bwd(const at::Tensor& dout_, const at::Tensor& qkv_, co
                              const at::Tensor& lse, int64_t n_head, bool causal, double scale, double dropout_p,
                              const std::optional<at::Tensor>& seed) {
   const char* op = "nanogpt_ext::attention_qkv_bwd";
-  const at::Tensor qkv = unit_stride(qkv_);
+  const at::Tensor qkv = attn::unit_stride(qkv_);
   const auto [q, k, v] = heads(qkv, n_head, op);
   attn::check_q(q, op);
   const std::vector<int64_t> btc{q.size(0), q.size(2), q.size(1) * q.size(3)};
@@ -267,8 +282,7 @@ at::Tensor attention_qkv_bwd(const at::Tensor& dout_, const at::Tensor& qkv_, co
   check_lse(lse, q, op);
   at::Tensor dqkv = new_output(qkv, qkv.sizes(), qkv.scalar_type());
   const auto [dq, dk, dv] = heads(dqkv, n_head, op);
-  attn::Shape sh{q.size(2), q.size(3), causal, static_cast<float>(scale), 0.0f, 0};
-  attn::dropout_args(dropout_p, seed, op, sh);
+  const attn::Shape sh = attn::call_shape(q, causal, scale, dropout_p, seed, op);
   bwd_into(dout, q, k, v, out, lse, dq, dk, dv, sh);
   return dqkv;
 }
@@ -277,23 +291,20 @@ struct AttentionQkvFn : public torch::autograd::Function<AttentionQkvFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& qkv, int64_t n_head, bool causal,
                             double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const auto [q, k, v] = heads(unit_stride(qkv), n_head, "nanogpt_ext::attention_qkv");
+    const auto [q, k, v] = heads(attn::unit_stride(qkv), n_head, "nanogpt_ext::attention_qkv");
     auto [out, lse] = fwd_op().call(q, k, v, causal, scale, dropout_p, seed);
     ctx->save_for_backward({qkv, out, lse});
     ctx->saved_data["n_head"] = n_head;
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["seed"] = seed;
+    CallArgs{causal, scale, dropout_p, seed}.save(ctx);
     return heads_side_by_side(out);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     static const auto bwd_op = ext_op<decltype(attention_qkv_bwd)>("attention_qkv_bwd");
     const auto s = ctx->get_saved_variables();
-    const auto& d = ctx->saved_data;
-    return {bwd_op.call(grads[0], s[0], s[1], s[2], d.at("n_head").toInt(), d.at("causal").toBool(),
-                        d.at("scale").toDouble(), d.at("dropout_p").toDouble(), d.at("seed").toOptional<at::Tensor>()),
+    const CallArgs a = CallArgs::saved(ctx);
+    return {bwd_op.call(grads[0], s[0], s[1], s[2], ctx->saved_data["n_head"].toInt(), a.causal, a.scale, a.dropout_p,
+                        a.seed),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -304,7 +315,7 @@ at::Tensor attention_qkv_autograd(const at::Tensor& qkv, int64_t n_head, bool ca
 }
 at::Tensor attention_qkv_plain(const at::Tensor& qkv, int64_t n_head, bool causal, double scale, double dropout_p,
                                const std::optional<at::Tensor>& seed) {
-  const auto [q, k, v] = heads(unit_stride(qkv), n_head, "nanogpt_ext::attention_qkv");
+  const auto [q, k, v] = heads(attn::unit_stride(qkv), n_head, "nanogpt_ext::attention_qkv");
   return heads_side_by_side(std::get<0>(fwd_op().call(q, k, v, causal, scale, dropout_p, seed)));
 }
 

@@ -240,6 +240,13 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-1, reducti
     return torch.ops.nanogpt_ext.linear_cross_entropy(*args)
 
 
+def _dropout_seed(dropout_p, device):
+    """The seed of a call's dropout mask, drawn from torch's generator as kernels.attention draws it; None without."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    return torch.randint(2**31 - 1, (), device=device) if dropout_p > 0.0 else None
+
+
 def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     """Attention on (B, H, T, D). CPU, float32/bfloat16: our kernel (csrc/attention.cpp; any T and
     D, exact softmax per query row, causal rows stop at the diagonal, output stored (B, T, H, D) so the
@@ -250,25 +257,21 @@ def attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     if q.dtype not in (torch.float32, torch.bfloat16):
         return sdpa_fallback(q, k, v, causal, scale, dropout_p,
                              f"nanogpt_kernels.ext.attention: the CPU kernel takes float32/bfloat16, not {q.dtype}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    seed = torch.randint(2**31 - 1, (), device=q.device) if dropout_p > 0.0 else None  # as kernels.attention
-    return torch.ops.nanogpt_ext.attention(q, k, v, bool(causal), float(scale), float(dropout_p), seed)
+    return torch.ops.nanogpt_ext.attention(q, k, v, bool(causal), float(scale), float(dropout_p),
+                                           _dropout_seed(dropout_p, q.device))
 
 
 def attention_packed(qkv, n_head, dropout_p=0.0):
     """Causal attention over c_attn's packed (B, T, 3C) output, returned (B, T, C) (registry.attention_qkv): on CPU
     in float32/bfloat16 one op whose q, k, v are views of qkv's thirds and whose backward returns the packed
     gradient (csrc/attention.cpp, the same kernels and values as attention on the split heads); else split first."""
-    if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or qkv.dim() != 3 or \
-            qkv.shape[-1] % (3 * n_head) or not hasattr(torch.ops.nanogpt_ext, "attention_qkv"):
+    if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or \
+            not hasattr(torch.ops.nanogpt_ext, "attention_qkv"):
         return split_attention(attention, qkv, n_head, dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
-    scale = 1.0 / math.sqrt(qkv.shape[-1] // 3 // n_head)
-    seed = torch.randint(2**31 - 1, (), device=qkv.device) if dropout_p > 0.0 else None  # as attention
-    return torch.ops.nanogpt_ext.attention_qkv(qkv, int(n_head), True, scale, float(dropout_p), seed)
+    scale = 1.0 / math.sqrt(max(qkv.shape[-1] // (3 * n_head), 1))  # a shape that does not split: the op says so
+    return torch.ops.nanogpt_ext.attention_qkv(qkv, int(n_head), True, scale, float(dropout_p),
+                                               _dropout_seed(dropout_p, qkv.device))
 
 
 attention.packed = attention_packed
