@@ -132,6 +132,9 @@ def linear_pass_ms(model, rows):
     return 1e3 * best
 
 
+MIN_LAYOUT_MS = 1.0  # below this a decode step's Linear products are kept as trained, unmeasured
+
+
 def inference_layout(model, batch=None, margin=0.03):
     """For a CPU model that will only generate: store every Linear weight as (in, out) in memory (values, shape and
     autograd unchanged; weight.t() becomes contiguous) where that is faster. A decode step multiplies a few rows by
@@ -139,7 +142,9 @@ def inference_layout(model, batch=None, margin=0.03):
     the CPU: (in, out) made a batch-8 decode step of GPT-2 124M 1.45x faster on an AVX-512 Xeon, and 1.3x slower on
     the same Xeon with MKL capped to AVX2 (README "Generation"). With `batch` (the decode step's rows) both layouts
     are timed over the model's weights, in their own dtype (an autocast copy keeps the layout it is cast from), and
-    (in, out) is kept only when at least `margin` faster; batch=None relays without measuring. Not for training: the optimizers take contiguous weights. Returns a one-line account."""
+    (in, out) is kept only when at least `margin` faster, and only for models whose products take MIN_LAYOUT_MS or
+    more (the layouts' sums may round apart in the last bits: a seeded run samples the same tokens every time);
+    batch=None relays without measuring. Not for training: the optimizers take contiguous weights. Returns a one-line account."""
     if next(model.parameters()).device.type != "cpu":
         return "weights: as trained (the (in, out) layout is for CPU decoding)"
     if batch is None:
@@ -147,6 +152,10 @@ def inference_layout(model, batch=None, margin=0.03):
         return "weights: stored (in, out) for decoding"
     t0 = time.perf_counter()
     plain = linear_pass_ms(model, batch)
+    if plain < MIN_LAYOUT_MS:
+        return (f"weights: as trained (one decode step's Linear products take {plain:.2f} ms at batch {batch}: too "
+                f"little for the layout to matter, and a layout chosen by the timer's noise would change the logits' "
+                f"last bits from run to run)")
     _relayout(model, True)
     relaid = linear_pass_ms(model, batch)
     keep = relaid < plain * (1 - margin)

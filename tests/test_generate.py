@@ -75,6 +75,16 @@ def test_inference_layout_keeps_the_measured_faster_layout(monkeypatch, plain_ms
         assert torch.equal(p, before[n]), n
 
 
+def test_inference_layout_leaves_a_small_model_as_trained(monkeypatch):
+    """Under MIN_LAYOUT_MS a step the layout is not measured further nor changed (a seeded run stays the same)."""
+    model = tiny_model("torch")
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    calls = []
+    monkeypatch.setattr(engine, "linear_pass_ms", lambda m, rows: calls.append(rows) or 0.5 * engine.MIN_LAYOUT_MS)
+    assert "too little for the layout to matter" in engine.inference_layout(model, batch=2)
+    assert calls == [2] and all(w.is_contiguous() for w in linears)
+
+
 def test_linear_pass_ms_times_every_weight():
     model = tiny_model("torch")
     ms = engine.linear_pass_ms(model, 3)
