@@ -54,7 +54,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -728,18 +727,9 @@ def format_table(result):
     return "\n".join(out)
 
 
-def separate_inductor_cache():
-    """Give a run under ATEN_CPU_CAPABILITY (PyTorch's kernels capped to an ISA, as on a CPU without AVX-512) its
-    own torch.compile cache: the cache does not key on it (torch 2.13), and code compiled under another cap came
-    back as wrong losses or a malloc abort."""
-    cap = os.environ.get("ATEN_CPU_CAPABILITY")
-    if cap and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_{cap}")
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    separate_inductor_cache()
+    ops.separate_inductor_cache()
     cfg = load_config(argv)
     if cfg["probe"]:
         run_probe(cfg)

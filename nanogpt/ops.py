@@ -5,6 +5,7 @@ The selector string (`GPTConfig.kernels`, `--kernels=...`) is one backend name f
 `auto`. See nanogpt_kernels.registry for the ops and backends.
 """
 import os
+import tempfile
 
 import torch
 
@@ -22,6 +23,15 @@ def cpu_native_bf16():
         return False
     return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
                                                                      "_is_amx_tile_supported"))
+
+
+def separate_inductor_cache():
+    """Give a process under ATEN_CPU_CAPABILITY (PyTorch's kernels capped to an ISA, as on a CPU without AVX-512) its
+    own torch.compile cache, unless TORCHINDUCTOR_CACHE_DIR says where: the cache does not key on the cap (torch
+    2.13), and code compiled under another cap came back as wrong losses (NaN) or a malloc abort."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    if cap and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_{cap}")
 
 
 def auto_dtype(device_type, kernels="auto"):

@@ -712,6 +712,7 @@ def write_loss_plot(out_dir):
 
 
 def _main(argv):
+    ops.separate_inductor_cache()
     c = configure(DEFAULTS, sys.argv[1:] if argv is None else argv)
     try:
         train(c)

@@ -13,6 +13,7 @@ os.environ["NANOGPT_POISON"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from nanogpt import ops  # noqa: E402
 from nanogpt_kernels import registry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 _cache = ROOT.parent / "shared" / "data" / "tiktoken_cache"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
+# a run under ATEN_CPU_CAPABILITY (an AVX2-only CPU, emulated) compiles into its own torch.compile cache
+ops.separate_inductor_cache()
 
 
 def pytest_configure(config):

@@ -304,18 +304,3 @@ def test_bench_activation_checkpointing_modes_and_costs(bench, monkeypatch):
         in lines
     assert len(res["auto_gate"]["checked"]) == 3
     assert [f.split(" is ")[0] for f in res["auto_gate"]["failed"]] == ["auto+selective"]  # 11.5 vs 11.0
-
-
-def test_bench_capped_isa_gets_its_own_compile_cache(bench, monkeypatch, tmp_path):
-    # torch.compile's cache ignores ATEN_CPU_CAPABILITY: a capped run must not share the uncapped one's
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    bench.separate_inductor_cache()
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("torchinductor_avx2")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the user's own choice stands
-    bench.separate_inductor_cache()
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
-    bench.separate_inductor_cache()  # uncapped: torch's default
-    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ

@@ -85,6 +85,27 @@ def test_cpu_native_bf16_follows_onednn_cap(monkeypatch, cap, native):
     assert ops.cpu_native_bf16() is native
 
 
+def test_capped_isa_gets_its_own_compile_cache(monkeypatch, tmp_path):
+    # torch.compile's cache ignores ATEN_CPU_CAPABILITY: a capped process (the trainer, bench.py, the tests) must not
+    # share the uncapped one's
+    import os
+
+    from nanogpt import ops, train
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    with pytest.raises(SystemExit):
+        train.main(["--help"])  # the trainer sets it before anything compiles
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("torchinductor_avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the user's own choice stands
+    ops.separate_inductor_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    ops.separate_inductor_cache()  # uncapped: torch's default
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
 def test_dtype_auto_resolves_before_training(tmp_path, monkeypatch):
     import copy
 
