@@ -93,9 +93,13 @@ def _extension():
     msvc = sys.platform == "win32"
     # -fno-math-errno: sqrtf in a loop (AdamW's update) vectorizes only without its errno branch (nothing
     # reads errno; sqrt is correctly rounded either way, so no result changes)
+    cxx = ["/O2", "/std:c++17"] if msvc else ["-O3", "-fopenmp-simd", "-fno-math-errno", "-Wno-unknown-pragmas"]
     # -g0: Python's build flags ask for debug info (-g), which took a third of the compile time (attention.cpp 76 s
-    # -> 53 s on a 2-core Xeon) and made the .so 38 MB; symbols stay, so perf still names every kernel
-    cxx = ["/O2", "/std:c++17"] if msvc else ["-O3", "-g0", "-fopenmp-simd", "-fno-math-errno", "-Wno-unknown-pragmas"]
+    # -> 53 s on a 2-core Xeon) and made the .so 38 MB; symbols stay, so perf still names every kernel. A -g in the
+    # user's own CFLAGS/CXXFLAGS keeps it.
+    user_flags = shlex.split(os.environ.get("CFLAGS", "") + " " + os.environ.get("CXXFLAGS", ""))
+    if not msvc and not any(f.startswith("-g") for f in user_flags):
+        cxx.append("-g0")
     link = []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         # at::parallel_for is inlined from ATen's headers as `#pragma omp parallel`: without
