@@ -96,10 +96,10 @@ def run(c, argv=(), log=print):
     if layout not in ("auto", "True", "False"):
         raise UserError(f"--inference_layout={layout}: expected auto, True or False")
     sizes = [int(b) for key in ("batch_sizes", "no_cache_batch_sizes") for b in c[key].split(",") if b.strip()]
-    layout_line = ("weights: as trained (--inference_layout=False)" if layout == "False" else
-                   engine.inference_layout(model, batch=max(sizes, default=1) if layout == "auto" else None))
     device_type = c["device"].split(":")[0]
     ctx = nullcontext() if c["dtype"] == "float32" else torch.autocast(device_type, dtype=getattr(torch, c["dtype"]))
+    layout_line = ("weights: as trained (--inference_layout=False)" if layout == "False" else
+                   engine.inference_layout(model, batch=max(sizes, default=1) if layout == "auto" else None, ctx=ctx))
     result = dict(
         command=" ".join(["python", "benchmarks/bench_generate.py", *argv]), device=device_name(c["device"]),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,

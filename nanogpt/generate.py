@@ -7,6 +7,7 @@ last block_size tokens, as in nanoGPT: the cropped window is prefilled again (le
 with the window, so the cached keys cannot be reused). With rotary embeddings (pos_emb=rope) every row's
 queries and keys are rotated by cache slot, padding included: the scores depend on relative positions only.
 """
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -116,13 +117,14 @@ def _relayout(model, in_out):
         m.weight.data = m.weight.data.t().contiguous().t() if in_out else m.weight.data.contiguous()
 
 
-def linear_pass_ms(model, rows):
+def linear_pass_ms(model, rows, ctx=None):
     """ms for one product of `rows` rows by every Linear weight of the model (what a decode step reads), the best
-    of 5 after a warm-up."""
+    of 5 after a warm-up, under `ctx` (the decode's autocast: its products, and its cast copies of the weights,
+    which keep their layout and are made in the warm-up)."""
     weights = [m.weight for m in _linears(model)]
     xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
     best = float("inf")
-    with torch.no_grad():
+    with torch.no_grad(), ctx or contextlib.nullcontext():
         for rep in range(6):
             t0 = time.perf_counter()
             for w in weights:
@@ -135,13 +137,13 @@ def linear_pass_ms(model, rows):
 MIN_LAYOUT_MS = 1.0  # below this a decode step's Linear products are kept as trained, unmeasured
 
 
-def inference_layout(model, batch=None, margin=0.03):
+def inference_layout(model, batch=None, margin=0.03, ctx=None):
     """For a CPU model that will only generate: store every Linear weight as (in, out) in memory (values, shape and
     autograd unchanged; weight.t() becomes contiguous) where that is faster. A decode step multiplies a few rows by
     every weight, so reading the weights is the step, and which layout MKL reads faster at a few rows depends on
     the CPU: (in, out) made a batch-8 decode step of GPT-2 124M 1.45x faster on an AVX-512 Xeon, and 1.3x slower on
     the same Xeon with MKL capped to AVX2 (README "Generation"). With `batch` (the decode step's rows) both layouts
-    are timed over the model's weights, in their own dtype (an autocast copy keeps the layout it is cast from), and
+    are timed over the model's weights under `ctx`, the decode's autocast context (None: in their own dtype), and
     (in, out) is kept only when at least `margin` faster, and only for models whose products take MIN_LAYOUT_MS or
     more (the layouts' sums may round apart in the last bits: a seeded run samples the same tokens every time);
     batch=None relays without measuring. Not for training: the optimizers take contiguous weights. Returns a one-line account."""
@@ -151,13 +153,13 @@ def inference_layout(model, batch=None, margin=0.03):
         _relayout(model, True)
         return "weights: stored (in, out) for decoding"
     t0 = time.perf_counter()
-    plain = linear_pass_ms(model, batch)
+    plain = linear_pass_ms(model, batch, ctx)
     if plain < MIN_LAYOUT_MS:
         return (f"weights: as trained (one decode step's Linear products take {plain:.2f} ms at batch {batch}: too "
                 f"little for the layout to matter, and a layout chosen by the timer's noise would change the logits' "
                 f"last bits from run to run)")
     _relayout(model, True)
-    relaid = linear_pass_ms(model, batch)
+    relaid = linear_pass_ms(model, batch, ctx)
     keep = relaid < plain * (1 - margin)
     if not keep:
         _relayout(model, False)

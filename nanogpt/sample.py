@@ -116,12 +116,12 @@ def sample(c):
     model.eval().to(c["device"])
     encode, decode = load_codec(data_dir)
     prompts, eos = encode_prompts(c, encode)
-    print(engine.inference_layout(model, batch=len(prompts)), file=sys.stderr)
     stream = len(prompts) == 1 if c["stream"] is None else c["stream"]
     if stream and len(prompts) > 1:
         raise UserError("--stream=True prints one sequence as it comes; with several prompts pass --stream=False")
     device_type = "cuda" if "cuda" in c["device"] else "cpu"
     ctx = nullcontext() if c["dtype"] == "float32" else torch.autocast(device_type, dtype=getattr(torch, c["dtype"]))
+    print(engine.inference_layout(model, batch=len(prompts), ctx=ctx), file=sys.stderr)
     kw = dict(temperature=c["temperature"], top_k=c["top_k"] or None, top_p=c["top_p"], eos_token=eos,
               use_cache=c["use_cache"], stats=engine.Stats())
     samples = []

@@ -61,7 +61,7 @@ def test_inference_layout_keeps_the_measured_faster_layout(monkeypatch, plain_ms
     linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     seen = []
 
-    def fake_ms(m, rows):
+    def fake_ms(m, rows, ctx=None):
         in_out = all(w.t().is_contiguous() and not w.is_contiguous() for w in linears)
         seen.append((in_out, rows))
         return in_out_ms if in_out else plain_ms
@@ -80,15 +80,23 @@ def test_inference_layout_leaves_a_small_model_as_trained(monkeypatch):
     model = tiny_model("torch")
     linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     calls = []
-    monkeypatch.setattr(engine, "linear_pass_ms", lambda m, rows: calls.append(rows) or 0.5 * engine.MIN_LAYOUT_MS)
+    monkeypatch.setattr(engine, "linear_pass_ms",
+                        lambda m, rows, ctx=None: calls.append(rows) or 0.5 * engine.MIN_LAYOUT_MS)
     assert "too little for the layout to matter" in engine.inference_layout(model, batch=2)
     assert calls == [2] and all(w.is_contiguous() for w in linears)
 
 
-def test_linear_pass_ms_times_every_weight():
+def test_linear_pass_ms_times_every_weight(monkeypatch):
     model = tiny_model("torch")
     ms = engine.linear_pass_ms(model, 3)
     assert 0 < ms < 1e4
+    # under the decode's autocast it times the products that decode runs: bf16, from the weights' cast copies
+    seen = []
+    linear = engine.F.linear
+    monkeypatch.setattr(engine.F, "linear", lambda x, w: seen.append(torch.is_autocast_enabled("cpu")) or linear(x, w))
+    engine.linear_pass_ms(model, 3, torch.autocast("cpu", dtype=torch.bfloat16))
+    n = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert seen == [True] * (6 * n), seen
 
 
 @pytest.mark.parametrize("kernels", ["torch", "ext"])
