@@ -304,3 +304,12 @@ def test_bench_activation_checkpointing_modes_and_costs(bench, monkeypatch):
         in lines
     assert len(res["auto_gate"]["checked"]) == 3
     assert [f.split(" is ")[0] for f in res["auto_gate"]["failed"]] == ["auto+selective"]  # 11.5 vs 11.0
+
+
+def test_bench_capped_isa_gets_its_own_compile_cache(bench, monkeypatch):
+    # as the trainer does (tests/test_config.py): a capped run must not share the uncapped one's torch.compile cache
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("torchinductor_avx2")
