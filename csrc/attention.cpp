@@ -287,12 +287,18 @@ at::Tensor attention_qkv_bwd(const at::Tensor& dout_, const at::Tensor& qkv_, co
   return dqkv;
 }
 
+// attention_fwd over qkv's heads: (out (B, H, T, D) stored (B, T, H, D), lse)
+std::tuple<at::Tensor, at::Tensor> qkv_fwd(const at::Tensor& qkv, int64_t n_head, bool causal, double scale,
+                                           double dropout_p, const std::optional<at::Tensor>& seed) {
+  const auto [q, k, v] = heads(attn::unit_stride(qkv), n_head, "nanogpt_ext::attention_qkv");
+  return fwd_op().call(q, k, v, causal, scale, dropout_p, seed);
+}
+
 struct AttentionQkvFn : public torch::autograd::Function<AttentionQkvFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& qkv, int64_t n_head, bool causal,
                             double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const auto [q, k, v] = heads(attn::unit_stride(qkv), n_head, "nanogpt_ext::attention_qkv");
-    auto [out, lse] = fwd_op().call(q, k, v, causal, scale, dropout_p, seed);
+    auto [out, lse] = qkv_fwd(qkv, n_head, causal, scale, dropout_p, seed);
     ctx->save_for_backward({qkv, out, lse});
     ctx->saved_data["n_head"] = n_head;
     CallArgs{causal, scale, dropout_p, seed}.save(ctx);
@@ -315,8 +321,7 @@ at::Tensor attention_qkv_autograd(const at::Tensor& qkv, int64_t n_head, bool ca
 }
 at::Tensor attention_qkv_plain(const at::Tensor& qkv, int64_t n_head, bool causal, double scale, double dropout_p,
                                const std::optional<at::Tensor>& seed) {
-  const auto [q, k, v] = heads(attn::unit_stride(qkv), n_head, "nanogpt_ext::attention_qkv");
-  return heads_side_by_side(std::get<0>(fwd_op().call(q, k, v, causal, scale, dropout_p, seed)));
+  return heads_side_by_side(std::get<0>(qkv_fwd(qkv, n_head, causal, scale, dropout_p, seed)));
 }
 
 }  // namespace
