@@ -103,21 +103,18 @@ NG_INLINE void tile_gemm(const float* __restrict A, int64_t lda, const float* __
 NG_INLINE void accumulate_t(const float* __restrict P, int64_t Tp, const float* __restrict a, int64_t Dp, int64_t n,
                             float* __restrict acc) {
   for (int64_t d0 = 0; d0 < Dp; d0 += W) {
-    float ar[RB][W];
-    for (int64_t r = 0; r < RB; ++r) {
-      NG_SIMD
-      for (int64_t c = 0; c < W; ++c) ar[r][c] = a[r * Dp + d0 + c];
-    }
+    const float* __restrict ad = a + d0;
     for (int64_t j = 0; j < n; ++j) {
       float* __restrict out = acc + j * Dp + d0;
       float pr[RB];
       for (int64_t r = 0; r < RB; ++r) pr[r] = P[r * Tp + j];
       // the row sum per lane, in registers (a W-float temporary went through the stack on AVX2: the x86-64-v3
-      // backward ran 2.5x slower)
+      // backward ran 2.5x slower). a's rows are read in place, not copied to a local tile first: GCC copied
+      // that tile in 16-byte pieces and reloaded it as 32-byte vectors, a store-forwarding stall per reload.
       NG_SIMD
       for (int64_t c = 0; c < W; ++c) {
         float o = out[c];
-        for (int64_t r = 0; r < RB; ++r) o += pr[r] * ar[r][c];
+        for (int64_t r = 0; r < RB; ++r) o += pr[r] * ad[r * Dp + c];
         out[c] = o;
       }
     }
