@@ -180,6 +180,17 @@ def rope_check(q, k, cos, sin):
         raise ValueError(f"rope: q is {q.dtype} but k is {k.dtype}; cast them to one dtype")
 
 
+def clip_grads(params, max_norm):
+    """The total gradient norm over params' grads (a 0-d tensor, before clipping) and whether it is finite; when
+    it is, the grads are clipped in place to max_norm (> 0). What the adamw backends' step returns and does (a
+    non-finite norm skips the step)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    finite = bool(torch.isfinite(norm))
+    if finite and max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm, finite
+
+
 class FusedAdamW(torch.optim.AdamW):
     """torch.optim.AdamW (fused on CUDA) with the backend contract: clip inside step, return the norm."""
 
@@ -192,11 +203,9 @@ class FusedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if not torch.isfinite(norm):
+        norm, finite = clip_grads(params, self.max_grad_norm)
+        if not finite:
             return norm
-        if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
         super().step(closure)
         return norm
 

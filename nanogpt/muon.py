@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS
 
+from nanogpt_kernels import registry
+
 
 def split_params(model):
     """(Muon's, AdamW's) parameters: every 2-D matrix inside the transformer blocks to Muon; the embeddings,
@@ -69,11 +71,9 @@ def muon_class(adamw_cls):
         @torch.no_grad()
         def step(self, closure=None):
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            if not torch.isfinite(norm):
+            norm, finite = registry.clip_grads(params, self.clip)
+            if not finite:
                 return norm
-            if self.clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.clip, norm)
             groups = self.param_groups
             for group in groups:
                 if group.get("muon"):
