@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import subprocess
 from pathlib import Path
 
 # NANOGPT_TEST_DEVICE=cuda runs the device-aware tests on a GPU (the GPU suite sets it)
@@ -17,12 +18,30 @@ from nanogpt import ops  # noqa: E402
 from nanogpt_kernels import registry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# tiktoken's GPT-2 files, shipped beside the checkout (../shared): tests run offline
-_cache = ROOT.parent / "shared" / "data" / "tiktoken_cache"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
+
+
+def _tiktoken_cache():
+    """tiktoken's GPT-2 files, shipped beside the checkout (../shared) or, for a clone made elsewhere (git clone
+    /work/main /tmp/x), beside the checkout it was cloned from: the tests then run offline."""
+    tops = [ROOT.parent]
+    try:
+        origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+        if origin and Path(origin).is_dir():
+            tops.append(Path(origin).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git: only ../shared
+    return next((str(c) for c in (t / "shared" / "data" / "tiktoken_cache" for t in tops) if c.is_dir()), None)
+
+
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (_cache := _tiktoken_cache()):
+    os.environ["TIKTOKEN_CACHE_DIR"] = _cache
 # a run under ATEN_CPU_CAPABILITY (an AVX2-only CPU, emulated) compiles into its own torch.compile cache
 ops.separate_inductor_cache()
+
+
+def pytest_report_header(config):
+    return f"TIKTOKEN_CACHE_DIR={os.environ.get('TIKTOKEN_CACHE_DIR', 'unset (tiktoken downloads its files)')}"
 
 
 def pytest_configure(config):
